@@ -1,0 +1,56 @@
+//! Generated code for the `gantry.v1` protobuf package: the bus event envelope
+//! ([`v1::Event`]) and the gRPC services, plus small helpers every service uses
+//! to name and build events.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("gantry.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `gantry.v1`, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gantry_descriptor.bin"));
+
+use v1::event::Payload;
+
+/// Routing keys (and AMQP `type`) of the events.
+pub mod routing {
+    pub const PIPELINE_REQUESTED: &str = "pipeline.requested";
+    pub const BUILD_STARTED: &str = "build.started";
+    pub const BUILD_SUCCEEDED: &str = "build.succeeded";
+    pub const BUILD_FAILED: &str = "build.failed";
+    pub const IMAGE_PUBLISHED: &str = "image.published";
+    pub const PUBLISH_FAILED: &str = "image.publish_failed";
+}
+
+/// The routing key of a payload.
+pub fn routing_key(payload: &Payload) -> &'static str {
+    match payload {
+        Payload::PipelineRequested(_) => routing::PIPELINE_REQUESTED,
+        Payload::BuildStarted(_) => routing::BUILD_STARTED,
+        Payload::BuildSucceeded(_) => routing::BUILD_SUCCEEDED,
+        Payload::BuildFailed(_) => routing::BUILD_FAILED,
+        Payload::ImagePublished(_) => routing::IMAGE_PUBLISHED,
+        Payload::PublishFailed(_) => routing::PUBLISH_FAILED,
+    }
+}
+
+impl v1::Event {
+    /// A new event with a fresh time-ordered id, stamped now.
+    pub fn new(pipeline_id: &str, project: &str, payload: Payload) -> Self {
+        let now = std::time::SystemTime::now();
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            pipeline_id: pipeline_id.to_owned(),
+            occurred_at: Some(prost_types::Timestamp::from(now)),
+            project: project.to_owned(),
+            payload: Some(payload),
+        }
+    }
+
+    /// The routing key of this event, or `None` if it carries no payload.
+    pub fn routing_key(&self) -> Option<&'static str> {
+        self.payload.as_ref().map(routing_key)
+    }
+}
+

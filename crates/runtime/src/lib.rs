@@ -1,0 +1,189 @@
+//! What every service does the same way at run time:
+//!
+//! - [`shutdown_on_signal`]: one cancellation token, cancelled by SIGTERM or
+//!   SIGINT, handed to every server and consumer loop;
+//! - [`Readiness`]: named checks (broker, database, Docker) behind `/ready`,
+//!   and `/live` which only says the process answers ([`health_routes`]);
+//! - [`serve_http`] and [`serve_grpc`]: servers with graceful shutdown; the
+//!   gRPC one always adds `grpc.health.v1` (kept in step with readiness) and
+//!   reflection for `gantry.v1`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+/// How long servers get to finish in-flight requests after shutdown starts.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// How often gRPC health mirrors readiness.
+const HEALTH_REFRESH: Duration = Duration::from_secs(1);
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received");
+        t.cancel();
+    });
+    token
+}
+
+type CheckFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// The named checks that decide readiness.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(&'static str, CheckFn)>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a check; `f` is called on every readiness probe.
+    pub fn check<F, Fut>(mut self, name: &'static str, f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        self.checks.push((name, Arc::new(move || Box::pin(f()))));
+        self
+    }
+
+    /// Runs every check; ready only if all pass.
+    pub async fn report(&self) -> (bool, serde_json::Map<String, serde_json::Value>) {
+        let results =
+            futures::future::join_all(self.checks.iter().map(|(_, f)| f())).await;
+        let mut map = serde_json::Map::new();
+        for ((name, _), up) in self.checks.iter().zip(&results) {
+            map.insert((*name).to_owned(), serde_json::Value::Bool(*up));
+        }
+        (results.iter().all(|up| *up), map)
+    }
+}
+
+/// `/live` (200 while the process serves) and `/ready` (200 only when every
+/// check passes, 503 otherwise; the body lists each check).
+pub fn health_routes(readiness: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/live", get(|| async { "live" }))
+        .route(
+            "/ready",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    let (ready, checks) = readiness.report().await;
+                    let status = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (
+                        status,
+                        Json(serde_json::json!({ "ready": ready, "checks": checks })),
+                    )
+                }
+            }),
+        )
+}
+
+/// Serves `router` on `listener` until `shutdown`, then drains for at most [`GRACE_PERIOD`].
+pub async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let drain = shutdown.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { drain.cancelled().await });
+    bounded_by_grace(std::future::IntoFuture::into_future(server), shutdown).await
+}
+
+async fn bounded_by_grace<E: Into<anyhow::Error>>(
+    server: impl Future<Output = Result<(), E>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(Into::into),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(GRACE_PERIOD).await } => {
+            tracing::warn!("grace period over; dropping open connections");
+            Ok(())
+        }
+    }
+}
+
+/// Serves `routes` plus `grpc.health.v1` and reflection on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = routes.add_service(health).add_service(reflection);
+    let refresh = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_REFRESH);
+        while !refresh.is_cancelled() {
+            tokio::select! {
+                _ = refresh.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let (ready, _) = readiness.report().await;
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+        }
+    });
+    let drain = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { drain.cancelled().await },
+        );
+    bounded_by_grace(server, shutdown).await
+}
+
+/// Binds a TCP listener, naming the address in the error.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
