@@ -25,6 +25,40 @@ pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// How often gRPC health mirrors readiness.
 const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 
+/// The whole life of a service binary: installs the TLS crypto provider and
+/// telemetry, loads and validates the configuration file (exit code 2 with a
+/// clear message when it is wrong), then runs `run` until SIGTERM/SIGINT.
+pub async fn main<F, Fut>(name: &'static str, config_path: &std::path::Path, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(gantry_config::GantryConfig, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _telemetry = match gantry_telemetry::init(name) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: cannot set up telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match gantry_config::GantryConfig::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} stopped");
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// A token cancelled on SIGTERM or SIGINT.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();

@@ -1,1 +1,14 @@
-fn main(){}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let settings = webhook_ingest::Settings::parse();
+    let path = settings.infra.config.clone();
+    gantry_runtime::main("webhook-ingest", &path, |config, shutdown| async move {
+        webhook_ingest::Service::build(settings, config)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+    })
+    .await
+}

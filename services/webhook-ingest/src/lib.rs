@@ -1,0 +1,124 @@
+//! webhook-ingest: the front door of Gantry.
+//!
+//! It receives GitLab and GitHub push webhooks (`http`) and manual triggers
+//! (`grpc`, `gantry.v1.Ingest`), checks them against the configured projects
+//! (`forge`), and starts a pipeline by storing the delivery and a
+//! `pipeline.requested` event in its outbox in one transaction
+//! (`pipelines`). The outbox relay publishes the event to the bus.
+//!
+//! Schema `ingest`: `pipelines`, `deliveries`, `outbox`, `processed_events`.
+
+pub mod forge;
+pub mod grpc;
+pub mod http;
+pub mod pipelines;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gantry_bus::Link;
+use gantry_config::{GantryConfig, Infra};
+use gantry_runtime::Readiness;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The Postgres schema this service owns.
+pub const SCHEMA: &str = "ingest";
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Command line and environment of webhook-ingest.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "webhook-ingest", version, about = "Gantry webhook-ingest service")]
+pub struct Settings {
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Address of the webhook and health HTTP server.
+    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
+    /// Address of the gRPC server (Ingest, health, reflection).
+    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    pub grpc_addr: String,
+    /// Largest webhook body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "GANTRY_WEBHOOK_BODY_LIMIT", default_value_t = 25 * 1024 * 1024)]
+    pub body_limit: usize,
+}
+
+/// Shared by the handlers.
+pub struct AppState {
+    pub config: GantryConfig,
+    pub pool: PgPool,
+    /// Wakes the outbox relay as soon as a pipeline is stored.
+    pub relay_wake: Arc<Notify>,
+}
+
+/// A bound, connected, not yet running webhook-ingest.
+pub struct Service {
+    settings: Settings,
+    state: Arc<AppState>,
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+impl Service {
+    /// Connects to the database (running migrations) and binds the listeners.
+    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
+        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
+        let http = gantry_runtime::bind(&settings.http_addr).await?;
+        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
+        let state = Arc::new(AppState {
+            config,
+            pool,
+            relay_wake: Arc::new(Notify::new()),
+        });
+        Ok(Self { settings, state, http, grpc })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    /// Runs the servers and the outbox relay until `shutdown`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let link = Link::default();
+        let relay = tokio::spawn(gantry_bus::relay(
+            self.settings.infra.amqp_url.clone(),
+            self.state.pool.clone(),
+            self.state.relay_wake.clone(),
+            link.clone(),
+            shutdown.clone(),
+        ));
+        let pool = self.state.pool.clone();
+        let readiness = Readiness::new()
+            .check("database", move || {
+                let pool = pool.clone();
+                async move { gantry_store::ping(&pool).await }
+            })
+            .check("broker", move || {
+                let link = link.clone();
+                async move { link.is_up() }
+            });
+        let router = http::routes(self.state.clone(), self.settings.body_limit)
+            .merge(gantry_runtime::health_routes(readiness.clone()));
+        let grpc_routes = tonic::service::Routes::new(
+            gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService {
+                state: self.state.clone(),
+            }),
+        );
+        tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "webhook-ingest started");
+        let (h, g) = tokio::join!(
+            gantry_runtime::serve_http(self.http, router, shutdown.clone()),
+            gantry_runtime::serve_grpc(self.grpc, grpc_routes, readiness, shutdown.clone()),
+        );
+        shutdown.cancel();
+        let _ = relay.await;
+        h?;
+        g?;
+        Ok(())
+    }
+}
