@@ -322,17 +322,26 @@ async fn handle_delivery<H: Handler>(handler: Arc<H>, delivery: lapin::message::
 
 /// Writes `event` to the outbox inside `tx`, with the current trace context.
 pub async fn enqueue(tx: &mut Transaction<'_, Postgres>, event: &Event) -> sqlx::Result<()> {
+    let tp = gantry_telemetry::current_traceparent();
+    enqueue_traced(tx, event, tp.as_deref()).await
+}
+
+/// Writes `event` to the outbox inside `tx`, with the given trace context.
+pub async fn enqueue_traced(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &Event,
+    traceparent: Option<&str>,
+) -> sqlx::Result<()> {
     let key = event
         .routing_key()
         .ok_or_else(|| sqlx::Error::Protocol("event without payload".into()))?;
-    let tp = gantry_telemetry::current_traceparent();
     gantry_store::outbox_insert(
         tx,
         &event.id,
         key,
         &event.pipeline_id,
         &event.encode_to_vec(),
-        tp.as_deref(),
+        traceparent,
     )
     .await
 }

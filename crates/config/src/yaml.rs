@@ -47,9 +47,24 @@ pub fn from_str<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Resul
 /// serde-saphyr appends its own " at line X column Y" and sometimes a source
 /// snippet; keep the first line without the position, since we add ours.
 fn clean_message(msg: &str) -> String {
-    let first = msg.lines().next().unwrap_or(msg).trim();
+    let mut first = msg.lines().next().unwrap_or(msg).trim();
+    first = first.strip_prefix("error: ").unwrap_or(first);
+    // "line 5 column 10: what" -> "what"
+    if first.starts_with("line ")
+        && let Some((_, rest)) = first.split_once(": ")
+    {
+        first = rest;
+    }
     match first.find(" at line ") {
         Some(i) => first[..i].trim_end_matches(',').to_owned(),
         None => first.to_owned(),
     }
+}
+
+/// A value with the place it was written, for errors found after parsing.
+pub use serde_saphyr::Spanned;
+
+/// A located error at the place `spanned` was defined.
+pub fn error_at<T>(file: &str, spanned: &Spanned<T>, message: impl Into<String>) -> LocatedError {
+    LocatedError::new(file, spanned.defined.line(), spanned.defined.column(), message)
 }

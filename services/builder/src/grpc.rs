@@ -1,0 +1,154 @@
+//! `gantry.v1.Builds`: build logs (replayed from the database, then followed
+//! while the build runs) and the builds of a pipeline.
+
+use std::time::Duration;
+
+use gantry_proto::v1::builds_server::Builds;
+use gantry_proto::v1::{BuildInfo, GetBuildsRequest, GetBuildsResponse, LogChunk, StreamLogsRequest};
+use sqlx::PgPool;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+/// How often a followed log looks for new lines.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Log rows fetched per query.
+const PAGE: i64 = 500;
+
+pub struct BuildsService {
+    pub pool: PgPool,
+}
+
+fn internal(e: sqlx::Error) -> Status {
+    tracing::error!(error = %e, "builds query failed");
+    Status::unavailable("the build store is unavailable")
+}
+
+#[derive(sqlx::FromRow)]
+struct BuildRow {
+    id: Uuid,
+    pipeline_id: String,
+    project: String,
+    state: String,
+    attempt: i32,
+    image_id: Option<String>,
+    failed_step: Option<String>,
+    exit_code: Option<i32>,
+    request: Vec<u8>,
+}
+
+impl From<BuildRow> for BuildInfo {
+    fn from(r: BuildRow) -> Self {
+        let commit_sha = <gantry_proto::v1::PipelineRequested as prost::Message>::decode(r.request.as_slice())
+            .ok()
+            .and_then(|p| p.revision)
+            .map(|rev| rev.commit_sha)
+            .unwrap_or_default();
+        BuildInfo {
+            build_id: r.id.to_string(),
+            pipeline_id: r.pipeline_id,
+            project: r.project,
+            state: r.state,
+            commit_sha,
+            failed_step: r.failed_step.unwrap_or_default(),
+            exit_code: r.exit_code.unwrap_or_default(),
+            image_id: r.image_id.unwrap_or_default(),
+            attempt: r.attempt.max(0) as u32,
+        }
+    }
+}
+
+const BUILD_COLUMNS: &str = "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, request";
+
+#[tonic::async_trait]
+impl Builds for BuildsService {
+    type StreamLogsStream = ReceiverStream<Result<LogChunk, Status>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let build_id: Uuid = if !req.build_id.is_empty() {
+            req.build_id.parse().map_err(|_| Status::invalid_argument("build_id is not a UUID"))?
+        } else if !req.pipeline_id.is_empty() {
+            let row: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM builds WHERE pipeline_id = $1 ORDER BY created_at DESC LIMIT 1",
+            )
+            .bind(&req.pipeline_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(internal)?;
+            row.ok_or_else(|| Status::not_found("no build for this pipeline (yet)"))?.0
+        } else {
+            return Err(Status::invalid_argument("give a build_id or a pipeline_id"));
+        };
+        let exists: Option<(String,)> = sqlx::query_as("SELECT state FROM builds WHERE id = $1")
+            .bind(build_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(internal)?;
+        if exists.is_none() {
+            return Err(Status::not_found("no such build"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut last = 0i64;
+            loop {
+                // Read the state before the rows: a build seen finished has all its rows.
+                let state: Result<(String,), _> = sqlx::query_as("SELECT state FROM builds WHERE id = $1")
+                    .bind(build_id)
+                    .fetch_one(&pool)
+                    .await;
+                let finished = matches!(&state, Ok((s,)) if s == "succeeded" || s == "failed");
+                let rows: Vec<(i64, String, String, Vec<u8>)> = match sqlx::query_as(
+                    "SELECT seq, step, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(build_id)
+                .bind(last)
+                .bind(PAGE)
+                .fetch_all(&pool)
+                .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                let full_page = rows.len() as i64 == PAGE;
+                for (seq, step, stream, data) in rows {
+                    last = seq;
+                    let chunk = LogChunk { build_id: build_id.to_string(), seq: seq as u64, step, stream, data };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                if full_page {
+                    continue;
+                }
+                if !req.follow || finished {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_builds(&self, request: Request<GetBuildsRequest>) -> Result<Response<GetBuildsResponse>, Status> {
+        let req = request.into_inner();
+        let rows: Vec<BuildRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE pipeline_id = $1 ORDER BY created_at"
+        )))
+        .bind(&req.pipeline_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(internal)?;
+        Ok(Response::new(GetBuildsResponse { builds: rows.into_iter().map(Into::into).collect() }))
+    }
+}

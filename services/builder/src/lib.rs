@@ -1,0 +1,188 @@
+//! builder: turns a requested pipeline into a tested image.
+//!
+//! - `consumer`: takes `pipeline.requested` from the `builder` queue and
+//!   stores it as a queued build (then acks: the database owns the work, so
+//!   no broker consumer timeout can cut a long build);
+//! - `worker`: claims builds under a renewable lease and runs them —
+//!   `checkout` (git at the exact commit), `pipeline_file` (`.gantry.yml`),
+//!   `docker` (image build and unprivileged test containers), `logs`;
+//! - `jobs`: the `builds` table and the verdict events (`build.started`,
+//!   `build.succeeded`, `build.failed`) written through the outbox;
+//! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds).
+//!
+//! Schema `builder`: `builds`, `build_logs`, `outbox`, `processed_events`.
+
+pub mod checkout;
+pub mod docker;
+pub mod grpc;
+pub mod jobs;
+pub mod logs;
+pub mod pipeline_file;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_bus::{Handler, Link, Outcome, QueueSpec};
+use gantry_config::{GantryConfig, Infra};
+use gantry_proto::v1::Event;
+use gantry_proto::v1::event::Payload;
+use gantry_runtime::Readiness;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The Postgres schema this service owns.
+pub const SCHEMA: &str = "builder";
+/// The work queue all builder replicas consume (competing consumers).
+pub const QUEUE: &str = "builder";
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Command line and environment of the builder.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "builder", version, about = "Gantry builder service")]
+pub struct Settings {
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Address of the health HTTP server.
+    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8081")]
+    pub http_addr: String,
+    /// Address of the gRPC server (Builds, health, reflection).
+    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9091")]
+    pub grpc_addr: String,
+    /// Builds this replica runs at once.
+    #[arg(long, env = "GANTRY_BUILDER_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+    /// Seconds a build stays claimed without renewal (renewed every third);
+    /// a build whose builder died is taken over after this.
+    #[arg(long, env = "GANTRY_BUILD_LEASE_SECS", default_value_t = 60)]
+    pub lease_secs: u64,
+    /// This replica's name (defaults to host name and process id).
+    #[arg(long, env = "GANTRY_WORKER_NAME")]
+    pub worker_name: Option<String>,
+}
+
+/// Stores each `pipeline.requested` as a queued build.
+struct RequestHandler {
+    pool: PgPool,
+    wake: Arc<Notify>,
+}
+
+impl Handler for RequestHandler {
+    async fn handle(&self, event: Event) -> Outcome {
+        let Some(Payload::PipelineRequested(req)) = &event.payload else {
+            return Outcome::Reject(anyhow::anyhow!("builder queue got a {:?} event", event.routing_key()));
+        };
+        if req.revision.as_ref().is_none_or(|r| r.commit_sha.is_empty() || r.clone_url.is_empty()) {
+            return Outcome::Reject(anyhow::anyhow!("pipeline.requested without clone URL or commit"));
+        }
+        match jobs::enqueue_request(&self.pool, &event, req).await {
+            Ok(new) => {
+                if new {
+                    tracing::info!("build queued");
+                    self.wake.notify_one();
+                }
+                Outcome::Done
+            }
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+}
+
+/// A connected, bound, not yet running builder.
+pub struct Service {
+    settings: Settings,
+    pool: PgPool,
+    docker: bollard::Docker,
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+impl Service {
+    pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(settings.concurrency > 0, "GANTRY_BUILDER_CONCURRENCY must be at least 1");
+        anyhow::ensure!(settings.lease_secs >= 3, "GANTRY_BUILD_LEASE_SECS must be at least 3");
+        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
+        let docker = bollard::Docker::connect_with_defaults()?;
+        let http = gantry_runtime::bind(&settings.http_addr).await?;
+        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
+        Ok(Self { settings, pool, docker, http, grpc })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let s = &self.settings;
+        let wake = Arc::new(Notify::new());
+        let relay_wake = Arc::new(Notify::new());
+        let (consumer_link, relay_link) = (Link::default(), Link::default());
+        let name = s.worker_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let worker = worker::Worker {
+            pool: self.pool.clone(),
+            docker: self.docker.clone(),
+            name,
+            lease: Duration::from_secs(s.lease_secs),
+            concurrency: s.concurrency,
+            wake: wake.clone(),
+            relay_wake: relay_wake.clone(),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(gantry_bus::consume(
+            s.infra.amqp_url.clone(),
+            QueueSpec {
+                name: QUEUE.into(),
+                bindings: vec![gantry_proto::routing::PIPELINE_REQUESTED.into()],
+                prefetch: 16,
+            },
+            Arc::new(RequestHandler { pool: self.pool.clone(), wake }),
+            consumer_link.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(gantry_bus::relay(
+            s.infra.amqp_url.clone(),
+            self.pool.clone(),
+            relay_wake,
+            relay_link.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(worker.run(shutdown.clone()));
+        let (pool, docker) = (self.pool.clone(), self.docker.clone());
+        let readiness = Readiness::new()
+            .check("database", move || {
+                let pool = pool.clone();
+                async move { gantry_store::ping(&pool).await }
+            })
+            .check("broker", move || {
+                let (a, b) = (consumer_link.clone(), relay_link.clone());
+                async move { a.is_up() && b.is_up() }
+            })
+            .check("docker", move || {
+                let docker = docker.clone();
+                async move { docker::ping(&docker).await }
+            });
+        let routes = tonic::service::Routes::new(gantry_proto::v1::builds_server::BuildsServer::new(
+            grpc::BuildsService { pool: self.pool.clone() },
+        ));
+        tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "builder started");
+        let (h, g) = tokio::join!(
+            gantry_runtime::serve_http(self.http, gantry_runtime::health_routes(readiness.clone()), shutdown.clone()),
+            gantry_runtime::serve_grpc(self.grpc, routes, readiness, shutdown.clone()),
+        );
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        h?;
+        g?;
+        Ok(())
+    }
+}

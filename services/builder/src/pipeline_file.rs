@@ -1,0 +1,241 @@
+//! `.gantry.yml`: how a service repository asks to be built and tested.
+//!
+//! ```yaml
+//! image:
+//!   dockerfile: Dockerfile      # path from the repository root (default: Dockerfile)
+//!   context: .                  # build context directory (default: .)
+//!   target: runtime             # optional multi-stage target
+//!   args: { VERSION: "1.2" }    # optional build arguments
+//! test:                         # optional; run in order in containers of the built image
+//!   - name: unit
+//!     run: ./run-tests.sh       # a shell command (sh -c), or a list for exec form
+//!     timeout: 600              # seconds (default 1800)
+//! ```
+//!
+//! Every problem is a [`LocatedError`] naming the file, line, column and what
+//! was expected.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Component, Path};
+use std::time::Duration;
+
+use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
+use serde::Deserialize;
+
+/// The file name, at the repository root.
+pub const FILE: &str = ".gantry.yml";
+/// Step names used by the builder itself.
+pub const RESERVED_STEPS: [&str; 3] = ["checkout", "config", "build"];
+/// Default time limit of one test step.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    version: Option<Spanned<u32>>,
+    #[serde(default)]
+    image: RawImage,
+    #[serde(default)]
+    test: Vec<RawStep>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    #[serde(default)]
+    dockerfile: Option<Spanned<String>>,
+    #[serde(default)]
+    context: Option<Spanned<String>>,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    args: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Shell(String),
+    Exec(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Command;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a command string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Command, E> {
+                Ok(Command::Shell(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Command, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(Command::Exec(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: Spanned<String>,
+    run: Spanned<Command>,
+    #[serde(default)]
+    timeout: Option<Spanned<u64>>,
+}
+
+/// A validated pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineFile {
+    pub image: ImageSpec,
+    pub test: Vec<TestStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// Relative to the repository root.
+    pub dockerfile: String,
+    /// Relative to the repository root.
+    pub context: String,
+    pub target: Option<String>,
+    pub args: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestStep {
+    pub name: String,
+    /// The container command (`["sh", "-c", run]` for a shell command).
+    pub cmd: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// A relative path that stays inside the repository.
+fn inside_repo(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && !path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+impl PipelineFile {
+    /// Parses and validates the text of `.gantry.yml`.
+    pub fn parse(text: &str) -> Result<Self, LocatedError> {
+        if text.trim().is_empty() {
+            return Err(LocatedError::new(FILE, 1, 1, "the file is empty; expected a mapping with `image` and `test`"));
+        }
+        let raw: Raw = yaml::from_str(FILE, text)?;
+        if let Some(v) = &raw.version
+            && v.value != 1
+        {
+            return Err(error_at(FILE, v, format!("unsupported version {}; expected 1", v.value)));
+        }
+        let mut image = ImageSpec {
+            dockerfile: "Dockerfile".into(),
+            context: ".".into(),
+            target: raw.image.target.filter(|t| !t.is_empty()),
+            args: raw.image.args,
+        };
+        for (field, slot) in [
+            (&raw.image.dockerfile, &mut image.dockerfile),
+            (&raw.image.context, &mut image.context),
+        ] {
+            if let Some(v) = field {
+                if !inside_repo(&v.value) {
+                    return Err(error_at(FILE, v, format!("{:?} must be a relative path inside the repository", v.value)));
+                }
+                *slot = v.value.clone();
+            }
+        }
+        let mut names = HashSet::new();
+        let mut test = Vec::new();
+        for step in raw.test {
+            let name = step.name.value.trim();
+            if name.is_empty() {
+                return Err(error_at(FILE, &step.name, "a test step name must not be empty"));
+            }
+            if RESERVED_STEPS.contains(&name) {
+                return Err(error_at(FILE, &step.name, format!("step name {name:?} is reserved; expected another name")));
+            }
+            if !names.insert(name.to_owned()) {
+                return Err(error_at(FILE, &step.name, format!("duplicate test step name {name:?}")));
+            }
+            let cmd = match &step.run.value {
+                Command::Shell(s) if !s.trim().is_empty() => vec!["sh".into(), "-c".into(), s.clone()],
+                Command::Exec(v) if !v.is_empty() && !v[0].is_empty() => v.clone(),
+                _ => return Err(error_at(FILE, &step.run, "`run` must be a non-empty command string or list")),
+            };
+            let timeout = match &step.timeout {
+                Some(t) if t.value == 0 => return Err(error_at(FILE, t, "timeout must be a positive number of seconds")),
+                Some(t) => Duration::from_secs(t.value),
+                None => DEFAULT_STEP_TIMEOUT,
+            };
+            test.push(TestStep { name: name.to_owned(), cmd, timeout });
+        }
+        Ok(Self { image, test })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file() {
+        let f = PipelineFile::parse(
+            "image:\n  dockerfile: docker/Dockerfile\n  target: app\n  args: {A: b}\ntest:\n  - name: unit\n    run: ./t.sh\n  - name: lint\n    run: [lint, --strict]\n    timeout: 5\n",
+        )
+        .expect("valid");
+        assert_eq!(f.image.dockerfile, "docker/Dockerfile");
+        assert_eq!(f.image.context, ".");
+        assert_eq!(f.image.target.as_deref(), Some("app"));
+        assert_eq!(f.test[0].cmd, ["sh", "-c", "./t.sh"]);
+        assert_eq!(f.test[1].cmd, ["lint", "--strict"]);
+        assert_eq!(f.test[1].timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn defaults_when_only_image() {
+        let f = PipelineFile::parse("image: {}\n").expect("valid");
+        assert_eq!(f.image.dockerfile, "Dockerfile");
+        assert!(f.test.is_empty());
+    }
+
+    fn err(text: &str) -> LocatedError {
+        PipelineFile::parse(text).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = err("image:\n  dockerfil: x\n");
+        assert_eq!((e.file.as_str(), e.line), (".gantry.yml", 2), "{e}");
+        assert!(e.message.contains("dockerfil"), "{e}");
+
+        let e = err("test:\n  - name: build\n    run: x\n");
+        assert_eq!((e.line, e.column), (2, 11), "{e}");
+        assert!(e.message.contains("reserved"), "{e}");
+
+        let e = err("test:\n  - name: a\n    run: echo one\n  - name: a\n    run: echo two\n");
+        assert_eq!(e.line, 4, "{e}");
+
+        let e = err("image:\n  context: ../outside\n");
+        assert_eq!(e.line, 2, "{e}");
+
+        let e = err("test:\n  - name: a\n    run: ''\n");
+        assert_eq!(e.line, 3, "{e}");
+
+        let e = err("test: [\n");
+        assert!(e.line >= 1, "{e}");
+
+        let e = err("");
+        assert_eq!((e.line, e.column), (1, 1));
+    }
+}

@@ -1,0 +1,197 @@
+//! registry-publisher: gives tested images their names.
+//!
+//! It consumes `build.succeeded` (queue `registry-publisher`), computes the
+//! tags by policy (`tags`), pushes the image under each (`push`), records the
+//! publication and emits `image.published` (repository, tags, manifest
+//! digest) through its outbox, in one transaction.
+//!
+//! Schema `publisher`: `publications`, `outbox`, `processed_events`.
+
+pub mod push;
+pub mod tags;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gantry_bus::{Handler, Link, Outcome, QueueSpec};
+use gantry_config::{GantryConfig, Infra};
+use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::{Event, ImagePublished};
+use gantry_runtime::Readiness;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub const SCHEMA: &str = "publisher";
+pub const QUEUE: &str = "registry-publisher";
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Command line and environment of registry-publisher.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "registry-publisher", version, about = "Gantry registry-publisher service")]
+pub struct Settings {
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Address of the health HTTP server.
+    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8082")]
+    pub http_addr: String,
+    /// Address of the gRPC server (health, reflection).
+    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9092")]
+    pub grpc_addr: String,
+}
+
+struct Publisher {
+    config: GantryConfig,
+    pool: PgPool,
+    docker: bollard::Docker,
+    relay_wake: Arc<Notify>,
+}
+
+impl Handler for Publisher {
+    async fn handle(&self, event: Event) -> Outcome {
+        let Some(Payload::BuildSucceeded(built)) = &event.payload else {
+            return Outcome::Reject(anyhow::anyhow!("publisher queue got a {:?} event", event.routing_key()));
+        };
+        let Some(project) = self.config.project(&event.project) else {
+            return Outcome::Reject(anyhow::anyhow!("project {:?} is not configured", event.project));
+        };
+        let already: Result<Option<(String,)>, _> =
+            sqlx::query_as("SELECT event_id FROM processed_events WHERE event_id = $1")
+                .bind(&event.id)
+                .fetch_optional(&self.pool)
+                .await;
+        match already {
+            Ok(Some(_)) => return Outcome::Done,
+            Ok(None) => {}
+            Err(e) => return Outcome::Retry(e.into()),
+        }
+        let revision = built.revision.clone().unwrap_or_default();
+        let tags = tags::tags_for(&revision);
+        let registry = self.config.registry_for(&project.image);
+        let digest = match push::push(&self.docker, &built.image_id, &project.image, &tags, &registry).await {
+            Ok(d) => d,
+            Err(e) => return Outcome::Retry(e),
+        };
+        tracing::info!(repository = %project.image, ?tags, %digest, "image pushed");
+        let published = ImagePublished {
+            revision: Some(revision),
+            build_id: built.build_id.clone(),
+            repository: project.image.clone(),
+            tags: tags.clone(),
+            digest: digest.clone(),
+        };
+        let record = async {
+            let mut tx = self.pool.begin().await?;
+            if !gantry_store::first_delivery(&mut tx, &event.id).await? {
+                return Ok::<_, anyhow::Error>(());
+            }
+            sqlx::query(
+                "INSERT INTO publications (event_id, pipeline_id, project, build_id, image_id, repository, tags, digest)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&event.id)
+            .bind(&event.pipeline_id)
+            .bind(&event.project)
+            .bind(&built.build_id)
+            .bind(&built.image_id)
+            .bind(&project.image)
+            .bind(&tags)
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+            let out = Event::new(&event.pipeline_id, &event.project, Payload::ImagePublished(published));
+            gantry_bus::enqueue(&mut tx, &out).await?;
+            tx.commit().await?;
+            Ok(())
+        };
+        match record.await {
+            Ok(()) => {
+                self.relay_wake.notify_one();
+                Outcome::Done
+            }
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+}
+
+/// A connected, bound, not yet running registry-publisher.
+pub struct Service {
+    settings: Settings,
+    config: GantryConfig,
+    pool: PgPool,
+    docker: bollard::Docker,
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+impl Service {
+    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
+        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
+        let docker = bollard::Docker::connect_with_defaults()?;
+        let http = gantry_runtime::bind(&settings.http_addr).await?;
+        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
+        Ok(Self { settings, config, pool, docker, http, grpc })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay_wake = Arc::new(Notify::new());
+        let (consumer_link, relay_link) = (Link::default(), Link::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(gantry_bus::consume(
+            self.settings.infra.amqp_url.clone(),
+            QueueSpec {
+                name: QUEUE.into(),
+                bindings: vec![gantry_proto::routing::BUILD_SUCCEEDED.into()],
+                prefetch: 4,
+            },
+            Arc::new(Publisher {
+                config: self.config.clone(),
+                pool: self.pool.clone(),
+                docker: self.docker.clone(),
+                relay_wake: relay_wake.clone(),
+            }),
+            consumer_link.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(gantry_bus::relay(
+            self.settings.infra.amqp_url.clone(),
+            self.pool.clone(),
+            relay_wake,
+            relay_link.clone(),
+            shutdown.clone(),
+        ));
+        let (pool, docker) = (self.pool.clone(), self.docker.clone());
+        let readiness = Readiness::new()
+            .check("database", move || {
+                let pool = pool.clone();
+                async move { gantry_store::ping(&pool).await }
+            })
+            .check("broker", move || {
+                let (a, b) = (consumer_link.clone(), relay_link.clone());
+                async move { a.is_up() && b.is_up() }
+            })
+            .check("docker", move || {
+                let docker = docker.clone();
+                async move {
+                    tokio::time::timeout(std::time::Duration::from_secs(2), docker.ping())
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                }
+            });
+        tracing::info!(http = %self.http_addr(), "registry-publisher started");
+        let (h, g) = tokio::join!(
+            gantry_runtime::serve_http(self.http, gantry_runtime::health_routes(readiness.clone()), shutdown.clone()),
+            gantry_runtime::serve_grpc(self.grpc, tonic::service::Routes::default(), readiness, shutdown.clone()),
+        );
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        h?;
+        g?;
+        Ok(())
+    }
+}

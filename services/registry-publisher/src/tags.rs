@@ -1,0 +1,90 @@
+//! The tag policy: which tags an image of a revision gets.
+//!
+//! - the full commit sha, always;
+//! - the branch name, sanitised into a valid Docker tag;
+//! - the semver of a `v*` git tag (`v1.2.3` → `1.2.3`, pre-releases included);
+//! - `latest` for the repository's default branch.
+
+use gantry_proto::v1::Revision;
+
+/// Longest tag the registry accepts.
+const MAX_TAG: usize = 128;
+
+/// Turns any branch name into a valid tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`):
+/// other characters become `-`, a leading `.` or `-` becomes `_`.
+pub fn sanitize(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' { c } else { '-' })
+        .take(MAX_TAG)
+        .collect();
+    if out.starts_with(['.', '-']) {
+        out.replace_range(0..1, "_");
+    }
+    out
+}
+
+/// The semver of a release tag: `v1.2.3` or `1.2.3` (with pre-release/build) → `1.2.3`.
+pub fn semver_of(tag: &str) -> Option<String> {
+    let v = tag.strip_prefix('v')?;
+    let parsed = semver::Version::parse(v).ok()?;
+    // `+` is not allowed in Docker tags.
+    Some(parsed.to_string().replace('+', "_"))
+}
+
+/// All tags of `rev`, without duplicates, sha first.
+pub fn tags_for(rev: &Revision) -> Vec<String> {
+    let mut tags = vec![rev.commit_sha.clone()];
+    let mut add = |t: String| {
+        if !t.is_empty() && !tags.contains(&t) {
+            tags.push(t);
+        }
+    };
+    if !rev.branch.is_empty() {
+        add(sanitize(&rev.branch));
+        if rev.branch == rev.default_branch {
+            add("latest".to_owned());
+        }
+    }
+    if let Some(v) = semver_of(&rev.tag) {
+        add(v);
+    }
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(branch: &str, tag: &str, default_branch: &str) -> Revision {
+        Revision {
+            commit_sha: "a".repeat(40),
+            branch: branch.into(),
+            tag: tag.into(),
+            default_branch: default_branch.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn default_branch_gets_latest() {
+        assert_eq!(tags_for(&rev("main", "", "main")), vec!["a".repeat(40), "main".into(), "latest".into()]);
+        assert_eq!(tags_for(&rev("dev", "", "main")), vec!["a".repeat(40), "dev".into()]);
+    }
+
+    #[test]
+    fn version_tags_get_semver() {
+        assert_eq!(tags_for(&rev("", "v1.2.3", "main")), vec!["a".repeat(40), "1.2.3".into()]);
+        assert_eq!(tags_for(&rev("", "v2.0.0-rc.1+b7", "main"))[1], "2.0.0-rc.1_b7");
+        assert_eq!(tags_for(&rev("", "release-7", "main")), vec!["a".repeat(40)]);
+        assert_eq!(tags_for(&rev("", "v1.2", "main")), vec!["a".repeat(40)]);
+    }
+
+    #[test]
+    fn branch_names_are_sanitised() {
+        assert_eq!(sanitize("feature/login#2"), "feature-login-2");
+        assert_eq!(sanitize(".hidden"), "_hidden");
+        assert_eq!(sanitize("-x"), "_x");
+        assert_eq!(sanitize(&"é".repeat(200)).len(), 128);
+    }
+}
