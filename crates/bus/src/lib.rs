@@ -75,12 +75,26 @@ impl Link {
 }
 
 /// A durable queue of one consuming service and the routing keys it follows.
-#[derive(Clone, Debug)]
-pub struct QueueSpec {
-    pub name: String,
-    pub bindings: Vec<String>,
-    /// Unacknowledged deliveries this consumer holds at most (also its concurrency).
-    pub prefetch: u16,
+#[derive(Clone, Copy, Debug)]
+pub struct QueueDef {
+    pub name: &'static str,
+    pub bindings: &'static [&'static str],
+}
+
+/// The queues of the consuming services. Every connection declares all of
+/// them, so an event published before its consumer first started is kept.
+pub mod queues {
+    use super::QueueDef;
+    use gantry_proto::routing::*;
+
+    /// Work queue of the builder replicas (competing consumers).
+    pub const BUILDER: QueueDef = QueueDef { name: "builder", bindings: &[PIPELINE_REQUESTED] };
+    pub const REGISTRY_PUBLISHER: QueueDef =
+        QueueDef { name: "registry-publisher", bindings: &[BUILD_SUCCEEDED] };
+    pub const DEPLOYER: QueueDef = QueueDef { name: "deployer", bindings: &[IMAGE_PUBLISHED] };
+    /// The notifier follows every event.
+    pub const NOTIFIER: QueueDef = QueueDef { name: "notifier", bindings: &["#"] };
+    pub const ALL: [QueueDef; 4] = [BUILDER, REGISTRY_PUBLISHER, DEPLOYER, NOTIFIER];
 }
 
 /// What a handler made of an event.
@@ -158,20 +172,22 @@ fn quorum_args(dead_letter: bool) -> FieldTable {
     args
 }
 
-/// Declares the exchanges and `spec`'s queue with its bindings.
-pub async fn declare(ch: &lapin::Channel, spec: &QueueSpec) -> anyhow::Result<()> {
+/// Declares the exchanges and every service queue with its bindings.
+pub async fn declare(ch: &lapin::Channel) -> anyhow::Result<()> {
     declare_exchanges(ch).await?;
-    ch.queue_declare(sstr(&spec.name), QueueDeclareOptions::durable(), quorum_args(true))
-        .await?;
-    for key in &spec.bindings {
-        ch.queue_bind(
-            sstr(&spec.name),
-            sstr(EXCHANGE),
-            sstr(key),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for q in queues::ALL {
+        ch.queue_declare(sstr(q.name), QueueDeclareOptions::durable(), quorum_args(true))
+            .await?;
+        for key in q.bindings {
+            ch.queue_bind(
+                sstr(q.name),
+                sstr(EXCHANGE),
+                sstr(key),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
     }
     Ok(())
 }
@@ -206,42 +222,45 @@ where
     }
 }
 
-/// Consumes `spec`'s queue with `handler` until `shutdown`, reconnecting by itself.
+/// Consumes `queue` with `handler` until `shutdown`, reconnecting by itself.
+/// `prefetch` bounds the unacknowledged deliveries held (and so the concurrency).
 pub async fn consume<H: Handler>(
     url: String,
-    spec: QueueSpec,
+    queue: QueueDef,
+    prefetch: u16,
     handler: Arc<H>,
     link: Link,
     shutdown: CancellationToken,
 ) {
-    let what = format!("consumer {}", spec.name);
+    let what = format!("consumer {}", queue.name);
     supervise(&what, &link.clone(), &shutdown.clone(), || {
-        consume_once(&url, &spec, handler.clone(), &link, &shutdown)
+        consume_once(&url, queue, prefetch, handler.clone(), &link, &shutdown)
     })
     .await;
 }
 
 async fn consume_once<H: Handler>(
     url: &str,
-    spec: &QueueSpec,
+    queue: QueueDef,
+    prefetch: u16,
     handler: Arc<H>,
     link: &Link,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let conn = connect(url).await?;
     let ch = conn.create_channel().await?;
-    declare(&ch, spec).await?;
-    ch.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+    declare(&ch).await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
-            sstr(&spec.name),
+            sstr(queue.name),
             sstr(""),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
     link.set(true);
-    tracing::info!(queue = %spec.name, prefetch = spec.prefetch, "consuming");
+    tracing::info!(queue = queue.name, prefetch, "consuming");
     let mut check = tokio::time::interval(LIVENESS_CHECK);
     loop {
         tokio::select! {
@@ -372,7 +391,7 @@ async fn relay_once(
     let conn = connect(url).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    declare_exchanges(&ch).await?;
+    declare(&ch).await?;
     link.set(true);
     loop {
         anyhow::ensure!(conn.status().connected(), "connection is no longer connected");

@@ -113,6 +113,34 @@ impl Readiness {
         self
     }
 
+    /// Ready only while the database answers.
+    pub fn database(self, pool: sqlx::PgPool) -> Self {
+        self.check("database", move || {
+            let pool = pool.clone();
+            async move { gantry_store::ping(&pool).await }
+        })
+    }
+
+    /// Ready only while every bus loop holds a broker connection.
+    pub fn broker(self, links: Vec<gantry_bus::Link>) -> Self {
+        self.check("broker", move || {
+            let up = links.iter().all(gantry_bus::Link::is_up);
+            async move { up }
+        })
+    }
+
+    /// Ready only while the Docker engine answers.
+    pub fn docker(self, docker: bollard::Docker) -> Self {
+        self.check("docker", move || {
+            let docker = docker.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(2), docker.ping())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        })
+    }
+
     /// Runs every check; ready only if all pass.
     pub async fn report(&self) -> (bool, serde_json::Map<String, serde_json::Value>) {
         let results =
@@ -213,6 +241,25 @@ pub async fn serve_grpc(
             async move { drain.cancelled().await },
         );
     bounded_by_grace(server, shutdown).await
+}
+
+/// Serves a service's HTTP side (`extra` routes plus `/live` and `/ready`)
+/// and its gRPC side (`routes` plus health and reflection) until `shutdown`.
+pub async fn serve(
+    http: TcpListener,
+    extra: axum::Router,
+    grpc: TcpListener,
+    routes: tonic::service::Routes,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let router = extra.merge(health_routes(readiness.clone()));
+    let (h, g) = tokio::join!(
+        serve_http(http, router, shutdown.clone()),
+        serve_grpc(grpc, routes, readiness, shutdown.clone()),
+    );
+    shutdown.cancel();
+    h.and(g)
 }
 
 /// Binds a TCP listener, naming the address in the error.

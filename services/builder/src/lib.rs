@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_bus::{Handler, Link, Outcome, QueueSpec};
+use gantry_bus::{Handler, Link, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
@@ -36,8 +36,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The Postgres schema this service owns.
 pub const SCHEMA: &str = "builder";
-/// The work queue all builder replicas consume (competing consumers).
-pub const QUEUE: &str = "builder";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Command line and environment of the builder.
@@ -140,11 +138,8 @@ impl Service {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(gantry_bus::consume(
             s.infra.amqp_url.clone(),
-            QueueSpec {
-                name: QUEUE.into(),
-                bindings: vec![gantry_proto::routing::PIPELINE_REQUESTED.into()],
-                prefetch: 16,
-            },
+            gantry_bus::queues::BUILDER,
+            16,
             Arc::new(RequestHandler { pool: self.pool.clone(), wake }),
             consumer_link.clone(),
             shutdown.clone(),
@@ -157,32 +152,17 @@ impl Service {
             shutdown.clone(),
         ));
         tasks.spawn(worker.run(shutdown.clone()));
-        let (pool, docker) = (self.pool.clone(), self.docker.clone());
         let readiness = Readiness::new()
-            .check("database", move || {
-                let pool = pool.clone();
-                async move { gantry_store::ping(&pool).await }
-            })
-            .check("broker", move || {
-                let (a, b) = (consumer_link.clone(), relay_link.clone());
-                async move { a.is_up() && b.is_up() }
-            })
-            .check("docker", move || {
-                let docker = docker.clone();
-                async move { docker::ping(&docker).await }
-            });
+            .database(self.pool.clone())
+            .broker(vec![consumer_link, relay_link])
+            .docker(self.docker.clone());
         let routes = tonic::service::Routes::new(gantry_proto::v1::builds_server::BuildsServer::new(
             grpc::BuildsService { pool: self.pool.clone() },
         ));
         tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "builder started");
-        let (h, g) = tokio::join!(
-            gantry_runtime::serve_http(self.http, gantry_runtime::health_routes(readiness.clone()), shutdown.clone()),
-            gantry_runtime::serve_grpc(self.grpc, routes, readiness, shutdown.clone()),
-        );
+        let served = gantry_runtime::serve(self.http, axum::Router::new(), self.grpc, routes, readiness, shutdown.clone()).await;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
-        h?;
-        g?;
-        Ok(())
+        served
     }
 }

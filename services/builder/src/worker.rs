@@ -175,15 +175,18 @@ impl Worker {
         };
 
         let build_id = build.id.to_string();
-        let labels = HashMap::from([
-            (BUILD_LABEL.to_owned(), build_id.clone()),
+        // The image carries only what is true of the commit, so rebuilding a
+        // commit yields the same image; containers also name build and pipeline.
+        let image_labels = HashMap::from([
             ("io.gantry.project".to_owned(), build.project.clone()),
-            ("io.gantry.pipeline".to_owned(), build.pipeline_id.clone()),
             ("io.gantry.commit".to_owned(), revision.commit_sha.clone()),
         ]);
+        let mut labels = image_labels.clone();
+        labels.insert(BUILD_LABEL.to_owned(), build_id.clone());
+        labels.insert("io.gantry.pipeline".to_owned(), build.pipeline_id.clone());
         let started = Instant::now();
         let tag = format!("gantry-build/{}:{}", build.project.to_ascii_lowercase(), build_id);
-        let image_id = match docker::build_image(&self.docker, dir.path(), &file.image, &tag, labels.clone(), &log).await {
+        let image_id = match docker::build_image(&self.docker, dir.path(), &file.image, &tag, image_labels, &log).await {
             Ok(id) => id,
             Err(e) => {
                 log.system("build", format!("image build failed: {e:#}")).await;

@@ -13,7 +13,7 @@ pub mod tags;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gantry_bus::{Handler, Link, Outcome, QueueSpec};
+use gantry_bus::{Handler, Link, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{Event, ImagePublished};
@@ -24,7 +24,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub const SCHEMA: &str = "publisher";
-pub const QUEUE: &str = "registry-publisher";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Command line and environment of registry-publisher.
@@ -144,11 +143,8 @@ impl Service {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(gantry_bus::consume(
             self.settings.infra.amqp_url.clone(),
-            QueueSpec {
-                name: QUEUE.into(),
-                bindings: vec![gantry_proto::routing::BUILD_SUCCEEDED.into()],
-                prefetch: 4,
-            },
+            gantry_bus::queues::REGISTRY_PUBLISHER,
+            4,
             Arc::new(Publisher {
                 config: self.config.clone(),
                 pool: self.pool.clone(),
@@ -165,33 +161,21 @@ impl Service {
             relay_link.clone(),
             shutdown.clone(),
         ));
-        let (pool, docker) = (self.pool.clone(), self.docker.clone());
         let readiness = Readiness::new()
-            .check("database", move || {
-                let pool = pool.clone();
-                async move { gantry_store::ping(&pool).await }
-            })
-            .check("broker", move || {
-                let (a, b) = (consumer_link.clone(), relay_link.clone());
-                async move { a.is_up() && b.is_up() }
-            })
-            .check("docker", move || {
-                let docker = docker.clone();
-                async move {
-                    tokio::time::timeout(std::time::Duration::from_secs(2), docker.ping())
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                }
-            });
+            .database(self.pool.clone())
+            .broker(vec![consumer_link, relay_link])
+            .docker(self.docker.clone());
         tracing::info!(http = %self.http_addr(), "registry-publisher started");
-        let (h, g) = tokio::join!(
-            gantry_runtime::serve_http(self.http, gantry_runtime::health_routes(readiness.clone()), shutdown.clone()),
-            gantry_runtime::serve_grpc(self.grpc, tonic::service::Routes::default(), readiness, shutdown.clone()),
-        );
-        shutdown.cancel();
+        let served = gantry_runtime::serve(
+            self.http,
+            axum::Router::new(),
+            self.grpc,
+            tonic::service::Routes::default(),
+            readiness,
+            shutdown.clone(),
+        )
+        .await;
         while tasks.join_next().await.is_some() {}
-        h?;
-        g?;
-        Ok(())
+        served
     }
 }

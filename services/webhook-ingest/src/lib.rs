@@ -93,32 +93,18 @@ impl Service {
             link.clone(),
             shutdown.clone(),
         ));
-        let pool = self.state.pool.clone();
         let readiness = Readiness::new()
-            .check("database", move || {
-                let pool = pool.clone();
-                async move { gantry_store::ping(&pool).await }
-            })
-            .check("broker", move || {
-                let link = link.clone();
-                async move { link.is_up() }
-            });
-        let router = http::routes(self.state.clone(), self.settings.body_limit)
-            .merge(gantry_runtime::health_routes(readiness.clone()));
+            .database(self.state.pool.clone())
+            .broker(vec![link]);
+        let router = http::routes(self.state.clone(), self.settings.body_limit);
         let grpc_routes = tonic::service::Routes::new(
             gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService {
                 state: self.state.clone(),
             }),
         );
         tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "webhook-ingest started");
-        let (h, g) = tokio::join!(
-            gantry_runtime::serve_http(self.http, router, shutdown.clone()),
-            gantry_runtime::serve_grpc(self.grpc, grpc_routes, readiness, shutdown.clone()),
-        );
-        shutdown.cancel();
+        let served = gantry_runtime::serve(self.http, router, self.grpc, grpc_routes, readiness, shutdown.clone()).await;
         let _ = relay.await;
-        h?;
-        g?;
-        Ok(())
+        served
     }
 }
