@@ -1,0 +1,439 @@
+//! One isolated Gantry: the five service processes with their own database,
+//! virtual host, configuration and ports, and a recorder of every event.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use gantry_proto::v1::Event;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use prost::Message as _;
+use sqlx::Connection as _;
+use tokio_util::sync::CancellationToken;
+
+/// The service binaries, in start order.
+pub const SERVICES: [&str; 5] = ["notifier", "deployer", "registry-publisher", "builder", "webhook-ingest"];
+
+/// The webhook secret of every test project.
+pub const SECRET: &str = "It's a Secret to Everybody";
+
+/// One project of a stack's configuration.
+#[derive(Clone, Debug)]
+pub struct ProjectSpec {
+    pub name: String,
+    pub clone_url: String,
+    pub gitlab: String,
+    pub github: String,
+    /// Repository path in the registry (without the host).
+    pub image_path: String,
+}
+
+impl ProjectSpec {
+    /// A project named `name` cloned from `clone_url`, with a unique image path.
+    pub fn new(name: &str, clone_url: &str) -> Self {
+        let unique = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        Self {
+            name: name.to_owned(),
+            clone_url: clone_url.to_owned(),
+            gitlab: format!("team/{name}"),
+            github: format!("team/{name}"),
+            image_path: format!("e2e/{unique}/{name}"),
+        }
+    }
+
+    pub fn image(&self) -> String {
+        format!("{}/{}", crate::infra::registry(), self.image_path)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub projects: Vec<ProjectSpec>,
+    /// Builder lease; short so that a killed builder's build is taken over soon.
+    pub lease_secs: u64,
+}
+
+/// An event as it crossed the broker.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub routing_key: String,
+    pub event: Event,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+pub struct Stack {
+    dir: tempfile::TempDir,
+    pub database_url: String,
+    db_name: String,
+    pub vhost: String,
+    pub amqp_url: String,
+    pub config_path: PathBuf,
+    pub options: StackOptions,
+    ports: HashMap<&'static str, (u16, u16)>,
+    procs: Mutex<HashMap<&'static str, Child>>,
+    events: Arc<Mutex<Vec<Seen>>>,
+    tap_stop: CancellationToken,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Where cargo put the service binaries (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").arg("-q").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Stack {
+    /// Creates the database, vhost and configuration and starts every service.
+    pub async fn start(options: StackOptions) -> Self {
+        let stack = Self::prepare(options).await;
+        for name in SERVICES {
+            stack.start_service(name);
+        }
+        for name in SERVICES {
+            stack.wait_ready(name).await;
+        }
+        stack
+    }
+
+    /// Everything but the service processes.
+    pub async fn prepare(options: StackOptions) -> Self {
+        crate::init();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let dir = tempfile::Builder::new().prefix("gantry-stack-").tempdir().expect("tempdir");
+
+        let admin_url = crate::infra::database_url();
+        let db_name = format!("e2e_{id}");
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("postgres is up (scripts/infra.sh)");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{db_name}"),
+            None => panic!("DATABASE_URL has no database name"),
+        };
+
+        let vhost = format!("e2e-{id}");
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let amqp_url = format!("{}/{vhost}", crate::infra::amqp_base());
+
+        let mut config = String::from("projects:\n");
+        for p in &options.projects {
+            config.push_str(&format!(
+                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{env: GANTRY_TEST_SECRET}}\n    image: {}\n",
+                p.name, p.clone_url, p.gitlab, p.github, p.image()
+            ));
+        }
+        config.push_str(&format!("registries:\n  - host: {}\n", crate::infra::registry()));
+        let config_path = dir.path().join("gantry.yml");
+        std::fs::write(&config_path, config).expect("write config");
+
+        let ports = SERVICES.iter().map(|s| (*s, (free_port(), free_port()))).collect();
+        let stack = Self {
+            dir,
+            database_url,
+            db_name,
+            vhost,
+            amqp_url,
+            config_path,
+            options,
+            ports,
+            procs: Mutex::new(HashMap::new()),
+            events: Arc::new(Mutex::new(Vec::new())),
+            tap_stop: CancellationToken::new(),
+        };
+        stack.start_tap().await;
+        stack
+    }
+
+    /// Records every event of this vhost, reconnecting after broker restarts.
+    async fn start_tap(&self) {
+        let (url, events, stop) = (self.amqp_url.clone(), self.events.clone(), self.tap_stop.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let run = async {
+                    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+                    let ch = conn.create_channel().await?;
+                    gantry_bus::declare(&ch).await?;
+                    ch.queue_declare("e2e-tap".into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+                    ch.queue_bind("e2e-tap".into(), gantry_bus::EXCHANGE.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+                        .await?;
+                    let mut consumer = ch
+                        .basic_consume("e2e-tap".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                        .await?;
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    loop {
+                        let next = tokio::select! {
+                            _ = stop.cancelled() => return Ok(()),
+                            n = tokio::time::timeout(Duration::from_secs(1), consumer.next()) => n,
+                        };
+                        let delivery = match next {
+                            Err(_) if conn.status().connected() => continue,
+                            Err(_) => anyhow::bail!("tap connection lost"),
+                            Ok(Some(d)) => d?,
+                            Ok(None) => anyhow::bail!("tap consumer ended"),
+                        };
+                        let props = &delivery.properties;
+                        let traceparent = props.headers().as_ref().and_then(|h| match h.inner().get("traceparent") {
+                            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                            _ => None,
+                        });
+                        let seen = Seen {
+                            routing_key: delivery.routing_key.as_str().to_owned(),
+                            event: Event::decode(delivery.data.as_slice())?,
+                            message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+                            correlation_id: props.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
+                            traceparent,
+                        };
+                        events.lock().expect("events lock").push(seen);
+                        delivery.ack(BasicAckOptions::default()).await?;
+                    }
+                };
+                let result: anyhow::Result<()> = run.await;
+                if result.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .expect("event recorder connects to RabbitMQ")
+            .expect("event recorder started");
+    }
+
+    pub fn http_port(&self, service: &str) -> u16 {
+        self.ports[service].0
+    }
+
+    pub fn grpc_port(&self, service: &str) -> u16 {
+        self.ports[service].1
+    }
+
+    pub fn log_path(&self, service: &str) -> PathBuf {
+        self.dir.path().join(format!("{service}.log"))
+    }
+
+    /// Starts (or restarts) one service process.
+    pub fn start_service(&self, name: &'static str) {
+        let bin = bin_dir().join(name);
+        assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .expect("service log");
+        let (http, grpc) = self.ports[name];
+        let child = Command::new(bin)
+            .env("DATABASE_URL", &self.database_url)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("GANTRY_CONFIG", &self.config_path)
+            .env("GANTRY_TEST_SECRET", SECRET)
+            .env("GANTRY_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env("GANTRY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+            .env("GANTRY_BUILD_LEASE_SECS", self.options.lease_secs.to_string())
+            .env("GANTRY_WORKER_NAME", format!("{name}-{}", uuid::Uuid::new_v4().simple()))
+            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("service starts");
+        self.procs.lock().expect("procs lock").insert(name, child);
+    }
+
+    /// SIGKILLs a service, as a crash would.
+    pub fn kill(&self, name: &str) {
+        if let Some(mut child) = self.procs.lock().expect("procs lock").remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The process id of a running service.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        let mut procs = self.procs.lock().expect("procs lock");
+        let child = procs.get_mut(name)?;
+        match child.try_wait() {
+            Ok(None) => Some(child.id()),
+            _ => None,
+        }
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self, name: &str) {
+        let url = format!("http://127.0.0.1:{}/ready", self.http_port(name));
+        let client = crate::http();
+        for _ in 0..600 {
+            if let Ok(r) = client.get(&url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(self.pid(name).is_some(), "{name} exited:\n{}", self.log_tail(name));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{name} never became ready:\n{}", self.log_tail(name));
+    }
+
+    /// The last lines a service printed.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn ingest_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port("webhook-ingest"))
+    }
+
+    /// POSTs a GitLab delivery.
+    pub async fn post_gitlab(&self, body: &serde_json::Value, token: Option<&str>, event: &str, uuid: Option<&str>) -> reqwest::Response {
+        let mut req = crate::http()
+            .post(self.ingest_url("/hooks/gitlab"))
+            .header("content-type", "application/json")
+            .header("x-gitlab-event", event)
+            .body(serde_json::to_vec(body).expect("json"));
+        if let Some(t) = token {
+            req = req.header("x-gitlab-token", t);
+        }
+        if let Some(u) = uuid {
+            req = req.header("x-gitlab-event-uuid", u);
+        }
+        req.send().await.expect("webhook-ingest answers")
+    }
+
+    /// POSTs a GitHub delivery signed with `secret` (unsigned when `None`).
+    pub async fn post_github(&self, body: &[u8], secret: Option<&str>, event: &str, delivery: &str) -> reqwest::Response {
+        let mut req = crate::http()
+            .post(self.ingest_url("/hooks/github"))
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
+            .body(body.to_vec());
+        if let Some(s) = secret {
+            req = req.header("x-hub-signature-256", crate::forge::github_signature(s, body));
+        }
+        req.send().await.expect("webhook-ingest answers")
+    }
+
+    /// Every event recorded so far.
+    pub fn events(&self) -> Vec<Seen> {
+        self.events.lock().expect("events lock").clone()
+    }
+
+    /// Events of one pipeline, in the order the broker delivered them.
+    pub fn pipeline_events(&self, pipeline_id: &str) -> Vec<Seen> {
+        self.events().into_iter().filter(|s| s.event.pipeline_id == pipeline_id).collect()
+    }
+
+    /// Waits for an event of `pipeline_id` with routing key `key`.
+    pub async fn wait_event(&self, pipeline_id: &str, key: &str, timeout: Duration) -> Seen {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.pipeline_events(pipeline_id).into_iter().find(|s| s.routing_key == key) {
+                return s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let seen: Vec<String> = self.pipeline_events(pipeline_id).iter().map(|s| s.routing_key.clone()).collect();
+                panic!(
+                    "no {key} for pipeline {pipeline_id} within {timeout:?}; saw {seen:?}\n--- builder ---\n{}\n--- registry-publisher ---\n{}",
+                    self.log_tail("builder"),
+                    self.log_tail("registry-publisher")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the end of the pipeline: `image.published`, `build.failed` or
+    /// `image.publish_failed`, whichever comes first.
+    pub async fn wait_outcome(&self, pipeline_id: &str, timeout: Duration) -> Seen {
+        let ends = ["image.published", "build.failed", "image.publish_failed"];
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.pipeline_events(pipeline_id).into_iter().find(|s| ends.contains(&s.routing_key.as_str())) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pipeline {pipeline_id} did not end within {timeout:?}\n--- builder ---\n{}",
+                self.log_tail("builder")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A connection to this stack's database.
+    pub async fn db(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.database_url).await.expect("stack database")
+    }
+
+    /// A gRPC channel to a service.
+    pub async fn grpc(&self, service: &str) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.grpc_port(service)))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connects")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.tap_stop.cancel();
+        if std::thread::panicking() {
+            for name in SERVICES {
+                eprintln!("--- {name} log ---\n{}", self.log_tail(name));
+            }
+        }
+        for (_, mut child) in self.procs.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("rabbitmqctl").args(["-q", "delete_vhost", &self.vhost]).output();
+        let (admin, db) = (crate::infra::database_url(), self.db_name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}

@@ -1,0 +1,106 @@
+//! Bad input gets a clear status and loses nothing: wrong secrets, unknown
+//! projects, malformed or oversized bodies, unsupported events, and a broken
+//! configuration file at start.
+
+use gantry_tests::stack::{ProjectSpec, SECRET};
+use gantry_tests::{SampleRepo, Stack, StackOptions, forge};
+
+#[tokio::test]
+async fn each_bad_webhook_gets_its_status_code() {
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("hello", &repo.url());
+    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
+    let sha = repo.head();
+    let push = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
+
+    let cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
+        ("wrong GitLab token", stack.post_gitlab(&push, Some("wrong"), "Push Hook", None).await, 401, "secret"),
+        ("missing GitLab token", stack.post_gitlab(&push, None, "Push Hook", None).await, 401, "secret"),
+        (
+            "unknown GitLab project",
+            stack.post_gitlab(&forge::gitlab_push("team/unknown", "refs/heads/main", &sha, "main"), Some(SECRET), "Push Hook", None).await,
+            404,
+            "team/unknown",
+        ),
+        (
+            "push without ref",
+            {
+                let mut p = push.clone();
+                p.as_object_mut().expect("object").remove("ref");
+                stack.post_gitlab(&p, Some(SECRET), "Push Hook", None).await
+            },
+            400,
+            "ref",
+        ),
+        (
+            "sha that is not a sha",
+            {
+                let mut p = push.clone();
+                p["checkout_sha"] = "main".into();
+                stack.post_gitlab(&p, Some(SECRET), "Push Hook", None).await
+            },
+            400,
+            "commit sha",
+        ),
+        ("unsupported GitLab event", stack.post_gitlab(&push, Some(SECRET), "Issue Hook", None).await, 202, "ignored"),
+        (
+            "branch deletion",
+            {
+                let mut p = push.clone();
+                p["after"] = "0000000000000000000000000000000000000000".into();
+                p["checkout_sha"] = serde_json::Value::Null;
+                stack.post_gitlab(&p, Some(SECRET), "Push Hook", None).await
+            },
+            202,
+            "deleted",
+        ),
+    ];
+    let gh = serde_json::to_vec(&forge::github_push(&project.github, "refs/heads/main", &sha, "main")).expect("json");
+    let mut gh_cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
+        ("GitHub signature by another secret", stack.post_github(&gh, Some("other"), "push", "d1").await, 401, "secret"),
+        ("unsigned GitHub delivery", stack.post_github(&gh, None, "push", "d2").await, 401, "secret"),
+        ("GitHub ping", stack.post_github(&gh, Some(SECRET), "ping", "d3").await, 202, "ignored"),
+        ("truncated JSON", stack.post_github(&gh[..gh.len() / 2], Some(SECRET), "push", "d4").await, 400, "not valid JSON"),
+        ("JSON without repository", stack.post_github(b"{\"ref\":\"x\"}", Some(SECRET), "push", "d5").await, 400, "repository.full_name"),
+    ];
+    let mut all = cases;
+    all.append(&mut gh_cases);
+    for (what, resp, status, needle) in all {
+        let got = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text:?} should mention {needle:?}");
+    }
+
+    // Over the documented 25 MiB limit: 413, and the service goes on.
+    let huge = vec![b' '; 26 * 1024 * 1024];
+    let resp = stack.post_github(&huge, Some(SECRET), "push", "d6").await;
+    assert_eq!(resp.status(), 413);
+
+    // None of it started a pipeline, and the service still accepts good deliveries.
+    let resp = stack.post_gitlab(&push, Some(SECRET), "Push Hook", None).await;
+    assert_eq!(resp.status(), 202);
+    use sqlx::Row as _;
+    let mut db = stack.db().await;
+    let n: i64 = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines").fetch_one(&mut db).await.expect("count").get("n");
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn invalid_configuration_exits_non_zero_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gantry.yml");
+    std::fs::write(&path, "projects:\n  - name: a\n    clone_url: file:///x\n    webhook_secret: {value: s}\n    image: 127.0.0.1:5000/a\n    imgae: typo\n").expect("write");
+    for service in gantry_tests::stack::SERVICES {
+        let out = std::process::Command::new(gantry_tests::stack::bin_dir().join(service))
+            .env("GANTRY_CONFIG", &path)
+            .env("DATABASE_URL", "postgres://unused@127.0.0.1:1/x")
+            .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
+            .output()
+            .expect("service binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{service}: {stderr}");
+        assert!(stderr.contains(&format!("{}:6:5", path.display())), "{service}: {stderr}");
+        assert!(stderr.contains("imgae"), "{service}: {stderr}");
+    }
+}
