@@ -94,7 +94,8 @@ pub fn github_push(full_name: &str, git_ref: &str, sha: &str, default_branch: &s
 
 /// `X-Hub-Signature-256` of `body` with `secret`.
 pub fn github_signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }

@@ -20,11 +20,13 @@ pub use stack::{Stack, StackOptions};
 pub mod infra {
     /// Admin URL of the Postgres server; stacks create their databases there.
     pub fn database_url() -> String {
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://gantry:gantry@127.0.0.1:5432/gantry".into())
+        std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://gantry:gantry@127.0.0.1:5432/gantry".into())
     }
     /// Base AMQP URL (without vhost).
     pub fn amqp_base() -> String {
-        std::env::var("GANTRY_TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+        std::env::var("GANTRY_TEST_AMQP_BASE")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
     }
     /// The loopback registry.
     pub fn registry() -> String {
@@ -53,20 +55,29 @@ pub mod registry {
     /// Tags of `name` (repository path without host); empty if the repository does not exist.
     pub async fn tags(name: &str) -> Vec<String> {
         let url = format!("http://{}/v2/{name}/tags/list", super::infra::registry());
-        let Ok(resp) = http().get(url).send().await else { return vec![] };
+        let Ok(resp) = http().get(url).send().await else {
+            return vec![];
+        };
         if !resp.status().is_success() {
             return vec![];
         }
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
         body["tags"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The manifest digest the registry serves for `name:tag`.
     pub async fn digest(name: &str, tag: &str) -> Option<String> {
-        let url = format!("http://{}/v2/{name}/manifests/{tag}", super::infra::registry());
+        let url = format!(
+            "http://{}/v2/{name}/manifests/{tag}",
+            super::infra::registry()
+        );
         let resp = http()
             .head(url)
             .header(
@@ -79,6 +90,10 @@ pub mod registry {
         if !resp.status().is_success() {
             return None;
         }
-        resp.headers().get("docker-content-digest")?.to_str().ok().map(str::to_owned)
+        resp.headers()
+            .get("docker-content-digest")?
+            .to_str()
+            .ok()
+            .map(str::to_owned)
     }
 }

@@ -11,12 +11,23 @@ pub struct SampleRepo {
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
-        .args(["-c", "user.name=Ada Lovelace", "-c", "user.email=ada@example.com", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=Ada Lovelace",
+            "-c",
+            "user.email=ada@example.com",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
         .expect("git runs");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -26,10 +37,14 @@ pub const PASSING_PIPELINE: &str = "image:\n  dockerfile: Dockerfile\ntest:\n  -
 impl SampleRepo {
     /// A repository on `main` with one commit of a passing service.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("gantry-sample-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-sample-")
+            .tempdir()
+            .expect("tempdir");
         let path = dir.path().to_owned();
         git(&path, &["init", "-q", "-b", "main"]);
-        std::fs::copy("/bin/busybox", path.join("busybox")).expect("static busybox (busybox-static) at /bin/busybox");
+        std::fs::copy("/bin/busybox", path.join("busybox"))
+            .expect("static busybox (busybox-static) at /bin/busybox");
         std::fs::write(
             path.join("Dockerfile"),
             "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY index.html /www/index.html\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",

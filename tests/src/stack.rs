@@ -16,7 +16,13 @@ use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
 
 /// The service binaries, in start order.
-pub const SERVICES: [&str; 5] = ["notifier", "deployer", "registry-publisher", "builder", "webhook-ingest"];
+pub const SERVICES: [&str; 5] = [
+    "notifier",
+    "deployer",
+    "registry-publisher",
+    "builder",
+    "webhook-ingest",
+];
 
 /// The webhook secret of every test project.
 pub const SECRET: &str = "It's a Secret to Everybody";
@@ -99,8 +105,16 @@ pub fn bin_dir() -> PathBuf {
 }
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").arg("-q").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Stack {
@@ -120,11 +134,16 @@ impl Stack {
     pub async fn prepare(options: StackOptions) -> Self {
         crate::init();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let dir = tempfile::Builder::new().prefix("gantry-stack-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-stack-")
+            .tempdir()
+            .expect("tempdir");
 
         let admin_url = crate::infra::database_url();
         let db_name = format!("e2e_{id}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("postgres is up (scripts/infra.sh)");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("postgres is up (scripts/infra.sh)");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await
@@ -146,11 +165,17 @@ impl Stack {
                 p.name, p.clone_url, p.gitlab, p.github, p.image()
             ));
         }
-        config.push_str(&format!("registries:\n  - host: {}\n", crate::infra::registry()));
+        config.push_str(&format!(
+            "registries:\n  - host: {}\n",
+            crate::infra::registry()
+        ));
         let config_path = dir.path().join("gantry.yml");
         std::fs::write(&config_path, config).expect("write config");
 
-        let ports = SERVICES.iter().map(|s| (*s, (free_port(), free_port()))).collect();
+        let ports = SERVICES
+            .iter()
+            .map(|s| (*s, (free_port(), free_port())))
+            .collect();
         let stack = Self {
             dir,
             database_url,
@@ -170,20 +195,42 @@ impl Stack {
 
     /// Records every event of this vhost, reconnecting after broker restarts.
     async fn start_tap(&self) {
-        let (url, events, stop) = (self.amqp_url.clone(), self.events.clone(), self.tap_stop.clone());
+        let (url, events, stop) = (
+            self.amqp_url.clone(),
+            self.events.clone(),
+            self.tap_stop.clone(),
+        );
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let run = async {
-                    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+                    let conn =
+                        lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+                            .await?;
                     let ch = conn.create_channel().await?;
                     gantry_bus::declare(&ch).await?;
-                    ch.queue_declare("e2e-tap".into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
-                    ch.queue_bind("e2e-tap".into(), gantry_bus::EXCHANGE.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-                        .await?;
+                    ch.queue_declare(
+                        "e2e-tap".into(),
+                        QueueDeclareOptions::durable(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                    ch.queue_bind(
+                        "e2e-tap".into(),
+                        gantry_bus::EXCHANGE.into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
                     let mut consumer = ch
-                        .basic_consume("e2e-tap".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                        .basic_consume(
+                            "e2e-tap".into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
                         .await?;
                     if let Some(tx) = ready_tx.take() {
                         let _ = tx.send(());
@@ -200,15 +247,22 @@ impl Stack {
                             Ok(None) => anyhow::bail!("tap consumer ended"),
                         };
                         let props = &delivery.properties;
-                        let traceparent = props.headers().as_ref().and_then(|h| match h.inner().get("traceparent") {
-                            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                            _ => None,
+                        let traceparent = props.headers().as_ref().and_then(|h| {
+                            match h.inner().get("traceparent") {
+                                Some(AMQPValue::LongString(s)) => {
+                                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                                }
+                                _ => None,
+                            }
                         });
                         let seen = Seen {
                             routing_key: delivery.routing_key.as_str().to_owned(),
                             event: Event::decode(delivery.data.as_slice())?,
                             message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
-                            correlation_id: props.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
+                            correlation_id: props
+                                .correlation_id()
+                                .as_ref()
+                                .map(|s| s.as_str().to_owned()),
                             traceparent,
                         };
                         events.lock().expect("events lock").push(seen);
@@ -243,7 +297,11 @@ impl Stack {
     /// Starts (or restarts) one service process.
     pub fn start_service(&self, name: &'static str) {
         let bin = bin_dir().join(name);
-        assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo build --workspace --bins` first",
+            bin.display()
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -257,9 +315,18 @@ impl Stack {
             .env("GANTRY_TEST_SECRET", SECRET)
             .env("GANTRY_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("GANTRY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-            .env("GANTRY_BUILD_LEASE_SECS", self.options.lease_secs.to_string())
-            .env("GANTRY_WORKER_NAME", format!("{name}-{}", uuid::Uuid::new_v4().simple()))
-            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "GANTRY_BUILD_LEASE_SECS",
+                self.options.lease_secs.to_string(),
+            )
+            .env(
+                "GANTRY_WORKER_NAME",
+                format!("{name}-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -297,7 +364,11 @@ impl Stack {
             {
                 return;
             }
-            assert!(self.pid(name).is_some(), "{name} exited:\n{}", self.log_tail(name));
+            assert!(
+                self.pid(name).is_some(),
+                "{name} exited:\n{}",
+                self.log_tail(name)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("{name} never became ready:\n{}", self.log_tail(name));
@@ -311,11 +382,20 @@ impl Stack {
     }
 
     pub fn ingest_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http_port("webhook-ingest"))
+        format!(
+            "http://127.0.0.1:{}{path}",
+            self.http_port("webhook-ingest")
+        )
     }
 
     /// POSTs a GitLab delivery.
-    pub async fn post_gitlab(&self, body: &serde_json::Value, token: Option<&str>, event: &str, uuid: Option<&str>) -> reqwest::Response {
+    pub async fn post_gitlab(
+        &self,
+        body: &serde_json::Value,
+        token: Option<&str>,
+        event: &str,
+        uuid: Option<&str>,
+    ) -> reqwest::Response {
         let mut req = crate::http()
             .post(self.ingest_url("/hooks/gitlab"))
             .header("content-type", "application/json")
@@ -331,7 +411,13 @@ impl Stack {
     }
 
     /// POSTs a GitHub delivery signed with `secret` (unsigned when `None`).
-    pub async fn post_github(&self, body: &[u8], secret: Option<&str>, event: &str, delivery: &str) -> reqwest::Response {
+    pub async fn post_github(
+        &self,
+        body: &[u8],
+        secret: Option<&str>,
+        event: &str,
+        delivery: &str,
+    ) -> reqwest::Response {
         let mut req = crate::http()
             .post(self.ingest_url("/hooks/github"))
             .header("content-type", "application/json")
@@ -339,7 +425,10 @@ impl Stack {
             .header("x-github-delivery", delivery)
             .body(body.to_vec());
         if let Some(s) = secret {
-            req = req.header("x-hub-signature-256", crate::forge::github_signature(s, body));
+            req = req.header(
+                "x-hub-signature-256",
+                crate::forge::github_signature(s, body),
+            );
         }
         req.send().await.expect("webhook-ingest answers")
     }
@@ -351,18 +440,29 @@ impl Stack {
 
     /// Events of one pipeline, in the order the broker delivered them.
     pub fn pipeline_events(&self, pipeline_id: &str) -> Vec<Seen> {
-        self.events().into_iter().filter(|s| s.event.pipeline_id == pipeline_id).collect()
+        self.events()
+            .into_iter()
+            .filter(|s| s.event.pipeline_id == pipeline_id)
+            .collect()
     }
 
     /// Waits for an event of `pipeline_id` with routing key `key`.
     pub async fn wait_event(&self, pipeline_id: &str, key: &str, timeout: Duration) -> Seen {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(s) = self.pipeline_events(pipeline_id).into_iter().find(|s| s.routing_key == key) {
+            if let Some(s) = self
+                .pipeline_events(pipeline_id)
+                .into_iter()
+                .find(|s| s.routing_key == key)
+            {
                 return s;
             }
             if tokio::time::Instant::now() > deadline {
-                let seen: Vec<String> = self.pipeline_events(pipeline_id).iter().map(|s| s.routing_key.clone()).collect();
+                let seen: Vec<String> = self
+                    .pipeline_events(pipeline_id)
+                    .iter()
+                    .map(|s| s.routing_key.clone())
+                    .collect();
                 panic!(
                     "no {key} for pipeline {pipeline_id} within {timeout:?}; saw {seen:?}\n--- builder ---\n{}\n--- registry-publisher ---\n{}",
                     self.log_tail("builder"),
@@ -379,7 +479,11 @@ impl Stack {
         let ends = ["image.published", "build.failed", "image.publish_failed"];
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(s) = self.pipeline_events(pipeline_id).into_iter().find(|s| ends.contains(&s.routing_key.as_str())) {
+            if let Some(s) = self
+                .pipeline_events(pipeline_id)
+                .into_iter()
+                .find(|s| ends.contains(&s.routing_key.as_str()))
+            {
                 return s;
             }
             assert!(
@@ -393,16 +497,21 @@ impl Stack {
 
     /// A connection to this stack's database.
     pub async fn db(&self) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&self.database_url).await.expect("stack database")
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("stack database")
     }
 
     /// A gRPC channel to a service.
     pub async fn grpc(&self, service: &str) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.grpc_port(service)))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("gRPC connects")
+        tonic::transport::Endpoint::from_shared(format!(
+            "http://127.0.0.1:{}",
+            self.grpc_port(service)
+        ))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("gRPC connects")
     }
 
     pub fn dir(&self) -> &Path {
@@ -418,20 +527,32 @@ impl Drop for Stack {
                 eprintln!("--- {name} log ---\n{}", self.log_tail(name));
             }
         }
-        for (_, mut child) in self.procs.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default() {
+        for (_, mut child) in self
+            .procs
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("rabbitmqctl").args(["-q", "delete_vhost", &self.vhost]).output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.vhost])
+            .output();
         let (admin, db) = (crate::infra::database_url(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
-                    .execute(&mut conn)
-                    .await
-                    .ok()
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await
+                .ok()
             })
         })
         .join();

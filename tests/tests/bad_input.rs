@@ -9,16 +9,39 @@ use gantry_tests::{SampleRepo, Stack, StackOptions, forge};
 async fn each_bad_webhook_gets_its_status_code() {
     let repo = SampleRepo::new();
     let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
     let sha = repo.head();
     let push = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
 
     let cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
-        ("wrong GitLab token", stack.post_gitlab(&push, Some("wrong"), "Push Hook", None).await, 401, "secret"),
-        ("missing GitLab token", stack.post_gitlab(&push, None, "Push Hook", None).await, 401, "secret"),
+        (
+            "wrong GitLab token",
+            stack
+                .post_gitlab(&push, Some("wrong"), "Push Hook", None)
+                .await,
+            401,
+            "secret",
+        ),
+        (
+            "missing GitLab token",
+            stack.post_gitlab(&push, None, "Push Hook", None).await,
+            401,
+            "secret",
+        ),
         (
             "unknown GitLab project",
-            stack.post_gitlab(&forge::gitlab_push("team/unknown", "refs/heads/main", &sha, "main"), Some(SECRET), "Push Hook", None).await,
+            stack
+                .post_gitlab(
+                    &forge::gitlab_push("team/unknown", "refs/heads/main", &sha, "main"),
+                    Some(SECRET),
+                    "Push Hook",
+                    None,
+                )
+                .await,
             404,
             "team/unknown",
         ),
@@ -42,7 +65,14 @@ async fn each_bad_webhook_gets_its_status_code() {
             400,
             "commit sha",
         ),
-        ("unsupported GitLab event", stack.post_gitlab(&push, Some(SECRET), "Issue Hook", None).await, 202, "ignored"),
+        (
+            "unsupported GitLab event",
+            stack
+                .post_gitlab(&push, Some(SECRET), "Issue Hook", None)
+                .await,
+            202,
+            "ignored",
+        ),
         (
             "branch deletion",
             {
@@ -55,13 +85,48 @@ async fn each_bad_webhook_gets_its_status_code() {
             "deleted",
         ),
     ];
-    let gh = serde_json::to_vec(&forge::github_push(&project.github, "refs/heads/main", &sha, "main")).expect("json");
+    let gh = serde_json::to_vec(&forge::github_push(
+        &project.github,
+        "refs/heads/main",
+        &sha,
+        "main",
+    ))
+    .expect("json");
     let mut gh_cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
-        ("GitHub signature by another secret", stack.post_github(&gh, Some("other"), "push", "d1").await, 401, "secret"),
-        ("unsigned GitHub delivery", stack.post_github(&gh, None, "push", "d2").await, 401, "secret"),
-        ("GitHub ping", stack.post_github(&gh, Some(SECRET), "ping", "d3").await, 202, "ignored"),
-        ("truncated JSON", stack.post_github(&gh[..gh.len() / 2], Some(SECRET), "push", "d4").await, 400, "not valid JSON"),
-        ("JSON without repository", stack.post_github(b"{\"ref\":\"x\"}", Some(SECRET), "push", "d5").await, 400, "repository.full_name"),
+        (
+            "GitHub signature by another secret",
+            stack.post_github(&gh, Some("other"), "push", "d1").await,
+            401,
+            "secret",
+        ),
+        (
+            "unsigned GitHub delivery",
+            stack.post_github(&gh, None, "push", "d2").await,
+            401,
+            "secret",
+        ),
+        (
+            "GitHub ping",
+            stack.post_github(&gh, Some(SECRET), "ping", "d3").await,
+            202,
+            "ignored",
+        ),
+        (
+            "truncated JSON",
+            stack
+                .post_github(&gh[..gh.len() / 2], Some(SECRET), "push", "d4")
+                .await,
+            400,
+            "not valid JSON",
+        ),
+        (
+            "JSON without repository",
+            stack
+                .post_github(b"{\"ref\":\"x\"}", Some(SECRET), "push", "d5")
+                .await,
+            400,
+            "repository.full_name",
+        ),
     ];
     let mut all = cases;
     all.append(&mut gh_cases);
@@ -69,7 +134,10 @@ async fn each_bad_webhook_gets_its_status_code() {
         let got = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         assert_eq!(got, status, "{what}: {text}");
-        assert!(text.contains(needle), "{what}: {text:?} should mention {needle:?}");
+        assert!(
+            text.contains(needle),
+            "{what}: {text:?} should mention {needle:?}"
+        );
     }
 
     // Over the documented 25 MiB limit: 413, and the service goes on.
@@ -78,11 +146,17 @@ async fn each_bad_webhook_gets_its_status_code() {
     assert_eq!(resp.status(), 413);
 
     // None of it started a pipeline, and the service still accepts good deliveries.
-    let resp = stack.post_gitlab(&push, Some(SECRET), "Push Hook", None).await;
+    let resp = stack
+        .post_gitlab(&push, Some(SECRET), "Push Hook", None)
+        .await;
     assert_eq!(resp.status(), 202);
     use sqlx::Row as _;
     let mut db = stack.db().await;
-    let n: i64 = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines").fetch_one(&mut db).await.expect("count").get("n");
+    let n: i64 = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines")
+        .fetch_one(&mut db)
+        .await
+        .expect("count")
+        .get("n");
     assert_eq!(n, 1);
 }
 
@@ -100,7 +174,10 @@ fn invalid_configuration_exits_non_zero_naming_file_line_and_column() {
             .expect("service binary runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{service}: {stderr}");
-        assert!(stderr.contains(&format!("{}:6:5", path.display())), "{service}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}:6:5", path.display())),
+            "{service}: {stderr}"
+        );
         assert!(stderr.contains("imgae"), "{service}: {stderr}");
     }
 }

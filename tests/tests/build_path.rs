@@ -11,7 +11,11 @@ const PIPELINE_TIMEOUT: Duration = Duration::from_secs(180);
 
 async fn stack_for(repo: &SampleRepo) -> (Stack, ProjectSpec) {
     let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
     (stack, project)
 }
 
@@ -20,15 +24,25 @@ async fn accepted_pipeline(resp: reqwest::Response) -> String {
     let body: serde_json::Value = resp.json().await.expect("json answer");
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["status"], "accepted", "{body}");
-    body["pipeline_id"].as_str().expect("pipeline id").to_owned()
+    body["pipeline_id"]
+        .as_str()
+        .expect("pipeline id")
+        .to_owned()
 }
 
 /// The registry holds exactly `tags` (besides others) for the image, all at `digest`.
 async fn assert_published(project: &ProjectSpec, tags: &[&str], digest: &str) {
     let present = registry::tags(&project.image_path).await;
     for tag in tags {
-        assert!(present.iter().any(|t| t == tag), "tag {tag} missing from {present:?}");
-        assert_eq!(registry::digest(&project.image_path, tag).await.as_deref(), Some(digest), "digest of {tag}");
+        assert!(
+            present.iter().any(|t| t == tag),
+            "tag {tag} missing from {present:?}"
+        );
+        assert_eq!(
+            registry::digest(&project.image_path, tag).await.as_deref(),
+            Some(digest),
+            "digest of {tag}"
+        );
     }
 }
 
@@ -38,21 +52,38 @@ async fn gitlab_push_publishes_sha_branch_and_latest_in_one_trace() {
     let (stack, project) = stack_for(&repo).await;
     let sha = repo.head();
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Push Hook", Some("uuid-main-1")).await).await;
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", Some("uuid-main-1"))
+            .await,
+    )
+    .await;
 
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::ImagePublished(published)) = &seen.event.payload else {
         panic!("expected image.published, got {seen:?}");
     };
     assert_eq!(published.repository, project.image());
-    assert_eq!(published.tags, vec![sha.clone(), "main".into(), "latest".into()]);
-    assert!(published.digest.starts_with("sha256:"), "{}", published.digest);
+    assert_eq!(
+        published.tags,
+        vec![sha.clone(), "main".into(), "latest".into()]
+    );
+    assert!(
+        published.digest.starts_with("sha256:"),
+        "{}",
+        published.digest
+    );
     assert_published(&project, &[&sha, "main", "latest"], &published.digest).await;
 
     // Every hop carried the pipeline id and one trace.
     let events = stack.pipeline_events(&pipeline);
     let kinds: Vec<&str> = events.iter().map(|s| s.routing_key.as_str()).collect();
-    for k in ["pipeline.requested", "build.started", "build.succeeded", "image.published"] {
+    for k in [
+        "pipeline.requested",
+        "build.started",
+        "build.succeeded",
+        "image.published",
+    ] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
     let trace_ids: std::collections::HashSet<String> = events
@@ -60,21 +91,39 @@ async fn gitlab_push_publishes_sha_branch_and_latest_in_one_trace() {
         .map(|s| {
             assert_eq!(s.correlation_id.as_deref(), Some(pipeline.as_str()));
             assert_eq!(s.message_id.as_deref(), Some(s.event.id.as_str()));
-            let tp = s.traceparent.as_deref().unwrap_or_else(|| panic!("{} has no traceparent", s.routing_key));
-            gantry_telemetry::trace_id(tp).expect("valid traceparent").to_owned()
+            let tp = s
+                .traceparent
+                .as_deref()
+                .unwrap_or_else(|| panic!("{} has no traceparent", s.routing_key));
+            gantry_telemetry::trace_id(tp)
+                .expect("valid traceparent")
+                .to_owned()
         })
         .collect();
-    assert_eq!(trace_ids.len(), 1, "one trace per pipeline, got {trace_ids:?}");
+    assert_eq!(
+        trace_ids.len(),
+        1,
+        "one trace per pipeline, got {trace_ids:?}"
+    );
 
     // The test steps' output is stored and served by Builds.StreamLogs.
-    let mut client = gantry_proto::v1::builds_client::BuildsClient::new(stack.grpc("builder").await);
+    let mut client =
+        gantry_proto::v1::builds_client::BuildsClient::new(stack.grpc("builder").await);
     let mut stream = client
-        .stream_logs(gantry_proto::v1::StreamLogsRequest { pipeline_id: pipeline.clone(), follow: true, ..Default::default() })
+        .stream_logs(gantry_proto::v1::StreamLogsRequest {
+            pipeline_id: pipeline.clone(),
+            follow: true,
+            ..Default::default()
+        })
         .await
         .expect("StreamLogs")
         .into_inner();
     let mut steps = std::collections::BTreeSet::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.message()).await.expect("stream ends for a finished build").expect("chunk") {
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("stream ends for a finished build")
+        .expect("chunk")
+    {
         steps.insert(chunk.step);
     }
     for s in ["checkout", "build", "content", "unprivileged"] {
@@ -89,14 +138,23 @@ async fn gitlab_tag_push_publishes_semver() {
     repo.tag("v1.4.2");
     let sha = repo.head();
     let body = forge::gitlab_push(&project.gitlab, "refs/tags/v1.4.2", &sha, "main");
-    let pipeline = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Tag Push Hook", Some("uuid-tag-1")).await).await;
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Tag Push Hook", Some("uuid-tag-1"))
+            .await,
+    )
+    .await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::ImagePublished(published)) = &seen.event.payload else {
         panic!("expected image.published, got {seen:?}");
     };
     assert_eq!(published.tags, vec![sha.clone(), "1.4.2".into()]);
     assert_published(&project, &[&sha, "1.4.2"], &published.digest).await;
-    assert!(!registry::tags(&project.image_path).await.contains(&"latest".to_owned()));
+    assert!(
+        !registry::tags(&project.image_path)
+            .await
+            .contains(&"latest".to_owned())
+    );
 }
 
 #[tokio::test]
@@ -105,18 +163,36 @@ async fn github_push_of_a_feature_branch_publishes_sanitised_branch_tag() {
     let (stack, project) = stack_for(&repo).await;
     repo.branch("feature/login");
     let sha = repo.commit_file("index.html", "hello login\n", "login page");
-    let body = serde_json::to_vec(&forge::github_push(&project.github, "refs/heads/feature/login", &sha, "main")).expect("json");
-    let pipeline = accepted_pipeline(stack.post_github(&body, Some(SECRET), "push", "gh-delivery-1").await).await;
+    let body = serde_json::to_vec(&forge::github_push(
+        &project.github,
+        "refs/heads/feature/login",
+        &sha,
+        "main",
+    ))
+    .expect("json");
+    let pipeline = accepted_pipeline(
+        stack
+            .post_github(&body, Some(SECRET), "push", "gh-delivery-1")
+            .await,
+    )
+    .await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::ImagePublished(published)) = &seen.event.payload else {
         panic!("expected image.published, got {seen:?}");
     };
     assert_eq!(published.tags, vec![sha.clone(), "feature-login".into()]);
     assert_published(&project, &[&sha, "feature-login"], &published.digest).await;
-    let requested = stack.wait_event(&pipeline, "pipeline.requested", Duration::from_secs(5)).await;
-    let Some(Payload::PipelineRequested(req)) = requested.event.payload else { panic!() };
+    let requested = stack
+        .wait_event(&pipeline, "pipeline.requested", Duration::from_secs(5))
+        .await;
+    let Some(Payload::PipelineRequested(req)) = requested.event.payload else {
+        panic!()
+    };
     let rev = req.revision.expect("revision");
-    assert_eq!((rev.source.as_str(), rev.author_name.as_str()), ("github", "Grace Hopper"));
+    assert_eq!(
+        (rev.source.as_str(), rev.author_name.as_str()),
+        ("github", "Grace Hopper")
+    );
 }
 
 #[tokio::test]
@@ -129,42 +205,83 @@ async fn failing_test_step_publishes_nothing_and_names_the_step() {
         "break the smoke test",
     );
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {
         panic!("expected build.failed, got {seen:?}");
     };
-    assert_eq!((failed.step.as_str(), failed.exit_code), ("smoke", 3), "{failed:?}");
+    assert_eq!(
+        (failed.step.as_str(), failed.exit_code),
+        ("smoke", 3),
+        "{failed:?}"
+    );
     // Nothing reaches the registry, even after the publisher had time to act.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(registry::tags(&project.image_path).await.is_empty());
-    assert!(stack.pipeline_events(&pipeline).iter().all(|s| s.routing_key != "image.published"));
+    assert!(
+        stack
+            .pipeline_events(&pipeline)
+            .iter()
+            .all(|s| s.routing_key != "image.published")
+    );
 }
 
 #[tokio::test]
 async fn broken_or_missing_pipeline_file_fails_with_file_line_and_column() {
     let repo = SampleRepo::new();
     let (stack, project) = stack_for(&repo).await;
-    let sha = repo.commit_file(".gantry.yml", "image:\n  dockerfile: Dockerfile\ntest:\n  - name: unit\n    command: true\n", "typo");
+    let sha = repo.commit_file(
+        ".gantry.yml",
+        "image:\n  dockerfile: Dockerfile\ntest:\n  - name: unit\n    command: true\n",
+        "typo",
+    );
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {
         panic!("expected build.failed, got {seen:?}");
     };
     assert_eq!(failed.step, "config");
-    assert!(failed.reason.starts_with(".gantry.yml:5:5: "), "{}", failed.reason);
+    assert!(
+        failed.reason.starts_with(".gantry.yml:5:5: "),
+        "{}",
+        failed.reason
+    );
     assert!(failed.reason.contains("command"), "{}", failed.reason);
 
     std::fs::remove_file(repo.path().join(".gantry.yml")).expect("rm");
     let sha = repo.commit_file("index.html", "hello again\n", "drop the pipeline file");
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
-    let Some(Payload::BuildFailed(failed)) = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await.event.payload else {
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
+    let Some(Payload::BuildFailed(failed)) = stack
+        .wait_outcome(&pipeline, PIPELINE_TIMEOUT)
+        .await
+        .event
+        .payload
+    else {
         panic!("expected build.failed");
     };
     assert_eq!(failed.step, "config");
-    assert!(failed.reason.starts_with(".gantry.yml:1:1: not found"), "{}", failed.reason);
+    assert!(
+        failed.reason.starts_with(".gantry.yml:1:1: not found"),
+        "{}",
+        failed.reason
+    );
 }
 
 #[tokio::test]
@@ -172,28 +289,54 @@ async fn repeated_delivery_starts_no_second_pipeline() {
     let repo = SampleRepo::new();
     let (stack, project) = stack_for(&repo).await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
-    let first = accepted_pipeline(stack.post_gitlab(&body, Some(SECRET), "Push Hook", Some("same-uuid")).await).await;
+    let first = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", Some("same-uuid"))
+            .await,
+    )
+    .await;
     for _ in 0..3 {
-        let resp = stack.post_gitlab(&body, Some(SECRET), "Push Hook", Some("same-uuid")).await;
+        let resp = stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", Some("same-uuid"))
+            .await;
         assert_eq!(resp.status(), 200);
         let answer: serde_json::Value = resp.json().await.expect("json");
-        assert_eq!((answer["status"].as_str(), answer["pipeline_id"].as_str()), (Some("duplicate"), Some(first.as_str())));
+        assert_eq!(
+            (answer["status"].as_str(), answer["pipeline_id"].as_str()),
+            (Some("duplicate"), Some(first.as_str()))
+        );
     }
     // An Idempotency-Key works the same for GitHub deliveries.
-    let gh = serde_json::to_vec(&forge::github_push(&project.github, "refs/heads/main", &repo.head(), "main")).expect("json");
+    let gh = serde_json::to_vec(&forge::github_push(
+        &project.github,
+        "refs/heads/main",
+        &repo.head(),
+        "main",
+    ))
+    .expect("json");
     let a = accepted_pipeline(stack.post_github(&gh, Some(SECRET), "push", "gh-1").await).await;
     let again = stack.post_github(&gh, Some(SECRET), "push", "gh-1").await;
     assert_eq!(again.status(), 200);
 
     stack.wait_outcome(&first, PIPELINE_TIMEOUT).await;
     stack.wait_outcome(&a, PIPELINE_TIMEOUT).await;
-    let requested = stack.events().iter().filter(|s| s.routing_key == "pipeline.requested").count();
+    let requested = stack
+        .events()
+        .iter()
+        .filter(|s| s.routing_key == "pipeline.requested")
+        .count();
     assert_eq!(requested, 2, "one pipeline per distinct delivery");
     use sqlx::Row as _;
     let mut db = stack.db().await;
-    let row = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines").fetch_one(&mut db).await.expect("count");
+    let row = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines")
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
     assert_eq!(row.get::<i64, _>("n"), 2);
-    let builds = sqlx::query("SELECT count(*) AS n FROM builder.builds").fetch_one(&mut db).await.expect("count");
+    let builds = sqlx::query("SELECT count(*) AS n FROM builder.builds")
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
     assert_eq!(builds.get::<i64, _>("n"), 2);
 }
 
@@ -201,23 +344,38 @@ async fn repeated_delivery_starts_no_second_pipeline() {
 async fn manual_trigger_over_grpc_builds_the_ref() {
     let repo = SampleRepo::new();
     let (stack, project) = stack_for(&repo).await;
-    let mut client = gantry_proto::v1::ingest_client::IngestClient::new(stack.grpc("webhook-ingest").await);
+    let mut client =
+        gantry_proto::v1::ingest_client::IngestClient::new(stack.grpc("webhook-ingest").await);
     let answer = client
-        .trigger(gantry_proto::v1::TriggerRequest { project: project.name.clone(), r#ref: "main".into() })
+        .trigger(gantry_proto::v1::TriggerRequest {
+            project: project.name.clone(),
+            r#ref: "main".into(),
+        })
         .await
         .expect("Trigger")
         .into_inner();
-    assert_eq!((answer.commit_sha.as_str(), answer.git_ref.as_str()), (repo.head().as_str(), "refs/heads/main"));
-    let seen = stack.wait_outcome(&answer.pipeline_id, PIPELINE_TIMEOUT).await;
+    assert_eq!(
+        (answer.commit_sha.as_str(), answer.git_ref.as_str()),
+        (repo.head().as_str(), "refs/heads/main")
+    );
+    let seen = stack
+        .wait_outcome(&answer.pipeline_id, PIPELINE_TIMEOUT)
+        .await;
     assert_eq!(seen.routing_key, "image.published");
 
     let missing = client
-        .trigger(gantry_proto::v1::TriggerRequest { project: project.name.clone(), r#ref: "no-such-branch".into() })
+        .trigger(gantry_proto::v1::TriggerRequest {
+            project: project.name.clone(),
+            r#ref: "no-such-branch".into(),
+        })
         .await
         .expect_err("unknown ref");
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let unknown = client
-        .trigger(gantry_proto::v1::TriggerRequest { project: "nope".into(), r#ref: "main".into() })
+        .trigger(gantry_proto::v1::TriggerRequest {
+            project: "nope".into(),
+            r#ref: "main".into(),
+        })
         .await
         .expect_err("unknown project");
     assert_eq!(unknown.code(), tonic::Code::NotFound);

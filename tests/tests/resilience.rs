@@ -14,7 +14,10 @@ const PIPELINE_TIMEOUT: Duration = Duration::from_secs(240);
 async fn accepted(resp: reqwest::Response) -> String {
     assert_eq!(resp.status(), 202);
     let body: serde_json::Value = resp.json().await.expect("json");
-    body["pipeline_id"].as_str().expect("pipeline id").to_owned()
+    body["pipeline_id"]
+        .as_str()
+        .expect("pipeline id")
+        .to_owned()
 }
 
 #[tokio::test]
@@ -26,9 +29,18 @@ async fn killed_builder_mid_build_finishes_once_back() {
         "a slow test",
     );
     let project = ProjectSpec::new("slow", &repo.url());
-    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 3 }).await;
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 3,
+    })
+    .await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
+    let pipeline = accepted(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
 
     // Wait until the slow step runs, then crash the builder.
     let mut db = stack.db().await;
@@ -45,12 +57,19 @@ async fn killed_builder_mid_build_finishes_once_back() {
         if let Some(row) = row {
             break row.get("id");
         }
-        assert!(tokio::time::Instant::now() < deadline, "the slow step never started:\n{}", stack.log_tail("builder"));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow step never started:\n{}",
+            stack.log_tail("builder")
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     stack.kill("builder");
     assert!(
-        stack.pipeline_events(&pipeline).iter().all(|s| s.routing_key != "build.succeeded"),
+        stack
+            .pipeline_events(&pipeline)
+            .iter()
+            .all(|s| s.routing_key != "build.succeeded"),
         "the build must not have finished before the crash"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -61,7 +80,10 @@ async fn killed_builder_mid_build_finishes_once_back() {
         panic!("expected image.published after the restart, got {seen:?}");
     };
     assert!(registry::tags(&project.image_path).await.contains(&sha));
-    assert_eq!(registry::digest(&project.image_path, &sha).await.as_deref(), Some(published.digest.as_str()));
+    assert_eq!(
+        registry::digest(&project.image_path, &sha).await.as_deref(),
+        Some(published.digest.as_str())
+    );
     let attempts: Vec<u32> = stack
         .pipeline_events(&pipeline)
         .iter()
@@ -70,51 +92,103 @@ async fn killed_builder_mid_build_finishes_once_back() {
             _ => None,
         })
         .collect();
-    assert_eq!(attempts, vec![1, 2], "the build was taken over by the restarted builder");
+    assert_eq!(
+        attempts,
+        vec![1, 2],
+        "the build was taken over by the restarted builder"
+    );
     let row = sqlx::query("SELECT state, attempt FROM builder.builds WHERE id = $1")
         .bind(build_id)
         .fetch_one(&mut db)
         .await
         .expect("build row");
-    assert_eq!((row.get::<String, _>("state").as_str(), row.get::<i32, _>("attempt")), ("succeeded", 2));
+    assert_eq!(
+        (
+            row.get::<String, _>("state").as_str(),
+            row.get::<i32, _>("attempt")
+        ),
+        ("succeeded", 2)
+    );
     // The crashed attempt's test container was cleaned up.
     let left = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=io.gantry.build={build_id}")])
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.gantry.build={build_id}"),
+        ])
         .output()
         .expect("docker ps");
-    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "leftover containers");
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "leftover containers"
+    );
 }
 
 fn rabbit(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("rabbitmq command runs");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("rabbitmq command runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
 async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries() {
     let repo = SampleRepo::new();
     let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
-    let pids: Vec<Option<u32>> = gantry_tests::stack::SERVICES.iter().map(|s| stack.pid(s)).collect();
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
+    let pids: Vec<Option<u32>> = gantry_tests::stack::SERVICES
+        .iter()
+        .map(|s| stack.pid(s))
+        .collect();
 
     // Stop the broker: deliveries are still accepted (stored in the outbox).
     rabbit(&["rabbitmqctl", "-q", "shutdown"]);
     let sha = repo.commit_file("index.html", "hello while the broker is down\n", "v2");
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let during = accepted(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
-    let ready = gantry_tests::http().get(stack.ingest_url("/ready")).send().await.expect("ready answers");
+    let during = accepted(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
+    let ready = gantry_tests::http()
+        .get(stack.ingest_url("/ready"))
+        .send()
+        .await
+        .expect("ready answers");
     assert_eq!(ready.status(), 503, "not ready without the broker");
 
     // Start it again; nobody restarts the services.
     rabbit(&["rabbitmq-server", "-detached"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while Command::new("rabbitmqctl").args(["-q", "await_startup", "--timeout", "5"]).status().map(|s| !s.success()).unwrap_or(true) {
-        assert!(tokio::time::Instant::now() < deadline, "rabbitmq did not come back");
+    while Command::new("rabbitmqctl")
+        .args(["-q", "await_startup", "--timeout", "5"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rabbitmq did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     let seen = stack.wait_outcome(&during, PIPELINE_TIMEOUT).await;
-    assert_eq!(seen.routing_key, "image.published", "the delivery accepted while the broker was down went through");
+    assert_eq!(
+        seen.routing_key, "image.published",
+        "the delivery accepted while the broker was down went through"
+    );
 
     // And new deliveries flow as before.
     for s in gantry_tests::stack::SERVICES {
@@ -122,11 +196,19 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
     }
     let sha = repo.commit_file("index.html", "hello after the restart\n", "v3");
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let after = accepted(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
+    let after = accepted(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
     let seen = stack.wait_outcome(&after, PIPELINE_TIMEOUT).await;
     assert_eq!(seen.routing_key, "image.published");
     assert!(registry::tags(&project.image_path).await.contains(&sha));
 
-    let now: Vec<Option<u32>> = gantry_tests::stack::SERVICES.iter().map(|s| stack.pid(s)).collect();
+    let now: Vec<Option<u32>> = gantry_tests::stack::SERVICES
+        .iter()
+        .map(|s| stack.pid(s))
+        .collect();
     assert_eq!(pids, now, "no service was restarted");
 }

@@ -88,12 +88,23 @@ pub mod queues {
     use gantry_proto::routing::*;
 
     /// Work queue of the builder replicas (competing consumers).
-    pub const BUILDER: QueueDef = QueueDef { name: "builder", bindings: &[PIPELINE_REQUESTED] };
-    pub const REGISTRY_PUBLISHER: QueueDef =
-        QueueDef { name: "registry-publisher", bindings: &[BUILD_SUCCEEDED] };
-    pub const DEPLOYER: QueueDef = QueueDef { name: "deployer", bindings: &[IMAGE_PUBLISHED] };
+    pub const BUILDER: QueueDef = QueueDef {
+        name: "builder",
+        bindings: &[PIPELINE_REQUESTED],
+    };
+    pub const REGISTRY_PUBLISHER: QueueDef = QueueDef {
+        name: "registry-publisher",
+        bindings: &[BUILD_SUCCEEDED],
+    };
+    pub const DEPLOYER: QueueDef = QueueDef {
+        name: "deployer",
+        bindings: &[IMAGE_PUBLISHED],
+    };
     /// The notifier follows every event.
-    pub const NOTIFIER: QueueDef = QueueDef { name: "notifier", bindings: &["#"] };
+    pub const NOTIFIER: QueueDef = QueueDef {
+        name: "notifier",
+        bindings: &["#"],
+    };
     pub const ALL: [QueueDef; 4] = [BUILDER, REGISTRY_PUBLISHER, DEPLOYER, NOTIFIER];
 }
 
@@ -133,8 +144,13 @@ async fn declare_exchanges(ch: &lapin::Channel) -> anyhow::Result<()> {
         durable: true,
         ..Default::default()
     };
-    ch.exchange_declare(sstr(EXCHANGE), ExchangeKind::Topic, durable, FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        sstr(EXCHANGE),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
     ch.exchange_declare(
         sstr(DEAD_LETTER_EXCHANGE),
         ExchangeKind::Fanout,
@@ -161,13 +177,19 @@ async fn declare_exchanges(ch: &lapin::Channel) -> anyhow::Result<()> {
 
 fn quorum_args(dead_letter: bool) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(sstr("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(
+        sstr("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     if dead_letter {
         args.insert(
             sstr("x-dead-letter-exchange"),
             AMQPValue::LongString(LongString::from(DEAD_LETTER_EXCHANGE)),
         );
-        args.insert(sstr("x-delivery-limit"), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        args.insert(
+            sstr("x-delivery-limit"),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
     }
     args
 }
@@ -176,8 +198,12 @@ fn quorum_args(dead_letter: bool) -> FieldTable {
 pub async fn declare(ch: &lapin::Channel) -> anyhow::Result<()> {
     declare_exchanges(ch).await?;
     for q in queues::ALL {
-        ch.queue_declare(sstr(q.name), QueueDeclareOptions::durable(), quorum_args(true))
-            .await?;
+        ch.queue_declare(
+            sstr(q.name),
+            QueueDeclareOptions::durable(),
+            quorum_args(true),
+        )
+        .await?;
         for key in q.bindings {
             ch.queue_bind(
                 sstr(q.name),
@@ -211,7 +237,12 @@ where
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = Duration::from_millis(100);
                 }
-                tracing::warn!(loop_name = what, error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
+                tracing::warn!(
+                    loop_name = what,
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "broker connection lost; reconnecting"
+                );
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -315,7 +346,10 @@ async fn handle_delivery<H: Handler>(handler: Arc<H>, delivery: lapin::message::
     let acked = match outcome {
         Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
         Outcome::Retry(e) => {
-            tracing::warn!(error = format!("{e:#}"), "event handling failed; requeueing");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "event handling failed; requeueing"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
             delivery
                 .acker
@@ -326,7 +360,10 @@ async fn handle_delivery<H: Handler>(handler: Arc<H>, delivery: lapin::message::
                 .await
         }
         Outcome::Reject(e) => {
-            tracing::error!(error = format!("{e:#}"), "event cannot be handled; dead-lettering");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "event cannot be handled; dead-lettering"
+            );
             delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: false })
@@ -394,7 +431,10 @@ async fn relay_once(
     declare(&ch).await?;
     link.set(true);
     loop {
-        anyhow::ensure!(conn.status().connected(), "connection is no longer connected");
+        anyhow::ensure!(
+            conn.status().connected(),
+            "connection is no longer connected"
+        );
         while relay_batch(&ch, pool).await? {}
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -425,7 +465,10 @@ async fn relay_batch(ch: &lapin::Channel, pool: &PgPool) -> anyhow::Result<bool>
     for row in &rows {
         let mut headers = FieldTable::default();
         if let Some(tp) = &row.traceparent {
-            headers.insert(sstr("traceparent"), AMQPValue::LongString(LongString::from(tp.as_str())));
+            headers.insert(
+                sstr("traceparent"),
+                AMQPValue::LongString(LongString::from(tp.as_str())),
+            );
         }
         let props = BasicProperties::default()
             .with_message_id(sstr(&row.event_id))

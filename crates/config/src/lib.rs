@@ -263,16 +263,20 @@ impl GantryConfig {
 
     /// The project whose GitLab path is `path` (case-insensitive, as GitLab paths are).
     pub fn project_by_gitlab(&self, path: &str) -> Option<&Project> {
-        self.projects
-            .iter()
-            .find(|p| p.gitlab.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(path)))
+        self.projects.iter().find(|p| {
+            p.gitlab
+                .as_deref()
+                .is_some_and(|g| g.eq_ignore_ascii_case(path))
+        })
     }
 
     /// The project whose GitHub full name is `full_name` (case-insensitive).
     pub fn project_by_github(&self, full_name: &str) -> Option<&Project> {
-        self.projects
-            .iter()
-            .find(|p| p.github.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(full_name)))
+        self.projects.iter().find(|p| {
+            p.github
+                .as_deref()
+                .is_some_and(|g| g.eq_ignore_ascii_case(full_name))
+        })
     }
 
     /// Credentials and transport for the registry that holds `repository`.
@@ -302,7 +306,9 @@ pub fn validate_repository(repo: &str) -> Result<(), String> {
         return Err(format!("{repo:?} must be host[:port]/path"));
     };
     if host.is_empty() || !(host.contains('.') || host.contains(':') || host == "localhost") {
-        return Err(format!("{repo:?} must start with a registry host (with a dot or a port)"));
+        return Err(format!(
+            "{repo:?} must start with a registry host (with a dot or a port)"
+        ));
     }
     let ok_component = |c: &str| {
         !c.is_empty()
@@ -330,8 +336,14 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(cfg.projects[0].webhook_secret.expose(), "s3cret");
-        assert_eq!(cfg.project_by_gitlab("Team/Hello").map(|p| p.name.as_str()), Some("hello"));
-        assert_eq!(cfg.registry_for("127.0.0.1:5000/team/hello").host, "127.0.0.1:5000");
+        assert_eq!(
+            cfg.project_by_gitlab("Team/Hello").map(|p| p.name.as_str()),
+            Some("hello")
+        );
+        assert_eq!(
+            cfg.registry_for("127.0.0.1:5000/team/hello").host,
+            "127.0.0.1:5000"
+        );
     }
 
     #[test]

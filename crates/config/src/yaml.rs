@@ -16,7 +16,11 @@ pub struct LocatedError {
 
 impl fmt::Display for LocatedError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
     }
 }
 
@@ -66,5 +70,10 @@ pub use serde_saphyr::Spanned;
 
 /// A located error at the place `spanned` was defined.
 pub fn error_at<T>(file: &str, spanned: &Spanned<T>, message: impl Into<String>) -> LocatedError {
-    LocatedError::new(file, spanned.defined.line(), spanned.defined.column(), message)
+    LocatedError::new(
+        file,
+        spanned.defined.line(),
+        spanned.defined.column(),
+        message,
+    )
 }

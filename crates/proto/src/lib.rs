@@ -53,4 +53,3 @@ impl v1::Event {
         self.payload.as_ref().map(routing_key)
     }
 }
-

@@ -28,7 +28,11 @@ const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 /// The whole life of a service binary: installs the TLS crypto provider and
 /// telemetry, loads and validates the configuration file (exit code 2 with a
 /// clear message when it is wrong), then runs `run` until SIGTERM/SIGINT.
-pub async fn main<F, Fut>(name: &'static str, config_path: &std::path::Path, run: F) -> std::process::ExitCode
+pub async fn main<F, Fut>(
+    name: &'static str,
+    config_path: &std::path::Path,
+    run: F,
+) -> std::process::ExitCode
 where
     F: FnOnce(gantry_config::GantryConfig, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -143,8 +147,7 @@ impl Readiness {
 
     /// Runs every check; ready only if all pass.
     pub async fn report(&self) -> (bool, serde_json::Map<String, serde_json::Value>) {
-        let results =
-            futures::future::join_all(self.checks.iter().map(|(_, f)| f())).await;
+        let results = futures::future::join_all(self.checks.iter().map(|(_, f)| f())).await;
         let mut map = serde_json::Map::new();
         for ((name, _), up) in self.checks.iter().zip(&results) {
             map.insert((*name).to_owned(), serde_json::Value::Bool(*up));

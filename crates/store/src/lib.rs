@@ -32,7 +32,11 @@ CREATE TABLE IF NOT EXISTS processed_events (
 "#;
 
 /// Connects to `database_url`, prepares `schema` and runs `migrator` in it.
-pub async fn connect(database_url: &str, schema: &str, migrator: &Migrator) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    database_url: &str,
+    schema: &str,
+    migrator: &Migrator,
+) -> anyhow::Result<PgPool> {
     anyhow::ensure!(
         !schema.is_empty() && schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
         "schema name {schema:?} must be lowercase letters and underscores"
@@ -44,9 +48,11 @@ pub async fn connect(database_url: &str, schema: &str, migrator: &Migrator) -> a
     {
         let mut conn = base.connect().await?;
         // `schema` is checked above to be lowercase letters and underscores.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}"
+        )))
+        .execute(&mut conn)
+        .await?;
     }
     let opts = base.options([("search_path", schema)]);
     let pool = PgPoolOptions::new()
@@ -68,9 +74,12 @@ pub async fn connect(database_url: &str, schema: &str, migrator: &Migrator) -> a
 
 /// Whether the database answers (for readiness).
 pub async fn ping(pool: &PgPool) -> bool {
-    tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(pool))
-        .await
-        .is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
 }
 
 /// One row of the outbox.
@@ -133,10 +142,14 @@ pub async fn outbox_delete(tx: &mut Transaction<'_, Postgres>, seqs: &[i64]) -> 
 
 /// Records that `event_id` is being handled; `false` if it already was
 /// (a redelivery), in which case the caller does nothing but ack.
-pub async fn first_delivery(tx: &mut Transaction<'_, Postgres>, event_id: &str) -> sqlx::Result<bool> {
-    let done = sqlx::query("INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(event_id)
-        .execute(&mut **tx)
-        .await?;
+pub async fn first_delivery(
+    tx: &mut Transaction<'_, Postgres>,
+    event_id: &str,
+) -> sqlx::Result<bool> {
+    let done =
+        sqlx::query("INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(event_id)
+            .execute(&mut **tx)
+            .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -41,13 +41,44 @@ pub async fn checkout(url: &str, sha: &str, dir: &Path, log: &LogSink) -> anyhow
         sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
         "{sha:?} is not a full commit sha"
     );
-    log.system("checkout", format!("fetching {sha} from {url}")).await;
+    log.system("checkout", format!("fetching {sha} from {url}"))
+        .await;
     git(dir, &["init", "-q"], log).await?;
     git(dir, &["remote", "add", "origin", url], log).await?;
-    if git(dir, &["fetch", "-q", "--depth=1", "origin", sha], log).await.is_err() {
-        log.system("checkout", "shallow fetch by sha refused; fetching all refs").await;
-        git(dir, &["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], log).await?;
+    if git(dir, &["fetch", "-q", "--depth=1", "origin", sha], log)
+        .await
+        .is_err()
+    {
+        log.system(
+            "checkout",
+            "shallow fetch by sha refused; fetching all refs",
+        )
+        .await;
+        git(
+            dir,
+            &[
+                "fetch",
+                "-q",
+                "--tags",
+                "origin",
+                "+refs/heads/*:refs/remotes/origin/*",
+            ],
+            log,
+        )
+        .await?;
     }
-    git(dir, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], log).await?;
+    git(
+        dir,
+        &[
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "--detach",
+            sha,
+        ],
+        log,
+    )
+    .await?;
     Ok(())
 }

@@ -28,9 +28,17 @@ const OUTSIDE_DOCKERFILE: &str = ".gantry.Dockerfile";
 /// Packs the build context; a Dockerfile outside the context is added to it.
 fn context_tar(repo: &Path, spec: &ImageSpec) -> anyhow::Result<(Vec<u8>, String)> {
     let context = repo.join(&spec.context);
-    anyhow::ensure!(context.is_dir(), "build context {:?} is not a directory", spec.context);
+    anyhow::ensure!(
+        context.is_dir(),
+        "build context {:?} is not a directory",
+        spec.context
+    );
     let dockerfile = repo.join(&spec.dockerfile);
-    anyhow::ensure!(dockerfile.is_file(), "Dockerfile {:?} does not exist", spec.dockerfile);
+    anyhow::ensure!(
+        dockerfile.is_file(),
+        "Dockerfile {:?} does not exist",
+        spec.dockerfile
+    );
     let mut tar = tar::Builder::new(Vec::new());
     tar.follow_symlinks(false);
     tar.append_dir_all(".", &context)?;
@@ -72,10 +80,12 @@ pub async fn build_image(
             log.write("build", "stdout", s.as_bytes()).await;
         }
         if let Some(s) = &info.status {
-            log.write("build", "stdout", format!("{s}\n").as_bytes()).await;
+            log.write("build", "stdout", format!("{s}\n").as_bytes())
+                .await;
         }
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            log.write("build", "stderr", format!("{err}\n").as_bytes()).await;
+            log.write("build", "stderr", format!("{err}\n").as_bytes())
+                .await;
             anyhow::bail!("{err}");
         }
         if let Some(id) = info.aux.and_then(|aux| aux.id) {
@@ -124,7 +134,11 @@ pub async fn run_step(
         .config
         .and_then(|c| c.user)
         .unwrap_or_default();
-    let user = if image_user.is_empty() || image_user == "root" || image_user == "0" || image_user.starts_with("0:") {
+    let user = if image_user.is_empty()
+        || image_user == "root"
+        || image_user == "0"
+        || image_user.starts_with("0:")
+    {
         UNPRIVILEGED_USER.to_owned()
     } else {
         image_user
@@ -145,25 +159,49 @@ pub async fn run_step(
         ..Default::default()
     };
     docker
-        .create_container(Some(CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() }), body)
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            }),
+            body,
+        )
         .await?;
     let result = run_created(docker, name, step, log).await;
     let _ = docker
-        .remove_container(name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+        .remove_container(
+            name,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
         .await;
     result
 }
 
-async fn run_created(docker: &Docker, name: &str, step: &TestStep, log: &LogSink) -> anyhow::Result<StepEnd> {
+async fn run_created(
+    docker: &Docker,
+    name: &str,
+    step: &TestStep,
+    log: &LogSink,
+) -> anyhow::Result<StepEnd> {
     docker.start_container(name, None).await?;
     let logs = async {
         let mut stream = docker.logs(
             name,
-            Some(LogsOptions { follow: true, stdout: true, stderr: true, ..Default::default() }),
+            Some(LogsOptions {
+                follow: true,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            }),
         );
         while let Some(Ok(chunk)) = stream.next().await {
             match chunk {
-                bollard::container::LogOutput::StdErr { message } => log.write(&step.name, "stderr", &message).await,
+                bollard::container::LogOutput::StdErr { message } => {
+                    log.write(&step.name, "stderr", &message).await
+                }
                 other => log.write(&step.name, "stdout", &other.into_bytes()).await,
             }
         }
@@ -192,9 +230,16 @@ async fn run_created(docker: &Docker, name: &str, step: &TestStep, log: &LogSink
 
 /// Removes the containers an earlier attempt of `build_id` left behind.
 pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
-    let filters = HashMap::from([("label".to_owned(), vec![format!("{BUILD_LABEL}={build_id}")])]);
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{BUILD_LABEL}={build_id}")],
+    )]);
     let Ok(list) = docker
-        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
         .await
     else {
         return;
@@ -202,7 +247,13 @@ pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
     for c in list {
         if let Some(id) = c.id {
             let _ = docker
-                .remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
                 .await;
         }
     }
@@ -210,5 +261,7 @@ pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
 
 /// Whether the engine answers (for readiness).
 pub async fn ping(docker: &Docker) -> bool {
-    tokio::time::timeout(Duration::from_secs(2), docker.ping()).await.is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(Duration::from_secs(2), docker.ping())
+        .await
+        .is_ok_and(|r| r.is_ok())
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use gantry_proto::v1::builds_server::Builds;
-use gantry_proto::v1::{BuildInfo, GetBuildsRequest, GetBuildsResponse, LogChunk, StreamLogsRequest};
+use gantry_proto::v1::{
+    BuildInfo, GetBuildsRequest, GetBuildsResponse, LogChunk, StreamLogsRequest,
+};
 use sqlx::PgPool;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -39,11 +41,12 @@ struct BuildRow {
 
 impl From<BuildRow> for BuildInfo {
     fn from(r: BuildRow) -> Self {
-        let commit_sha = <gantry_proto::v1::PipelineRequested as prost::Message>::decode(r.request.as_slice())
-            .ok()
-            .and_then(|p| p.revision)
-            .map(|rev| rev.commit_sha)
-            .unwrap_or_default();
+        let commit_sha =
+            <gantry_proto::v1::PipelineRequested as prost::Message>::decode(r.request.as_slice())
+                .ok()
+                .and_then(|p| p.revision)
+                .map(|rev| rev.commit_sha)
+                .unwrap_or_default();
         BuildInfo {
             build_id: r.id.to_string(),
             pipeline_id: r.pipeline_id,
@@ -58,7 +61,8 @@ impl From<BuildRow> for BuildInfo {
     }
 }
 
-const BUILD_COLUMNS: &str = "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, request";
+const BUILD_COLUMNS: &str =
+    "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, request";
 
 #[tonic::async_trait]
 impl Builds for BuildsService {
@@ -70,7 +74,9 @@ impl Builds for BuildsService {
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
         let build_id: Uuid = if !req.build_id.is_empty() {
-            req.build_id.parse().map_err(|_| Status::invalid_argument("build_id is not a UUID"))?
+            req.build_id
+                .parse()
+                .map_err(|_| Status::invalid_argument("build_id is not a UUID"))?
         } else if !req.pipeline_id.is_empty() {
             let row: Option<(Uuid,)> = sqlx::query_as(
                 "SELECT id FROM builds WHERE pipeline_id = $1 ORDER BY created_at DESC LIMIT 1",
@@ -79,7 +85,8 @@ impl Builds for BuildsService {
             .fetch_optional(&self.pool)
             .await
             .map_err(internal)?;
-            row.ok_or_else(|| Status::not_found("no build for this pipeline (yet)"))?.0
+            row.ok_or_else(|| Status::not_found("no build for this pipeline (yet)"))?
+                .0
         } else {
             return Err(Status::invalid_argument("give a build_id or a pipeline_id"));
         };
@@ -97,10 +104,11 @@ impl Builds for BuildsService {
             let mut last = 0i64;
             loop {
                 // Read the state before the rows: a build seen finished has all its rows.
-                let state: Result<(String,), _> = sqlx::query_as("SELECT state FROM builds WHERE id = $1")
-                    .bind(build_id)
-                    .fetch_one(&pool)
-                    .await;
+                let state: Result<(String,), _> =
+                    sqlx::query_as("SELECT state FROM builds WHERE id = $1")
+                        .bind(build_id)
+                        .fetch_one(&pool)
+                        .await;
                 let finished = matches!(&state, Ok((s,)) if s == "succeeded" || s == "failed");
                 let rows: Vec<(i64, String, String, Vec<u8>)> = match sqlx::query_as(
                     "SELECT seq, step, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -120,7 +128,13 @@ impl Builds for BuildsService {
                 let full_page = rows.len() as i64 == PAGE;
                 for (seq, step, stream, data) in rows {
                     last = seq;
-                    let chunk = LogChunk { build_id: build_id.to_string(), seq: seq as u64, step, stream, data };
+                    let chunk = LogChunk {
+                        build_id: build_id.to_string(),
+                        seq: seq as u64,
+                        step,
+                        stream,
+                        data,
+                    };
                     if tx.send(Ok(chunk)).await.is_err() {
                         return; // the client went away
                     }
@@ -140,7 +154,10 @@ impl Builds for BuildsService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn get_builds(&self, request: Request<GetBuildsRequest>) -> Result<Response<GetBuildsResponse>, Status> {
+    async fn get_builds(
+        &self,
+        request: Request<GetBuildsRequest>,
+    ) -> Result<Response<GetBuildsResponse>, Status> {
         let req = request.into_inner();
         let rows: Vec<BuildRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {BUILD_COLUMNS} FROM builds WHERE pipeline_id = $1 ORDER BY created_at"
@@ -149,6 +166,8 @@ impl Builds for BuildsService {
         .fetch_all(&self.pool)
         .await
         .map_err(internal)?;
-        Ok(Response::new(GetBuildsResponse { builds: rows.into_iter().map(Into::into).collect() }))
+        Ok(Response::new(GetBuildsResponse {
+            builds: rows.into_iter().map(Into::into).collect(),
+        }))
     }
 }

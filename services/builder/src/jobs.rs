@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
-use gantry_proto::v1::{BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, StepResult};
+use gantry_proto::v1::{
+    BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, StepResult,
+};
 use prost::Message as _;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -24,13 +26,25 @@ pub struct Claimed {
 /// How a build ended.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Succeeded { image_id: String, steps: Vec<StepResult> },
-    Failed { step: String, exit_code: i32, reason: String, steps: Vec<StepResult> },
+    Succeeded {
+        image_id: String,
+        steps: Vec<StepResult>,
+    },
+    Failed {
+        step: String,
+        exit_code: i32,
+        reason: String,
+        steps: Vec<StepResult>,
+    },
 }
 
 /// Stores a `pipeline.requested` event as a queued build, once per event id.
 /// Returns `false` for a redelivery.
-pub async fn enqueue_request(pool: &PgPool, event: &Event, request: &PipelineRequested) -> anyhow::Result<bool> {
+pub async fn enqueue_request(
+    pool: &PgPool,
+    event: &Event,
+    request: &PipelineRequested,
+) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     if !gantry_store::first_delivery(&mut tx, &event.id).await? {
         return Ok(false);
@@ -51,11 +65,18 @@ pub async fn enqueue_request(pool: &PgPool, event: &Event, request: &PipelineReq
     Ok(true)
 }
 
+/// id, pipeline_id, project, request, attempt, traceparent
+type ClaimRow = (Uuid, String, String, Vec<u8>, i32, Option<String>);
+
 /// Takes the oldest queued build, or a running one whose lease ran out, and
 /// emits `build.started` in the same transaction.
-pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> anyhow::Result<Option<Claimed>> {
+pub async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    lease: Duration,
+) -> anyhow::Result<Option<Claimed>> {
     let mut tx = pool.begin().await?;
-    let row: Option<(Uuid, String, String, Vec<u8>, i32, Option<String>)> = sqlx::query_as(
+    let row: Option<ClaimRow> = sqlx::query_as(
         "UPDATE builds SET state = 'running', worker = $1, attempt = attempt + 1,
                 lease_until = now() + make_interval(secs => $2), started_at = now()
          WHERE id = (SELECT id FROM builds
@@ -85,13 +106,30 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> anyhow::Resu
             attempt: attempt as u32,
         }),
     );
-    gantry_bus::enqueue_traced(&mut tx, &event, gantry_telemetry::traceparent_of(&span).as_deref()).await?;
+    gantry_bus::enqueue_traced(
+        &mut tx,
+        &event,
+        gantry_telemetry::traceparent_of(&span).as_deref(),
+    )
+    .await?;
     tx.commit().await?;
-    Ok(Some(Claimed { id, pipeline_id, project, request, attempt, traceparent }))
+    Ok(Some(Claimed {
+        id,
+        pipeline_id,
+        project,
+        request,
+        attempt,
+        traceparent,
+    }))
 }
 
 /// Extends the lease; `false` if this worker no longer holds the build.
-pub async fn renew(pool: &PgPool, build: &Claimed, worker: &str, lease: Duration) -> anyhow::Result<bool> {
+pub async fn renew(
+    pool: &PgPool,
+    build: &Claimed,
+    worker: &str,
+    lease: Duration,
+) -> anyhow::Result<bool> {
     let done = sqlx::query(
         "UPDATE builds SET lease_until = now() + make_interval(secs => $4)
          WHERE id = $1 AND worker = $2 AND attempt = $3 AND state = 'running'",
@@ -121,13 +159,29 @@ pub async fn release(pool: &PgPool, build: &Claimed, worker: &str) -> anyhow::Re
 
 /// Records the verdict and emits `build.succeeded` or `build.failed`, unless
 /// this worker lost the build meanwhile (then nothing is written: `false`).
-pub async fn finish(pool: &PgPool, build: &Claimed, worker: &str, verdict: Verdict) -> anyhow::Result<bool> {
+pub async fn finish(
+    pool: &PgPool,
+    build: &Claimed,
+    worker: &str,
+    verdict: Verdict,
+) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     let (state, image_id, step, exit_code, reason) = match &verdict {
-        Verdict::Succeeded { image_id, .. } => ("succeeded", Some(image_id.as_str()), None, None, None),
-        Verdict::Failed { step, exit_code, reason, .. } => {
-            ("failed", None, Some(step.as_str()), Some(*exit_code), Some(reason.as_str()))
+        Verdict::Succeeded { image_id, .. } => {
+            ("succeeded", Some(image_id.as_str()), None, None, None)
         }
+        Verdict::Failed {
+            step,
+            exit_code,
+            reason,
+            ..
+        } => (
+            "failed",
+            None,
+            Some(step.as_str()),
+            Some(*exit_code),
+            Some(reason.as_str()),
+        ),
     };
     let done = sqlx::query(
         "UPDATE builds SET state = $4, image_id = $5, failed_step = $6, exit_code = $7, reason = $8,
@@ -150,14 +204,31 @@ pub async fn finish(pool: &PgPool, build: &Claimed, worker: &str, verdict: Verdi
     let revision = build.request.revision.clone();
     let build_id = build.id.to_string();
     let payload = match verdict {
-        Verdict::Succeeded { image_id, steps } => {
-            Payload::BuildSucceeded(BuildSucceeded { revision, build_id, image_id, steps })
-        }
-        Verdict::Failed { step, exit_code, reason, steps } => {
-            Payload::BuildFailed(BuildFailed { revision, build_id, step, exit_code, reason, steps })
-        }
+        Verdict::Succeeded { image_id, steps } => Payload::BuildSucceeded(BuildSucceeded {
+            revision,
+            build_id,
+            image_id,
+            steps,
+        }),
+        Verdict::Failed {
+            step,
+            exit_code,
+            reason,
+            steps,
+        } => Payload::BuildFailed(BuildFailed {
+            revision,
+            build_id,
+            step,
+            exit_code,
+            reason,
+            steps,
+        }),
     };
-    gantry_bus::enqueue(&mut tx, &Event::new(&build.pipeline_id, &build.project, payload)).await?;
+    gantry_bus::enqueue(
+        &mut tx,
+        &Event::new(&build.pipeline_id, &build.project, payload),
+    )
+    .await?;
     tx.commit().await?;
     Ok(true)
 }

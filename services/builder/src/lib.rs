@@ -71,10 +71,19 @@ struct RequestHandler {
 impl Handler for RequestHandler {
     async fn handle(&self, event: Event) -> Outcome {
         let Some(Payload::PipelineRequested(req)) = &event.payload else {
-            return Outcome::Reject(anyhow::anyhow!("builder queue got a {:?} event", event.routing_key()));
+            return Outcome::Reject(anyhow::anyhow!(
+                "builder queue got a {:?} event",
+                event.routing_key()
+            ));
         };
-        if req.revision.as_ref().is_none_or(|r| r.commit_sha.is_empty() || r.clone_url.is_empty()) {
-            return Outcome::Reject(anyhow::anyhow!("pipeline.requested without clone URL or commit"));
+        if req
+            .revision
+            .as_ref()
+            .is_none_or(|r| r.commit_sha.is_empty() || r.clone_url.is_empty())
+        {
+            return Outcome::Reject(anyhow::anyhow!(
+                "pipeline.requested without clone URL or commit"
+            ));
         }
         match jobs::enqueue_request(&self.pool, &event, req).await {
             Ok(new) => {
@@ -100,21 +109,37 @@ pub struct Service {
 
 impl Service {
     pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
-        anyhow::ensure!(settings.concurrency > 0, "GANTRY_BUILDER_CONCURRENCY must be at least 1");
-        anyhow::ensure!(settings.lease_secs >= 3, "GANTRY_BUILD_LEASE_SECS must be at least 3");
+        anyhow::ensure!(
+            settings.concurrency > 0,
+            "GANTRY_BUILDER_CONCURRENCY must be at least 1"
+        );
+        anyhow::ensure!(
+            settings.lease_secs >= 3,
+            "GANTRY_BUILD_LEASE_SECS must be at least 3"
+        );
         let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
         let docker = bollard::Docker::connect_with_defaults()?;
         let http = gantry_runtime::bind(&settings.http_addr).await?;
         let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
-        Ok(Self { settings, pool, docker, http, grpc })
+        Ok(Self {
+            settings,
+            pool,
+            docker,
+            http,
+            grpc,
+        })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound listener has an address")
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -140,7 +165,10 @@ impl Service {
             s.infra.amqp_url.clone(),
             gantry_bus::queues::BUILDER,
             16,
-            Arc::new(RequestHandler { pool: self.pool.clone(), wake }),
+            Arc::new(RequestHandler {
+                pool: self.pool.clone(),
+                wake,
+            }),
             consumer_link.clone(),
             shutdown.clone(),
         ));
@@ -156,11 +184,21 @@ impl Service {
             .database(self.pool.clone())
             .broker(vec![consumer_link, relay_link])
             .docker(self.docker.clone());
-        let routes = tonic::service::Routes::new(gantry_proto::v1::builds_server::BuildsServer::new(
-            grpc::BuildsService { pool: self.pool.clone() },
-        ));
+        let routes = tonic::service::Routes::new(
+            gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
+                pool: self.pool.clone(),
+            }),
+        );
         tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "builder started");
-        let served = gantry_runtime::serve(self.http, axum::Router::new(), self.grpc, routes, readiness, shutdown.clone()).await;
+        let served = gantry_runtime::serve(
+            self.http,
+            axum::Router::new(),
+            self.grpc,
+            routes,
+            readiness,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         served

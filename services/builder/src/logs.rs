@@ -14,7 +14,11 @@ pub struct LogSink {
 
 impl LogSink {
     pub fn new(pool: PgPool, build_id: Uuid, attempt: i32) -> Self {
-        Self { pool, build_id, attempt }
+        Self {
+            pool,
+            build_id,
+            attempt,
+        }
     }
 
     /// Appends a chunk; a database hiccup loses log lines, never the build.

@@ -5,7 +5,10 @@ async fn main() -> std::process::ExitCode {
     let settings = builder::Settings::parse();
     let path = settings.infra.config.clone();
     gantry_runtime::main("builder", &path, |config, shutdown| async move {
-        builder::Service::build(settings, config).await?.run_until_stopped(shutdown).await
+        builder::Service::build(settings, config)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
     })
     .await
 }

@@ -70,7 +70,10 @@ impl<'de> Deserialize<'de> for Command {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Command, E> {
                 Ok(Command::Shell(v.to_owned()))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Command, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Command, A::Error> {
                 let mut out = Vec::new();
                 while let Some(s) = seq.next_element::<String>()? {
                     out.push(s);
@@ -130,13 +133,22 @@ impl PipelineFile {
     /// Parses and validates the text of `.gantry.yml`.
     pub fn parse(text: &str) -> Result<Self, LocatedError> {
         if text.trim().is_empty() {
-            return Err(LocatedError::new(FILE, 1, 1, "the file is empty; expected a mapping with `image` and `test`"));
+            return Err(LocatedError::new(
+                FILE,
+                1,
+                1,
+                "the file is empty; expected a mapping with `image` and `test`",
+            ));
         }
         let raw: Raw = yaml::from_str(FILE, text)?;
         if let Some(v) = &raw.version
             && v.value != 1
         {
-            return Err(error_at(FILE, v, format!("unsupported version {}; expected 1", v.value)));
+            return Err(error_at(
+                FILE,
+                v,
+                format!("unsupported version {}; expected 1", v.value),
+            ));
         }
         let mut image = ImageSpec {
             dockerfile: "Dockerfile".into(),
@@ -150,7 +162,14 @@ impl PipelineFile {
         ] {
             if let Some(v) = field {
                 if !inside_repo(&v.value) {
-                    return Err(error_at(FILE, v, format!("{:?} must be a relative path inside the repository", v.value)));
+                    return Err(error_at(
+                        FILE,
+                        v,
+                        format!(
+                            "{:?} must be a relative path inside the repository",
+                            v.value
+                        ),
+                    ));
                 }
                 *slot = v.value.clone();
             }
@@ -160,25 +179,55 @@ impl PipelineFile {
         for step in raw.test {
             let name = step.name.value.trim();
             if name.is_empty() {
-                return Err(error_at(FILE, &step.name, "a test step name must not be empty"));
+                return Err(error_at(
+                    FILE,
+                    &step.name,
+                    "a test step name must not be empty",
+                ));
             }
             if RESERVED_STEPS.contains(&name) {
-                return Err(error_at(FILE, &step.name, format!("step name {name:?} is reserved; expected another name")));
+                return Err(error_at(
+                    FILE,
+                    &step.name,
+                    format!("step name {name:?} is reserved; expected another name"),
+                ));
             }
             if !names.insert(name.to_owned()) {
-                return Err(error_at(FILE, &step.name, format!("duplicate test step name {name:?}")));
+                return Err(error_at(
+                    FILE,
+                    &step.name,
+                    format!("duplicate test step name {name:?}"),
+                ));
             }
             let cmd = match &step.run.value {
-                Command::Shell(s) if !s.trim().is_empty() => vec!["sh".into(), "-c".into(), s.clone()],
+                Command::Shell(s) if !s.trim().is_empty() => {
+                    vec!["sh".into(), "-c".into(), s.clone()]
+                }
                 Command::Exec(v) if !v.is_empty() && !v[0].is_empty() => v.clone(),
-                _ => return Err(error_at(FILE, &step.run, "`run` must be a non-empty command string or list")),
+                _ => {
+                    return Err(error_at(
+                        FILE,
+                        &step.run,
+                        "`run` must be a non-empty command string or list",
+                    ));
+                }
             };
             let timeout = match &step.timeout {
-                Some(t) if t.value == 0 => return Err(error_at(FILE, t, "timeout must be a positive number of seconds")),
+                Some(t) if t.value == 0 => {
+                    return Err(error_at(
+                        FILE,
+                        t,
+                        "timeout must be a positive number of seconds",
+                    ));
+                }
                 Some(t) => Duration::from_secs(t.value),
                 None => DEFAULT_STEP_TIMEOUT,
             };
-            test.push(TestStep { name: name.to_owned(), cmd, timeout });
+            test.push(TestStep {
+                name: name.to_owned(),
+                cmd,
+                timeout,
+            });
         }
         Ok(Self { image, test })
     }

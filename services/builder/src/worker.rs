@@ -136,19 +136,41 @@ impl Worker {
         let log = LogSink::new(self.pool.clone(), build.id, build.attempt);
         let mut steps = Vec::new();
         if build.attempt > MAX_ATTEMPTS {
-            return fail("build", 0, format!("the builder stopped {} times while running this build", build.attempt - 1), steps);
+            return fail(
+                "build",
+                0,
+                format!(
+                    "the builder stopped {} times while running this build",
+                    build.attempt - 1
+                ),
+                steps,
+            );
         }
         if build.attempt > 1 {
-            log.system("checkout", format!("attempt {} (an earlier builder stopped)", build.attempt)).await;
+            log.system(
+                "checkout",
+                format!("attempt {} (an earlier builder stopped)", build.attempt),
+            )
+            .await;
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
         }
         let revision = build.request.revision.clone().unwrap_or_default();
         let dir = match tempfile::Builder::new().prefix("gantry-build-").tempdir() {
             Ok(d) => d,
-            Err(e) => return fail("checkout", 0, format!("cannot create a work directory: {e}"), steps),
+            Err(e) => {
+                return fail(
+                    "checkout",
+                    0,
+                    format!("cannot create a work directory: {e}"),
+                    steps,
+                );
+            }
         };
         let started = Instant::now();
-        if let Err(e) = crate::checkout::checkout(&revision.clone_url, &revision.commit_sha, dir.path(), &log).await {
+        if let Err(e) =
+            crate::checkout::checkout(&revision.clone_url, &revision.commit_sha, dir.path(), &log)
+                .await
+        {
             log.system("checkout", format!("{e:#}")).await;
             return fail("checkout", 0, format!("{e:#}"), steps);
         }
@@ -159,12 +181,21 @@ impl Worker {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let reason = format!(
                     "{}:1:1: not found at commit {}; expected a {} at the repository root",
-                    pipeline_file::FILE, revision.commit_sha, pipeline_file::FILE
+                    pipeline_file::FILE,
+                    revision.commit_sha,
+                    pipeline_file::FILE
                 );
                 log.system("config", &reason).await;
                 return fail("config", 0, reason, steps);
             }
-            Err(e) => return fail("config", 0, format!("{}: cannot read: {e}", pipeline_file::FILE), steps),
+            Err(e) => {
+                return fail(
+                    "config",
+                    0,
+                    format!("{}: cannot read: {e}", pipeline_file::FILE),
+                    steps,
+                );
+            }
         };
         let file = match PipelineFile::parse(&text) {
             Ok(f) => f,
@@ -185,11 +216,25 @@ impl Worker {
         labels.insert(BUILD_LABEL.to_owned(), build_id.clone());
         labels.insert("io.gantry.pipeline".to_owned(), build.pipeline_id.clone());
         let started = Instant::now();
-        let tag = format!("gantry-build/{}:{}", build.project.to_ascii_lowercase(), build_id);
-        let image_id = match docker::build_image(&self.docker, dir.path(), &file.image, &tag, image_labels, &log).await {
+        let tag = format!(
+            "gantry-build/{}:{}",
+            build.project.to_ascii_lowercase(),
+            build_id
+        );
+        let image_id = match docker::build_image(
+            &self.docker,
+            dir.path(),
+            &file.image,
+            &tag,
+            image_labels,
+            &log,
+        )
+        .await
+        {
             Ok(id) => id,
             Err(e) => {
-                log.system("build", format!("image build failed: {e:#}")).await;
+                log.system("build", format!("image build failed: {e:#}"))
+                    .await;
                 return fail("build", 0, format!("image build failed: {e:#}"), steps);
             }
         };
@@ -199,23 +244,61 @@ impl Worker {
 
         for (i, step) in file.test.iter().enumerate() {
             let started = Instant::now();
-            log.system(&step.name, format!("$ {}", step.cmd.join(" "))).await;
+            log.system(&step.name, format!("$ {}", step.cmd.join(" ")))
+                .await;
             let container = format!("gantry-{build_id}-{}-{i}", build.attempt);
-            match docker::run_step(&self.docker, &image_id, step, &container, labels.clone(), &log).await {
+            match docker::run_step(
+                &self.docker,
+                &image_id,
+                step,
+                &container,
+                labels.clone(),
+                &log,
+            )
+            .await
+            {
                 Ok(StepEnd::Exited(0)) => steps.push(result(&step.name, 0, started)),
                 Ok(StepEnd::Exited(code)) => {
                     let code = code as i32;
                     steps.push(result(&step.name, code, started));
-                    log.system(&step.name, format!("step {:?} exited with {code}", step.name)).await;
-                    return fail(&step.name, code, format!("test step {:?} exited with code {code}", step.name), steps);
+                    log.system(
+                        &step.name,
+                        format!("step {:?} exited with {code}", step.name),
+                    )
+                    .await;
+                    return fail(
+                        &step.name,
+                        code,
+                        format!("test step {:?} exited with code {code}", step.name),
+                        steps,
+                    );
                 }
                 Ok(StepEnd::TimedOut) => {
-                    log.system(&step.name, format!("step {:?} timed out after {:?}", step.name, step.timeout)).await;
-                    return fail(&step.name, 0, format!("test step {:?} timed out after {}s", step.name, step.timeout.as_secs()), steps);
+                    log.system(
+                        &step.name,
+                        format!("step {:?} timed out after {:?}", step.name, step.timeout),
+                    )
+                    .await;
+                    return fail(
+                        &step.name,
+                        0,
+                        format!(
+                            "test step {:?} timed out after {}s",
+                            step.name,
+                            step.timeout.as_secs()
+                        ),
+                        steps,
+                    );
                 }
                 Err(e) => {
-                    log.system(&step.name, format!("cannot run step: {e:#}")).await;
-                    return fail(&step.name, 0, format!("cannot run test step {:?}: {e:#}", step.name), steps);
+                    log.system(&step.name, format!("cannot run step: {e:#}"))
+                        .await;
+                    return fail(
+                        &step.name,
+                        0,
+                        format!("cannot run test step {:?}: {e:#}", step.name),
+                        steps,
+                    );
                 }
             }
         }
@@ -224,9 +307,18 @@ impl Worker {
 }
 
 fn result(name: &str, exit_code: i32, started: Instant) -> StepResult {
-    StepResult { name: name.to_owned(), exit_code, duration_ms: started.elapsed().as_millis() as u64 }
+    StepResult {
+        name: name.to_owned(),
+        exit_code,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
 }
 
 fn fail(step: &str, exit_code: i32, reason: String, steps: Vec<StepResult>) -> Verdict {
-    Verdict::Failed { step: step.to_owned(), exit_code, reason, steps }
+    Verdict::Failed {
+        step: step.to_owned(),
+        exit_code,
+        reason,
+        steps,
+    }
 }

@@ -37,7 +37,10 @@ struct Catalogue {
 impl Handler for Catalogue {
     async fn handle(&self, event: Event) -> Outcome {
         let Some(Payload::ImagePublished(image)) = &event.payload else {
-            return Outcome::Reject(anyhow::anyhow!("deployer queue got a {:?} event", event.routing_key()));
+            return Outcome::Reject(anyhow::anyhow!(
+                "deployer queue got a {:?} event",
+                event.routing_key()
+            ));
         };
         let rev = image.revision.clone().unwrap_or_default();
         let write = async {
@@ -84,7 +87,13 @@ impl Service {
         let docker = bollard::Docker::connect_with_defaults()?;
         let http = gantry_runtime::bind(&settings.http_addr).await?;
         let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
-        Ok(Self { settings, pool, docker, http, grpc })
+        Ok(Self {
+            settings,
+            pool,
+            docker,
+            http,
+            grpc,
+        })
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -93,7 +102,9 @@ impl Service {
             self.settings.infra.amqp_url.clone(),
             gantry_bus::queues::DEPLOYER,
             8,
-            Arc::new(Catalogue { pool: self.pool.clone() }),
+            Arc::new(Catalogue {
+                pool: self.pool.clone(),
+            }),
             link.clone(),
             shutdown.clone(),
         ));

@@ -5,7 +5,10 @@ async fn main() -> std::process::ExitCode {
     let settings = deployer::Settings::parse();
     let path = settings.infra.config.clone();
     gantry_runtime::main("deployer", &path, |config, shutdown| async move {
-        deployer::Service::build(settings, config).await?.run_until_stopped(shutdown).await
+        deployer::Service::build(settings, config)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
     })
     .await
 }

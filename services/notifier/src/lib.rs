@@ -33,19 +33,38 @@ pub struct Settings {
 /// One line saying what an event means for its pipeline.
 pub fn summary(event: &Event) -> String {
     let sha = |r: &Option<gantry_proto::v1::Revision>| {
-        r.as_ref().map(|r| r.commit_sha.chars().take(12).collect::<String>()).unwrap_or_default()
+        r.as_ref()
+            .map(|r| r.commit_sha.chars().take(12).collect::<String>())
+            .unwrap_or_default()
     };
     match &event.payload {
         Some(Payload::PipelineRequested(p)) => format!(
             "pipeline requested for {} at {}",
-            p.revision.as_ref().map(|r| r.git_ref.as_str()).unwrap_or_default(),
+            p.revision
+                .as_ref()
+                .map(|r| r.git_ref.as_str())
+                .unwrap_or_default(),
             sha(&p.revision)
         ),
-        Some(Payload::BuildStarted(b)) => format!("build {} started (attempt {})", b.build_id, b.attempt),
-        Some(Payload::BuildSucceeded(b)) => format!("build {} succeeded: {}", b.build_id, b.image_id),
-        Some(Payload::BuildFailed(b)) => format!("build {} failed at step {:?}: {}", b.build_id, b.step, b.reason),
-        Some(Payload::ImagePublished(i)) => format!("published {}:{} ({})", i.repository, i.tags.join(","), i.digest),
-        Some(Payload::PublishFailed(f)) => format!("publishing {} failed: {}", f.repository, f.reason),
+        Some(Payload::BuildStarted(b)) => {
+            format!("build {} started (attempt {})", b.build_id, b.attempt)
+        }
+        Some(Payload::BuildSucceeded(b)) => {
+            format!("build {} succeeded: {}", b.build_id, b.image_id)
+        }
+        Some(Payload::BuildFailed(b)) => format!(
+            "build {} failed at step {:?}: {}",
+            b.build_id, b.step, b.reason
+        ),
+        Some(Payload::ImagePublished(i)) => format!(
+            "published {}:{} ({})",
+            i.repository,
+            i.tags.join(","),
+            i.digest
+        ),
+        Some(Payload::PublishFailed(f)) => {
+            format!("publishing {} failed: {}", f.repository, f.reason)
+        }
         None => "event without payload".to_owned(),
     }
 }
@@ -103,7 +122,12 @@ impl Service {
         let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
         let http = gantry_runtime::bind(&settings.http_addr).await?;
         let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
-        Ok(Self { settings, pool, http, grpc })
+        Ok(Self {
+            settings,
+            pool,
+            http,
+            grpc,
+        })
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -112,11 +136,15 @@ impl Service {
             self.settings.infra.amqp_url.clone(),
             gantry_bus::queues::NOTIFIER,
             32,
-            Arc::new(Timeline { pool: self.pool.clone() }),
+            Arc::new(Timeline {
+                pool: self.pool.clone(),
+            }),
             link.clone(),
             shutdown.clone(),
         ));
-        let readiness = Readiness::new().database(self.pool.clone()).broker(vec![link]);
+        let readiness = Readiness::new()
+            .database(self.pool.clone())
+            .broker(vec![link]);
         tracing::info!("notifier started");
         let served = gantry_runtime::serve(
             self.http,

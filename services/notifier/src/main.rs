@@ -5,7 +5,10 @@ async fn main() -> std::process::ExitCode {
     let settings = notifier::Settings::parse();
     let path = settings.infra.config.clone();
     gantry_runtime::main("notifier", &path, |config, shutdown| async move {
-        notifier::Service::build(settings, config).await?.run_until_stopped(shutdown).await
+        notifier::Service::build(settings, config)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
     })
     .await
 }

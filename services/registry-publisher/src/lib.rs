@@ -28,7 +28,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Command line and environment of registry-publisher.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "registry-publisher", version, about = "Gantry registry-publisher service")]
+#[command(
+    name = "registry-publisher",
+    version,
+    about = "Gantry registry-publisher service"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub infra: Infra,
@@ -50,10 +54,16 @@ struct Publisher {
 impl Handler for Publisher {
     async fn handle(&self, event: Event) -> Outcome {
         let Some(Payload::BuildSucceeded(built)) = &event.payload else {
-            return Outcome::Reject(anyhow::anyhow!("publisher queue got a {:?} event", event.routing_key()));
+            return Outcome::Reject(anyhow::anyhow!(
+                "publisher queue got a {:?} event",
+                event.routing_key()
+            ));
         };
         let Some(project) = self.config.project(&event.project) else {
-            return Outcome::Reject(anyhow::anyhow!("project {:?} is not configured", event.project));
+            return Outcome::Reject(anyhow::anyhow!(
+                "project {:?} is not configured",
+                event.project
+            ));
         };
         let already: Result<Option<(String,)>, _> =
             sqlx::query_as("SELECT event_id FROM processed_events WHERE event_id = $1")
@@ -68,7 +78,15 @@ impl Handler for Publisher {
         let revision = built.revision.clone().unwrap_or_default();
         let tags = tags::tags_for(&revision);
         let registry = self.config.registry_for(&project.image);
-        let digest = match push::push(&self.docker, &built.image_id, &project.image, &tags, &registry).await {
+        let digest = match push::push(
+            &self.docker,
+            &built.image_id,
+            &project.image,
+            &tags,
+            &registry,
+        )
+        .await
+        {
             Ok(d) => d,
             Err(e) => return Outcome::Retry(e),
         };
@@ -99,7 +117,11 @@ impl Handler for Publisher {
             .bind(&digest)
             .execute(&mut *tx)
             .await?;
-            let out = Event::new(&event.pipeline_id, &event.project, Payload::ImagePublished(published));
+            let out = Event::new(
+                &event.pipeline_id,
+                &event.project,
+                Payload::ImagePublished(published),
+            );
             gantry_bus::enqueue(&mut tx, &out).await?;
             tx.commit().await?;
             Ok(())
@@ -130,11 +152,20 @@ impl Service {
         let docker = bollard::Docker::connect_with_defaults()?;
         let http = gantry_runtime::bind(&settings.http_addr).await?;
         let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
-        Ok(Self { settings, config, pool, docker, http, grpc })
+        Ok(Self {
+            settings,
+            config,
+            pool,
+            docker,
+            http,
+            grpc,
+        })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound listener has an address")
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -5,7 +5,10 @@ async fn main() -> std::process::ExitCode {
     let settings = registry_publisher::Settings::parse();
     let path = settings.infra.config.clone();
     gantry_runtime::main("registry-publisher", &path, |config, shutdown| async move {
-        registry_publisher::Service::build(settings, config).await?.run_until_stopped(shutdown).await
+        registry_publisher::Service::build(settings, config)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
     })
     .await
 }

@@ -34,12 +34,21 @@ pub async fn push(
     let mut digest: Option<String> = None;
     for tag in tags {
         docker
-            .tag_image(image_id, Some(TagImageOptions { repo: Some(repository.to_owned()), tag: Some(tag.clone()) }))
+            .tag_image(
+                image_id,
+                Some(TagImageOptions {
+                    repo: Some(repository.to_owned()),
+                    tag: Some(tag.clone()),
+                }),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("cannot tag {image_id} as {repository}:{tag}: {e}"))?;
         let mut progress = docker.push_image(
             repository,
-            Some(PushImageOptions { tag: Some(tag.clone()), ..Default::default() }),
+            Some(PushImageOptions {
+                tag: Some(tag.clone()),
+                ..Default::default()
+            }),
             credentials.clone(),
         );
         let mut pushed = None;
@@ -52,10 +61,13 @@ pub async fn push(
                 pushed = Some(d.to_owned());
             }
         }
-        let pushed = pushed.ok_or_else(|| anyhow::anyhow!("push of {repository}:{tag} reported no digest"))?;
+        let pushed = pushed
+            .ok_or_else(|| anyhow::anyhow!("push of {repository}:{tag} reported no digest"))?;
         match &digest {
             None => digest = Some(pushed),
-            Some(d) if *d != pushed => anyhow::bail!("{repository}:{tag} has digest {pushed}, other tags {d}"),
+            Some(d) if *d != pushed => {
+                anyhow::bail!("{repository}:{tag} has digest {pushed}, other tags {d}")
+            }
             Some(_) => {}
         }
     }
@@ -69,7 +81,10 @@ mod tests {
     #[test]
     fn digest_from_push_status() {
         let d = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(digest_in(&format!("latest: digest: {d} size: 527")), Some(d.as_str()));
+        assert_eq!(
+            digest_in(&format!("latest: digest: {d} size: 527")),
+            Some(d.as_str())
+        );
         assert_eq!(digest_in("Pushed"), None);
         assert_eq!(digest_in("x: digest: sha256:short size: 1"), None);
     }

@@ -15,7 +15,13 @@ const MAX_TAG: usize = 128;
 pub fn sanitize(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(MAX_TAG)
         .collect();
     if out.starts_with(['.', '-']) {
@@ -68,15 +74,30 @@ mod tests {
 
     #[test]
     fn default_branch_gets_latest() {
-        assert_eq!(tags_for(&rev("main", "", "main")), vec!["a".repeat(40), "main".into(), "latest".into()]);
-        assert_eq!(tags_for(&rev("dev", "", "main")), vec!["a".repeat(40), "dev".into()]);
+        assert_eq!(
+            tags_for(&rev("main", "", "main")),
+            vec!["a".repeat(40), "main".into(), "latest".into()]
+        );
+        assert_eq!(
+            tags_for(&rev("dev", "", "main")),
+            vec!["a".repeat(40), "dev".into()]
+        );
     }
 
     #[test]
     fn version_tags_get_semver() {
-        assert_eq!(tags_for(&rev("", "v1.2.3", "main")), vec!["a".repeat(40), "1.2.3".into()]);
-        assert_eq!(tags_for(&rev("", "v2.0.0-rc.1+b7", "main"))[1], "2.0.0-rc.1_b7");
-        assert_eq!(tags_for(&rev("", "release-7", "main")), vec!["a".repeat(40)]);
+        assert_eq!(
+            tags_for(&rev("", "v1.2.3", "main")),
+            vec!["a".repeat(40), "1.2.3".into()]
+        );
+        assert_eq!(
+            tags_for(&rev("", "v2.0.0-rc.1+b7", "main"))[1],
+            "2.0.0-rc.1_b7"
+        );
+        assert_eq!(
+            tags_for(&rev("", "release-7", "main")),
+            vec!["a".repeat(40)]
+        );
         assert_eq!(tags_for(&rev("", "v1.2", "main")), vec!["a".repeat(40)]);
     }
 

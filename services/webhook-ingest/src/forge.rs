@@ -36,7 +36,7 @@ pub fn github_signature_matches(header: &[u8], body: &[u8], secret: &str) -> boo
 /// What a push means for Gantry.
 #[derive(Debug)]
 pub enum PushOutcome {
-    Build(Revision),
+    Build(Box<Revision>),
     /// Nothing to build (a deleted branch or tag), with why.
     Ignore(&'static str),
 }
@@ -136,10 +136,15 @@ impl GitlabPush {
             return Ok(PushOutcome::Ignore("ref deleted"));
         }
         if !is_sha(sha) {
-            return Err(format!("checkout_sha/after {sha:?} is not a 40-digit commit sha"));
+            return Err(format!(
+                "checkout_sha/after {sha:?} is not a 40-digit commit sha"
+            ));
         }
         if !self.git_ref.starts_with("refs/heads/") && !self.git_ref.starts_with("refs/tags/") {
-            return Err(format!("ref {:?} is neither refs/heads/* nor refs/tags/*", self.git_ref));
+            return Err(format!(
+                "ref {:?} is neither refs/heads/* nor refs/tags/*",
+                self.git_ref
+            ));
         }
         let mut rev = revision_for_ref(&self.git_ref, sha);
         rev.source = "gitlab".into();
@@ -153,7 +158,7 @@ impl GitlabPush {
             rev.author_name = self.user_name.clone().unwrap_or_default();
             rev.author_email = self.user_email.clone().unwrap_or_default();
         }
-        Ok(PushOutcome::Build(rev))
+        Ok(PushOutcome::Build(Box::new(rev)))
     }
 }
 
@@ -163,10 +168,16 @@ impl GithubPush {
             return Ok(PushOutcome::Ignore("ref deleted"));
         }
         if !is_sha(&self.after) {
-            return Err(format!("after {:?} is not a 40-digit commit sha", self.after));
+            return Err(format!(
+                "after {:?} is not a 40-digit commit sha",
+                self.after
+            ));
         }
         if !self.git_ref.starts_with("refs/heads/") && !self.git_ref.starts_with("refs/tags/") {
-            return Err(format!("ref {:?} is neither refs/heads/* nor refs/tags/*", self.git_ref));
+            return Err(format!(
+                "ref {:?} is neither refs/heads/* nor refs/tags/*",
+                self.git_ref
+            ));
         }
         let mut rev = revision_for_ref(&self.git_ref, &self.after);
         rev.source = "github".into();
@@ -180,7 +191,7 @@ impl GithubPush {
             rev.author_name = p.name.clone();
             rev.author_email = p.email.clone().unwrap_or_default();
         }
-        Ok(PushOutcome::Build(rev))
+        Ok(PushOutcome::Build(Box::new(rev)))
     }
 }
 
@@ -199,10 +210,22 @@ mod tests {
     fn github_signature_known_vector() {
         // From GitHub's documentation on validating webhook deliveries.
         let sig = b"sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
-        assert!(github_signature_matches(sig, b"Hello, World!", "It's a Secret to Everybody"));
-        assert!(!github_signature_matches(sig, b"Hello, World?", "It's a Secret to Everybody"));
+        assert!(github_signature_matches(
+            sig,
+            b"Hello, World!",
+            "It's a Secret to Everybody"
+        ));
+        assert!(!github_signature_matches(
+            sig,
+            b"Hello, World?",
+            "It's a Secret to Everybody"
+        ));
         assert!(!github_signature_matches(b"sha1=00", b"Hello, World!", "x"));
-        assert!(!github_signature_matches(b"sha256=zz", b"Hello, World!", "x"));
+        assert!(!github_signature_matches(
+            b"sha256=zz",
+            b"Hello, World!",
+            "x"
+        ));
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub async fn resolve_ref(url: &str, wanted: &str) -> anyhow::Result<Option<(Stri
     let candidates: Vec<String> = if wanted.starts_with("refs/") {
         vec![wanted.to_owned()]
     } else {
-        vec![format!("refs/heads/{wanted}"), format!("refs/tags/{wanted}")]
+        vec![
+            format!("refs/heads/{wanted}"),
+            format!("refs/tags/{wanted}"),
+        ]
     };
     let out = tokio::time::timeout(
         LS_REMOTE_TIMEOUT,
@@ -52,7 +55,11 @@ pub async fn resolve_ref(url: &str, wanted: &str) -> anyhow::Result<Option<(Stri
     for c in &candidates {
         // An annotated tag's peeled commit ("^{}") wins over the tag object.
         let peeled = format!("{c}^{{}}");
-        if let Some((_, sha)) = refs.iter().find(|(r, _)| *r == peeled).or_else(|| refs.iter().find(|(r, _)| r == c)) {
+        if let Some((_, sha)) = refs
+            .iter()
+            .find(|(r, _)| *r == peeled)
+            .or_else(|| refs.iter().find(|(r, _)| r == c))
+        {
             return Ok(Some((c.clone(), (*sha).to_owned())));
         }
     }
@@ -66,7 +73,11 @@ impl Ingest for IngestService {
         &self,
         request: Request<TriggerRequest>,
     ) -> Result<Response<TriggerResponse>, Status> {
-        if let Some(tp) = request.metadata().get("traceparent").and_then(|v| v.to_str().ok()) {
+        if let Some(tp) = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
             gantry_telemetry::set_parent(&tracing::Span::current(), tp);
         }
         let idempotency = request
@@ -85,15 +96,27 @@ impl Ingest for IngestService {
         }
         let (full_ref, sha) = resolve_ref(&project.clone_url, &req.r#ref)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot read refs of {}: {e:#}", project.name)))?
-            .ok_or_else(|| Status::not_found(format!("no branch or tag {:?} in {}", req.r#ref, project.name)))?;
+            .map_err(|e| {
+                Status::unavailable(format!("cannot read refs of {}: {e:#}", project.name))
+            })?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no branch or tag {:?} in {}",
+                    req.r#ref, project.name
+                ))
+            })?;
         let mut revision = revision_for_ref(&full_ref, &sha);
         revision.clone_url = project.clone_url.clone();
         revision.default_branch = project.default_branch.clone();
         revision.source = "manual".into();
         let key = idempotency.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let body = format!("{{\"project\":{:?},\"ref\":{:?}}}", project.name, full_ref);
-        let delivery = Delivery { source: "manual", key: &key, event: "trigger", body: body.as_bytes() };
+        let delivery = Delivery {
+            source: "manual",
+            key: &key,
+            event: "trigger",
+            body: body.as_bytes(),
+        };
         let started = pipelines::start(&self.state.pool, &project.name, &delivery, revision)
             .await
             .map_err(|e| {

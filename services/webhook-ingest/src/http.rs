@@ -44,9 +44,10 @@ impl IntoResponse for HookError {
             HookError::UnknownProject(_) => {
                 (StatusCode::NOT_FOUND, json!({ "error": self.to_string() }))
             }
-            HookError::Unauthorized => {
-                (StatusCode::UNAUTHORIZED, json!({ "error": self.to_string() }))
-            }
+            HookError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": self.to_string() }),
+            ),
             HookError::Ignored(why) => (
                 StatusCode::ACCEPTED,
                 json!({ "status": "ignored", "reason": why }),
@@ -77,7 +78,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn parse_json(body: &[u8]) -> Result<serde_json::Value, HookError> {
-    serde_json::from_slice(body).map_err(|e| HookError::BadPayload(format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| HookError::BadPayload(format!("body is not valid JSON: {e}")))
 }
 
 fn typed<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T, HookError> {
@@ -115,7 +117,7 @@ async fn accept(
 ) -> Result<Response, HookError> {
     let mut revision = match outcome {
         PushOutcome::Ignore(why) => return Err(HookError::Ignored(why.to_owned())),
-        PushOutcome::Build(rev) => rev,
+        PushOutcome::Build(rev) => *rev,
     };
     revision.clone_url = project.clone_url.clone();
     if revision.default_branch.is_empty() {
@@ -157,13 +159,20 @@ async fn gitlab(
         .project_by_gitlab(path)
         .ok_or_else(|| HookError::UnknownProject(path.to_owned()))?;
     tracing::Span::current().record("project", project.name.as_str());
-    let token = headers.get("x-gitlab-token").map(|v| v.as_bytes()).unwrap_or_default();
+    let token = headers
+        .get("x-gitlab-token")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if !forge::gitlab_token_matches(token, project.webhook_secret.expose()) {
         return Err(HookError::Unauthorized);
     }
-    let event = header(&headers, "x-gitlab-event").unwrap_or_default().to_owned();
+    let event = header(&headers, "x-gitlab-event")
+        .unwrap_or_default()
+        .to_owned();
     if event != "Push Hook" && event != "Tag Push Hook" {
-        return Err(HookError::Ignored(format!("event {event:?} does not start pipelines")));
+        return Err(HookError::Ignored(format!(
+            "event {event:?} does not start pipelines"
+        )));
     }
     let push: forge::GitlabPush = typed(value, "GitLab push")?;
     if push.object_kind != "push" && push.object_kind != "tag_push" {
@@ -174,7 +183,12 @@ async fn gitlab(
     }
     let outcome = push.outcome().map_err(HookError::BadPayload)?;
     let key = delivery_key(&headers, "x-gitlab-event-uuid", &body);
-    let delivery = Delivery { source: "gitlab", key: &key, event: &event, body: &body };
+    let delivery = Delivery {
+        source: "gitlab",
+        key: &key,
+        event: &event,
+        body: &body,
+    };
     accept(&state, project, outcome, delivery).await
 }
 
@@ -199,14 +213,23 @@ async fn github(
     if !forge::github_signature_matches(signature, &body, project.webhook_secret.expose()) {
         return Err(HookError::Unauthorized);
     }
-    let event = header(&headers, "x-github-event").unwrap_or_default().to_owned();
+    let event = header(&headers, "x-github-event")
+        .unwrap_or_default()
+        .to_owned();
     if event != "push" {
-        return Err(HookError::Ignored(format!("event {event:?} does not start pipelines")));
+        return Err(HookError::Ignored(format!(
+            "event {event:?} does not start pipelines"
+        )));
     }
     let push: forge::GithubPush = typed(value, "GitHub push")?;
     let outcome = push.outcome().map_err(HookError::BadPayload)?;
     let key = delivery_key(&headers, "x-github-delivery", &body);
-    let delivery = Delivery { source: "github", key: &key, event: &event, body: &body };
+    let delivery = Delivery {
+        source: "github",
+        key: &key,
+        event: &event,
+        body: &body,
+    };
     accept(&state, project, outcome, delivery).await
 }
 

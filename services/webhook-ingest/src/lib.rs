@@ -30,7 +30,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Command line and environment of webhook-ingest.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "webhook-ingest", version, about = "Gantry webhook-ingest service")]
+#[command(
+    name = "webhook-ingest",
+    version,
+    about = "Gantry webhook-ingest service"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub infra: Infra,
@@ -72,15 +76,24 @@ impl Service {
             pool,
             relay_wake: Arc::new(Notify::new()),
         });
-        Ok(Self { settings, state, http, grpc })
+        Ok(Self {
+            settings,
+            state,
+            http,
+            grpc,
+        })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound listener has an address")
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Runs the servers and the outbox relay until `shutdown`.
@@ -103,7 +116,15 @@ impl Service {
             }),
         );
         tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "webhook-ingest started");
-        let served = gantry_runtime::serve(self.http, router, self.grpc, grpc_routes, readiness, shutdown.clone()).await;
+        let served = gantry_runtime::serve(
+            self.http,
+            router,
+            self.grpc,
+            grpc_routes,
+            readiness,
+            shutdown.clone(),
+        )
+        .await;
         let _ = relay.await;
         served
     }
