@@ -158,11 +158,18 @@ impl Stack {
         rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
         let amqp_url = format!("{}/{vhost}", crate::infra::amqp_base());
 
+        let secret_path = dir.path().join("webhook-secret");
+        std::fs::write(&secret_path, SECRET).expect("write secret");
         let mut config = String::from("projects:\n");
         for p in &options.projects {
             config.push_str(&format!(
-                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{env: GANTRY_TEST_SECRET}}\n    image: {}\n",
-                p.name, p.clone_url, p.gitlab, p.github, p.image()
+                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{file: {}}}\n    image: {}\n",
+                p.name,
+                p.clone_url,
+                p.gitlab,
+                p.github,
+                secret_path.display(),
+                p.image()
             ));
         }
         config.push_str(&format!(
@@ -255,9 +262,14 @@ impl Stack {
                                 _ => None,
                             }
                         });
+                        let Ok(event) = Event::decode(delivery.data.as_slice()) else {
+                            // Not an event (a test may publish garbage on purpose).
+                            delivery.ack(BasicAckOptions::default()).await?;
+                            continue;
+                        };
                         let seen = Seen {
                             routing_key: delivery.routing_key.as_str().to_owned(),
-                            event: Event::decode(delivery.data.as_slice())?,
+                            event,
                             message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
                             correlation_id: props
                                 .correlation_id()
@@ -312,7 +324,6 @@ impl Stack {
             .env("DATABASE_URL", &self.database_url)
             .env("AMQP_URL", &self.amqp_url)
             .env("GANTRY_CONFIG", &self.config_path)
-            .env("GANTRY_TEST_SECRET", SECRET)
             .env("GANTRY_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("GANTRY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
             .env(
