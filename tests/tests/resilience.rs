@@ -218,11 +218,19 @@ async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
     use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
     let repo = SampleRepo::new();
     let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
 
-    let conn = lapin::Connection::connect(&stack.amqp_url, lapin::ConnectionProperties::default()).await.expect("amqp");
+    let conn = lapin::Connection::connect(&stack.amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     ch.basic_publish(
         gantry_bus::EXCHANGE.into(),
         "pipeline.requested".into(),
@@ -237,16 +245,37 @@ async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let dead = loop {
-        if let Some(msg) = ch.basic_get(gantry_bus::DEAD_LETTER_QUEUE.into(), BasicGetOptions { no_ack: true }).await.expect("get") {
+        if let Some(msg) = ch
+            .basic_get(
+                gantry_bus::DEAD_LETTER_QUEUE.into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+        {
             break msg;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nothing reached the dead-letter queue");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing reached the dead-letter queue"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(dead.delivery.data, b"\xff\xffnot protobuf");
     assert_eq!(dead.delivery.routing_key.as_str(), "pipeline.requested");
 
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
-    let pipeline = accepted(stack.post_gitlab(&body, Some(SECRET), "Push Hook", None).await).await;
-    assert_eq!(stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await.routing_key, "image.published");
+    let pipeline = accepted(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
+    assert_eq!(
+        stack
+            .wait_outcome(&pipeline, PIPELINE_TIMEOUT)
+            .await
+            .routing_key,
+        "image.published"
+    );
 }

@@ -334,45 +334,75 @@ async fn handle_delivery<H: Handler>(handler: Arc<H>, delivery: lapin::message::
     if let Some(tp) = header_str(&delivery.properties, "traceparent") {
         gantry_telemetry::set_parent(&span, tp);
     }
-    let outcome = match Event::decode(delivery.data.as_slice()) {
-        Ok(event) => {
-            span.record("event_id", event.id.as_str());
-            span.record("pipeline_id", event.pipeline_id.as_str());
-            handler.handle(event).instrument(span.clone()).await
+    let settle = async move {
+        let outcome = match Event::decode(delivery.data.as_slice()) {
+            Ok(event) => {
+                let span = tracing::Span::current();
+                span.record("event_id", event.id.as_str());
+                span.record("pipeline_id", event.pipeline_id.as_str());
+                handle_with_retries(handler.as_ref(), event).await
+            }
+            Err(e) => {
+                Outcome::Reject(anyhow::Error::new(e).context("event is not a gantry.v1.Event"))
+            }
+        };
+        let settled = match outcome {
+            Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
+            Outcome::Retry(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "event handling kept failing; requeueing"
+                );
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Outcome::Reject(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "event cannot be handled; dead-lettering"
+                );
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+            }
+        };
+        if let Err(e) = settled {
+            // The connection went away: the broker redelivers, the handler is idempotent.
+            tracing::warn!(error = %e, "could not settle delivery; it will be redelivered");
         }
-        Err(e) => Outcome::Reject(anyhow::Error::new(e).context("event is not a gantry.v1.Event")),
     };
-    let _enter = span.enter();
-    let acked = match outcome {
-        Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
-        Outcome::Retry(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "event handling failed; requeueing"
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
+    settle.instrument(span).await;
+}
+
+/// How long one delivery is retried in place (a database restart, say)
+/// before it goes back to the queue, where each return counts toward
+/// [`DELIVERY_LIMIT`]. Well under RabbitMQ's default 30-minute consumer timeout.
+const RETRY_IN_PLACE: Duration = Duration::from_secs(300);
+
+/// Runs the handler, retrying passing failures with capped exponential
+/// backoff for up to [`RETRY_IN_PLACE`].
+async fn handle_with_retries<H: Handler>(handler: &H, event: Event) -> Outcome {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match handler.handle(event.clone()).await {
+            Outcome::Retry(e) if started.elapsed() + backoff < RETRY_IN_PLACE => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "event handling failed; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            other => return other,
         }
-        Outcome::Reject(e) => {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "event cannot be handled; dead-lettering"
-            );
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-        }
-    };
-    if let Err(e) = acked {
-        // The connection went away: the broker redelivers, the handler is idempotent.
-        tracing::warn!(error = %e, "could not settle delivery; it will be redelivered");
     }
 }
 

@@ -37,7 +37,10 @@ struct Figures {
 }
 
 async fn offer(url: &str, rate: u32, seconds: u32, body: Arc<Vec<u8>>) -> Figures {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().expect("client");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
     let total = (rate * seconds) as usize;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(200);
@@ -70,7 +73,14 @@ async fn offer(url: &str, rate: u32, seconds: u32, body: Arc<Vec<u8>>) -> Figure
     let elapsed = start.elapsed();
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    Figures { sent: total, accepted, elapsed, p50: pct(0.50), p99: pct(0.99), max: *latencies.last().expect("latencies") }
+    Figures {
+        sent: total,
+        accepted,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: *latencies.last().expect("latencies"),
+    }
 }
 
 fn print(name: &str, rate: u32, f: &Figures) {
@@ -88,10 +98,17 @@ fn print(name: &str, rate: u32, f: &Figures) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.rate > 0 && args.seconds > 0 && args.seconds <= 60, "rate > 0 and 0 < seconds <= 60");
+    anyhow::ensure!(
+        args.rate > 0 && args.seconds > 0 && args.seconds <= 60,
+        "rate > 0 and 0 < seconds <= 60"
+    );
     gantry_tests::init();
     let project = ProjectSpec::new("bench", "file:///nonexistent");
-    let stack = Stack::prepare(StackOptions { projects: vec![project.clone()], lease_secs: 60 }).await;
+    let stack = Stack::prepare(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
     let config = gantry_config::GantryConfig::load(&stack.config_path)?;
     let settings = webhook_ingest::Settings {
         infra: gantry_config::Infra {
@@ -113,14 +130,27 @@ async fn main() -> anyhow::Result<()> {
     let router = axum::Router::new().route(
         "/hooks/gitlab",
         axum::routing::post(|_body: axum::body::Bytes| async {
-            (axum::http::StatusCode::ACCEPTED, "{\"status\":\"accepted\"}")
+            (
+                axum::http::StatusCode::ACCEPTED,
+                "{\"status\":\"accepted\"}",
+            )
         }),
     );
     tokio::spawn(async move { axum::serve(baseline, router).await });
 
     let sha = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
-    let body = Arc::new(serde_json::to_vec(&forge::gitlab_push(&project.gitlab, "refs/heads/main", sha, "main"))?);
-    println!("webhook acceptance, {} s at a fixed offered rate, body {} bytes, {} cores", args.seconds, body.len(), std::thread::available_parallelism()?.get());
+    let body = Arc::new(serde_json::to_vec(&forge::gitlab_push(
+        &project.gitlab,
+        "refs/heads/main",
+        sha,
+        "main",
+    ))?);
+    println!(
+        "webhook acceptance, {} s at a fixed offered rate, body {} bytes, {} cores",
+        args.seconds,
+        body.len(),
+        std::thread::available_parallelism()?.get()
+    );
     // Warm both up (connections, database pool, prepared statements).
     offer(&baseline_url, 50, 1, body.clone()).await;
     offer(&ingest_url, 50, 1, body.clone()).await;
