@@ -81,8 +81,9 @@ pub struct Stack {
     pub amqp_url: String,
     pub config_path: PathBuf,
     pub options: StackOptions,
-    ports: HashMap<&'static str, (u16, u16)>,
-    procs: Mutex<HashMap<&'static str, Child>>,
+    /// HTTP and gRPC ports of each instance (a service, or a named extra replica).
+    ports: Mutex<HashMap<String, (u16, u16)>>,
+    procs: Mutex<HashMap<String, Child>>,
     events: Arc<Mutex<Vec<Seen>>>,
     tap_stop: CancellationToken,
 }
@@ -181,7 +182,7 @@ impl Stack {
 
         let ports = SERVICES
             .iter()
-            .map(|s| (*s, (free_port(), free_port())))
+            .map(|s| (s.to_string(), (free_port(), free_port())))
             .collect();
         let stack = Self {
             dir,
@@ -191,7 +192,7 @@ impl Stack {
             amqp_url,
             config_path,
             options,
-            ports,
+            ports: Mutex::new(ports),
             procs: Mutex::new(HashMap::new()),
             events: Arc::new(Mutex::new(Vec::new())),
             tap_stop: CancellationToken::new(),
@@ -294,12 +295,21 @@ impl Stack {
             .expect("event recorder started");
     }
 
-    pub fn http_port(&self, service: &str) -> u16 {
-        self.ports[service].0
+    fn ports_of(&self, instance: &str) -> (u16, u16) {
+        *self
+            .ports
+            .lock()
+            .expect("ports lock")
+            .entry(instance.to_owned())
+            .or_insert_with(|| (free_port(), free_port()))
     }
 
-    pub fn grpc_port(&self, service: &str) -> u16 {
-        self.ports[service].1
+    pub fn http_port(&self, instance: &str) -> u16 {
+        self.ports_of(instance).0
+    }
+
+    pub fn grpc_port(&self, instance: &str) -> u16 {
+        self.ports_of(instance).1
     }
 
     pub fn log_path(&self, service: &str) -> PathBuf {
@@ -307,8 +317,15 @@ impl Stack {
     }
 
     /// Starts (or restarts) one service process.
-    pub fn start_service(&self, name: &'static str) {
-        let bin = bin_dir().join(name);
+    pub fn start_service(&self, name: &str) {
+        self.start_instance(name, name);
+    }
+
+    /// Starts (or restarts) an instance of `service` named `instance` (an extra
+    /// replica has its own name, ports and log).
+    pub fn start_instance(&self, service: &str, instance: &str) {
+        let name = instance;
+        let bin = bin_dir().join(service);
         assert!(
             bin.exists(),
             "{} is missing: run `cargo build --workspace --bins` first",
@@ -319,7 +336,7 @@ impl Stack {
             .append(true)
             .open(self.log_path(name))
             .expect("service log");
-        let (http, grpc) = self.ports[name];
+        let (http, grpc) = self.ports_of(name);
         let child = Command::new(bin)
             .env("DATABASE_URL", &self.database_url)
             .env("AMQP_URL", &self.amqp_url)
@@ -332,19 +349,24 @@ impl Stack {
             )
             .env(
                 "GANTRY_WORKER_NAME",
-                format!("{name}-{}", uuid::Uuid::new_v4().simple()),
+                format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
             )
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // One build at a time per replica, so that replicas visibly share the work.
+            .env("GANTRY_BUILDER_CONCURRENCY", "1")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
             .expect("service starts");
-        self.procs.lock().expect("procs lock").insert(name, child);
+        self.procs
+            .lock()
+            .expect("procs lock")
+            .insert(name.to_owned(), child);
     }
 
     /// SIGKILLs a service, as a crash would.

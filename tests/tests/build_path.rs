@@ -306,7 +306,21 @@ async fn repeated_delivery_starts_no_second_pipeline() {
             (Some("duplicate"), Some(first.as_str()))
         );
     }
-    // An Idempotency-Key works the same for GitHub deliveries.
+    // An Idempotency-Key deduplicates too, whatever the forge headers say.
+    let keyed = |uuid: &'static str| {
+        gantry_tests::http()
+            .post(stack.ingest_url("/hooks/gitlab"))
+            .header("x-gitlab-event", "Push Hook")
+            .header("x-gitlab-token", SECRET)
+            .header("x-gitlab-event-uuid", uuid)
+            .header("idempotency-key", "retry-of-delivery-7")
+            .json(&body)
+            .send()
+    };
+    let k = accepted_pipeline(keyed("uuid-a").await.expect("post")).await;
+    let again = keyed("uuid-b").await.expect("post");
+    assert_eq!(again.status(), 200);
+    // GitHub deliveries are deduplicated by X-GitHub-Delivery.
     let gh = serde_json::to_vec(&forge::github_push(
         &project.github,
         "refs/heads/main",
@@ -318,26 +332,27 @@ async fn repeated_delivery_starts_no_second_pipeline() {
     let again = stack.post_github(&gh, Some(SECRET), "push", "gh-1").await;
     assert_eq!(again.status(), 200);
 
-    stack.wait_outcome(&first, PIPELINE_TIMEOUT).await;
-    stack.wait_outcome(&a, PIPELINE_TIMEOUT).await;
+    for p in [&first, &k, &a] {
+        stack.wait_outcome(p, PIPELINE_TIMEOUT).await;
+    }
     let requested = stack
         .events()
         .iter()
         .filter(|s| s.routing_key == "pipeline.requested")
         .count();
-    assert_eq!(requested, 2, "one pipeline per distinct delivery");
+    assert_eq!(requested, 3, "one pipeline per distinct delivery");
     use sqlx::Row as _;
     let mut db = stack.db().await;
     let row = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines")
         .fetch_one(&mut db)
         .await
         .expect("count");
-    assert_eq!(row.get::<i64, _>("n"), 2);
+    assert_eq!(row.get::<i64, _>("n"), 3);
     let builds = sqlx::query("SELECT count(*) AS n FROM builder.builds")
         .fetch_one(&mut db)
         .await
         .expect("count");
-    assert_eq!(builds.get::<i64, _>("n"), 2);
+    assert_eq!(builds.get::<i64, _>("n"), 3);
 }
 
 #[tokio::test]
@@ -379,4 +394,59 @@ async fn manual_trigger_over_grpc_builds_the_ref() {
         .await
         .expect_err("unknown project");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn builder_replicas_share_the_work() {
+    let repo = SampleRepo::new();
+    let (stack, project) = stack_for(&repo).await;
+    stack.start_instance("builder", "builder-2");
+    stack.wait_ready("builder-2").await;
+    let mut pipelines = Vec::new();
+    for i in 0..4 {
+        let sha = repo.commit_file(
+            ".gantry.yml",
+            &format!("test:\n  - name: work\n    run: sleep 2; echo build {i}\n"),
+            &format!("change {i}"),
+        );
+        let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
+        pipelines.push(
+            accepted_pipeline(
+                stack
+                    .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+                    .await,
+            )
+            .await,
+        );
+    }
+    for p in &pipelines {
+        assert_eq!(
+            stack.wait_outcome(p, PIPELINE_TIMEOUT).await.routing_key,
+            "image.published"
+        );
+    }
+    use sqlx::Row as _;
+    let mut db = stack.db().await;
+    let rows = sqlx::query("SELECT worker, attempt FROM builder.builds")
+        .fetch_all(&mut db)
+        .await
+        .expect("builds");
+    assert_eq!(rows.len(), 4);
+    let replicas: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r.get::<i32, _>("attempt"), 1, "each build ran once");
+            let worker: String = r.get("worker");
+            worker
+                .rsplit_once('-')
+                .expect("instance-suffix")
+                .0
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        replicas,
+        ["builder".to_owned(), "builder-2".to_owned()].into(),
+        "both replicas built"
+    );
 }

@@ -125,7 +125,8 @@ async fn killed_builder_mid_build_finishes_once_back() {
     );
 }
 
-fn rabbit(args: &[&str]) {
+/// Runs an infrastructure command (rabbitmqctl, pg_ctlcluster, ...) and checks it worked.
+fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -152,7 +153,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
         .collect();
 
     // Stop the broker: deliveries are still accepted (stored in the outbox).
-    rabbit(&["rabbitmqctl", "-q", "shutdown"]);
+    run(&["rabbitmqctl", "-q", "shutdown"]);
     let sha = repo.commit_file("index.html", "hello while the broker is down\n", "v2");
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
     let during = accepted(
@@ -169,7 +170,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
     assert_eq!(ready.status(), 503, "not ready without the broker");
 
     // Start it again; nobody restarts the services.
-    rabbit(&["rabbitmq-server", "-detached"]);
+    run(&["rabbitmq-server", "-detached"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while Command::new("rabbitmqctl")
         .args(["-q", "await_startup", "--timeout", "5"])
@@ -278,4 +279,47 @@ async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
             .routing_key,
         "image.published"
     );
+}
+
+#[tokio::test]
+async fn a_database_crash_mid_build_loses_nothing() {
+    let repo = SampleRepo::new();
+    let sha = repo.commit_file(
+        ".gantry.yml",
+        "test:\n  - name: slow\n    run: echo slow step started; sleep 5\n",
+        "a slow test",
+    );
+    let project = ProjectSpec::new("slow", &repo.url());
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 3,
+    })
+    .await;
+    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
+    let pipeline = accepted(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
+    stack
+        .wait_event(&pipeline, "build.started", Duration::from_secs(60))
+        .await;
+
+    // Crash Postgres (immediate shutdown, no checkpoint) while the build runs.
+    run(&["pg_ctlcluster", "15", "main", "stop", "-m", "immediate"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run(&["pg_ctlcluster", "15", "main", "start"]);
+
+    let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
+    assert_eq!(seen.routing_key, "image.published", "{seen:?}");
+    assert!(registry::tags(&project.image_path).await.contains(&sha));
+    // The accepted delivery and its pipeline survived the crash.
+    let mut db = stack.db().await;
+    let n: i64 = sqlx::query("SELECT count(*) AS n FROM ingest.deliveries")
+        .fetch_one(&mut db)
+        .await
+        .expect("count")
+        .get("n");
+    assert_eq!(n, 1);
 }

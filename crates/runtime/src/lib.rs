@@ -265,6 +265,123 @@ pub async fn serve(
     h.and(g)
 }
 
+/// What every service has: its migrated database schema, its two bound
+/// listeners, and the bus loops (consumers, outbox relay) it runs.
+pub struct Base {
+    pub amqp_url: String,
+    pub pool: sqlx::PgPool,
+    /// Wakes the outbox relay as soon as an event is written.
+    pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
+    http: TcpListener,
+    grpc: TcpListener,
+    tasks: tokio::task::JoinSet<()>,
+    links: Vec<gantry_bus::Link>,
+}
+
+impl Base {
+    /// Connects to the database (creating `schema`, running `migrator`) and binds both listeners.
+    pub async fn connect(
+        infra: &gantry_config::Infra,
+        schema: &str,
+        migrator: &sqlx::migrate::Migrator,
+        http_addr: &str,
+        grpc_addr: &str,
+    ) -> anyhow::Result<Self> {
+        let pool = gantry_store::connect(&infra.database_url, schema, migrator).await?;
+        Ok(Self {
+            amqp_url: infra.amqp_url.clone(),
+            pool,
+            relay_wake: Default::default(),
+            http: bind(http_addr).await?,
+            grpc: bind(grpc_addr).await?,
+            tasks: tokio::task::JoinSet::new(),
+            links: Vec::new(),
+        })
+    }
+
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Runs the relay of this service's outbox until `shutdown`.
+    pub fn relay(&mut self, shutdown: &CancellationToken) {
+        let link = gantry_bus::Link::default();
+        self.links.push(link.clone());
+        self.tasks.spawn(gantry_bus::relay(
+            self.amqp_url.clone(),
+            self.pool.clone(),
+            self.relay_wake.clone(),
+            link,
+            shutdown.clone(),
+        ));
+    }
+
+    /// Consumes `queue` with `handler` until `shutdown`.
+    pub fn consume<H: gantry_bus::Handler>(
+        &mut self,
+        queue: gantry_bus::QueueDef,
+        prefetch: u16,
+        handler: H,
+        shutdown: &CancellationToken,
+    ) {
+        let link = gantry_bus::Link::default();
+        self.links.push(link.clone());
+        self.tasks.spawn(gantry_bus::consume(
+            self.amqp_url.clone(),
+            queue,
+            prefetch,
+            std::sync::Arc::new(handler),
+            link,
+            shutdown.clone(),
+        ));
+    }
+
+    /// Runs another long-lived task that stops on `shutdown`.
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Readiness on the database and every bus loop started so far.
+    pub fn readiness(&self) -> Readiness {
+        Readiness::new()
+            .database(self.pool.clone())
+            .broker(self.links.clone())
+    }
+
+    /// Serves HTTP (`extra` plus health) and gRPC (`routes` plus health and
+    /// reflection) until `shutdown`, then waits for the bus loops and tasks.
+    pub async fn serve(
+        mut self,
+        name: &str,
+        extra: axum::Router,
+        routes: tonic::service::Routes,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "{name} started");
+        let served = serve(
+            self.http,
+            extra,
+            self.grpc,
+            routes,
+            readiness,
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        served
+    }
+}
+
 /// Binds a TCP listener, naming the address in the error.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)

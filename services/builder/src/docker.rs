@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
@@ -257,11 +256,4 @@ pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
                 .await;
         }
     }
-}
-
-/// Whether the engine answers (for readiness).
-pub async fn ping(docker: &Docker) -> bool {
-    tokio::time::timeout(Duration::from_secs(2), docker.ping())
-        .await
-        .is_ok_and(|r| r.is_ok())
 }

@@ -24,13 +24,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_bus::{Handler, Link, Outcome};
+use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
-use gantry_runtime::Readiness;
+use gantry_runtime::Base;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -101,10 +100,8 @@ impl Handler for RequestHandler {
 /// A connected, bound, not yet running builder.
 pub struct Service {
     settings: Settings,
-    pool: PgPool,
+    base: Base,
     docker: bollard::Docker,
-    http: TcpListener,
-    grpc: TcpListener,
 }
 
 impl Service {
@@ -117,90 +114,63 @@ impl Service {
             settings.lease_secs >= 3,
             "GANTRY_BUILD_LEASE_SECS must be at least 3"
         );
-        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
+        let base = Base::connect(
+            &settings.infra,
+            SCHEMA,
+            &MIGRATOR,
+            &settings.http_addr,
+            &settings.grpc_addr,
+        )
+        .await?;
         let docker = bollard::Docker::connect_with_defaults()?;
-        let http = gantry_runtime::bind(&settings.http_addr).await?;
-        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
         Ok(Self {
             settings,
-            pool,
+            base,
             docker,
-            http,
-            grpc,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http
-            .local_addr()
-            .expect("bound listener has an address")
+        self.base.http_addr()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc
-            .local_addr()
-            .expect("bound listener has an address")
+        self.base.grpc_addr()
     }
 
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let s = &self.settings;
         let wake = Arc::new(Notify::new());
-        let relay_wake = Arc::new(Notify::new());
-        let (consumer_link, relay_link) = (Link::default(), Link::default());
         let name = s.worker_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())
         });
         let worker = worker::Worker {
-            pool: self.pool.clone(),
+            pool: self.base.pool.clone(),
             docker: self.docker.clone(),
             name,
             lease: Duration::from_secs(s.lease_secs),
             concurrency: s.concurrency,
             wake: wake.clone(),
-            relay_wake: relay_wake.clone(),
+            relay_wake: self.base.relay_wake.clone(),
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(gantry_bus::consume(
-            s.infra.amqp_url.clone(),
+        let pool = self.base.pool.clone();
+        self.base.consume(
             gantry_bus::queues::BUILDER,
             16,
-            Arc::new(RequestHandler {
-                pool: self.pool.clone(),
-                wake,
-            }),
-            consumer_link.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(gantry_bus::relay(
-            s.infra.amqp_url.clone(),
-            self.pool.clone(),
-            relay_wake,
-            relay_link.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(worker.run(shutdown.clone()));
-        let readiness = Readiness::new()
-            .database(self.pool.clone())
-            .broker(vec![consumer_link, relay_link])
-            .docker(self.docker.clone());
+            RequestHandler { pool, wake },
+            &shutdown,
+        );
+        self.base.relay(&shutdown);
+        self.base.spawn(worker.run(shutdown.clone()));
+        let readiness = self.base.readiness().docker(self.docker.clone());
         let routes = tonic::service::Routes::new(
             gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
-                pool: self.pool.clone(),
+                pool: self.base.pool.clone(),
             }),
         );
-        tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "builder started");
-        let served = gantry_runtime::serve(
-            self.http,
-            axum::Router::new(),
-            self.grpc,
-            routes,
-            readiness,
-            shutdown.clone(),
-        )
-        .await;
-        shutdown.cancel();
-        while tasks.join_next().await.is_some() {}
-        served
+        self.base
+            .serve("builder", axum::Router::new(), routes, readiness, shutdown)
+            .await
     }
 }

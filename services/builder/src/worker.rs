@@ -21,6 +21,8 @@ use crate::pipeline_file::{self, PipelineFile};
 
 /// How often an idle worker looks for builds whose lease ran out.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Tries at recording a verdict before leaving the build to be run again.
+const FINISH_TRIES: u32 = 12;
 /// A build taken over this many times fails instead of running again.
 const MAX_ATTEMPTS: i32 = 3;
 
@@ -119,13 +121,27 @@ impl Worker {
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
             let Some(verdict) = verdict else { return };
             let ok = matches!(verdict, Verdict::Succeeded { .. });
-            match jobs::finish(&self.pool, &build, &self.name, verdict).await {
-                Ok(true) => {
-                    self.relay_wake.notify_one();
-                    tracing::info!(succeeded = ok, "build finished");
+            // The database may be restarting: retry recording the verdict a
+            // while (safe: `finish` writes only while this worker holds the build).
+            let mut backoff = Duration::from_millis(250);
+            for attempt in 1..=FINISH_TRIES {
+                match jobs::finish(&self.pool, &build, &self.name, verdict.clone()).await {
+                    Ok(true) => {
+                        self.relay_wake.notify_one();
+                        tracing::info!(succeeded = ok, "build finished");
+                        return;
+                    }
+                    Ok(false) => {
+                        tracing::warn!("build finished after its lease was lost; verdict dropped");
+                        return;
+                    }
+                    Err(e) if attempt < FINISH_TRIES => {
+                        tracing::warn!(error = format!("{e:#}"), "cannot record the verdict yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "cannot record the verdict; the build will run again"),
                 }
-                Ok(false) => tracing::warn!("build finished after its lease was lost; verdict dropped"),
-                Err(e) => tracing::error!(error = format!("{e:#}"), "cannot record the verdict; the build will run again"),
             }
         }
         .instrument(span)

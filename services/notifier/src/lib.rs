@@ -4,15 +4,12 @@
 //!
 //! Schema `notifier`: `timeline`, `processed_events`.
 
-use std::sync::Arc;
-
-use gantry_bus::{Handler, Link, Outcome};
+use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
-use gantry_runtime::Readiness;
+use gantry_runtime::Base;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub const SCHEMA: &str = "notifier";
@@ -111,51 +108,39 @@ impl Handler for Timeline {
 
 /// A connected, bound, not yet running notifier.
 pub struct Service {
-    settings: Settings,
-    pool: PgPool,
-    http: TcpListener,
-    grpc: TcpListener,
+    base: Base,
 }
 
 impl Service {
     pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
-        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
-        let http = gantry_runtime::bind(&settings.http_addr).await?;
-        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
-        Ok(Self {
-            settings,
-            pool,
-            http,
-            grpc,
-        })
+        let base = Base::connect(
+            &settings.infra,
+            SCHEMA,
+            &MIGRATOR,
+            &settings.http_addr,
+            &settings.grpc_addr,
+        )
+        .await?;
+        Ok(Self { base })
     }
 
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let link = Link::default();
-        let consumer = tokio::spawn(gantry_bus::consume(
-            self.settings.infra.amqp_url.clone(),
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let pool = self.base.pool.clone();
+        self.base.consume(
             gantry_bus::queues::NOTIFIER,
             32,
-            Arc::new(Timeline {
-                pool: self.pool.clone(),
-            }),
-            link.clone(),
-            shutdown.clone(),
-        ));
-        let readiness = Readiness::new()
-            .database(self.pool.clone())
-            .broker(vec![link]);
-        tracing::info!("notifier started");
-        let served = gantry_runtime::serve(
-            self.http,
-            axum::Router::new(),
-            self.grpc,
-            tonic::service::Routes::default(),
-            readiness,
-            shutdown.clone(),
-        )
-        .await;
-        let _ = consumer.await;
-        served
+            Timeline { pool },
+            &shutdown,
+        );
+        let readiness = self.base.readiness();
+        self.base
+            .serve(
+                "notifier",
+                axum::Router::new(),
+                tonic::service::Routes::default(),
+                readiness,
+                shutdown,
+            )
+            .await
     }
 }

@@ -13,13 +13,12 @@ pub mod tags;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gantry_bus::{Handler, Link, Outcome};
+use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{Event, ImagePublished};
-use gantry_runtime::Readiness;
+use gantry_runtime::Base;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -138,75 +137,56 @@ impl Handler for Publisher {
 
 /// A connected, bound, not yet running registry-publisher.
 pub struct Service {
-    settings: Settings,
+    base: Base,
     config: GantryConfig,
-    pool: PgPool,
     docker: bollard::Docker,
-    http: TcpListener,
-    grpc: TcpListener,
 }
 
 impl Service {
     pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
+        let base = Base::connect(
+            &settings.infra,
+            SCHEMA,
+            &MIGRATOR,
+            &settings.http_addr,
+            &settings.grpc_addr,
+        )
+        .await?;
         let docker = bollard::Docker::connect_with_defaults()?;
-        let http = gantry_runtime::bind(&settings.http_addr).await?;
-        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
         Ok(Self {
-            settings,
+            base,
             config,
-            pool,
             docker,
-            http,
-            grpc,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http
-            .local_addr()
-            .expect("bound listener has an address")
+        self.base.http_addr()
     }
 
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let relay_wake = Arc::new(Notify::new());
-        let (consumer_link, relay_link) = (Link::default(), Link::default());
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(gantry_bus::consume(
-            self.settings.infra.amqp_url.clone(),
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let publisher = Publisher {
+            config: self.config,
+            pool: self.base.pool.clone(),
+            docker: self.docker.clone(),
+            relay_wake: self.base.relay_wake.clone(),
+        };
+        self.base.consume(
             gantry_bus::queues::REGISTRY_PUBLISHER,
             4,
-            Arc::new(Publisher {
-                config: self.config.clone(),
-                pool: self.pool.clone(),
-                docker: self.docker.clone(),
-                relay_wake: relay_wake.clone(),
-            }),
-            consumer_link.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(gantry_bus::relay(
-            self.settings.infra.amqp_url.clone(),
-            self.pool.clone(),
-            relay_wake,
-            relay_link.clone(),
-            shutdown.clone(),
-        ));
-        let readiness = Readiness::new()
-            .database(self.pool.clone())
-            .broker(vec![consumer_link, relay_link])
-            .docker(self.docker.clone());
-        tracing::info!(http = %self.http_addr(), "registry-publisher started");
-        let served = gantry_runtime::serve(
-            self.http,
-            axum::Router::new(),
-            self.grpc,
-            tonic::service::Routes::default(),
-            readiness,
-            shutdown.clone(),
-        )
-        .await;
-        while tasks.join_next().await.is_some() {}
-        served
+            publisher,
+            &shutdown,
+        );
+        self.base.relay(&shutdown);
+        let readiness = self.base.readiness().docker(self.docker);
+        self.base
+            .serve(
+                "registry-publisher",
+                axum::Router::new(),
+                tonic::service::Routes::default(),
+                readiness,
+                shutdown,
+            )
+            .await
     }
 }

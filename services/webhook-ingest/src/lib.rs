@@ -16,11 +16,9 @@ pub mod pipelines;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gantry_bus::Link;
 use gantry_config::{GantryConfig, Infra};
-use gantry_runtime::Readiness;
+use gantry_runtime::Base;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -60,72 +58,53 @@ pub struct AppState {
 /// A bound, connected, not yet running webhook-ingest.
 pub struct Service {
     settings: Settings,
+    base: Base,
     state: Arc<AppState>,
-    http: TcpListener,
-    grpc: TcpListener,
 }
 
 impl Service {
     /// Connects to the database (running migrations) and binds the listeners.
     pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let pool = gantry_store::connect(&settings.infra.database_url, SCHEMA, &MIGRATOR).await?;
-        let http = gantry_runtime::bind(&settings.http_addr).await?;
-        let grpc = gantry_runtime::bind(&settings.grpc_addr).await?;
+        let base = Base::connect(
+            &settings.infra,
+            SCHEMA,
+            &MIGRATOR,
+            &settings.http_addr,
+            &settings.grpc_addr,
+        )
+        .await?;
         let state = Arc::new(AppState {
             config,
-            pool,
-            relay_wake: Arc::new(Notify::new()),
+            pool: base.pool.clone(),
+            relay_wake: base.relay_wake.clone(),
         });
         Ok(Self {
             settings,
+            base,
             state,
-            http,
-            grpc,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http
-            .local_addr()
-            .expect("bound listener has an address")
+        self.base.http_addr()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc
-            .local_addr()
-            .expect("bound listener has an address")
+        self.base.grpc_addr()
     }
 
     /// Runs the servers and the outbox relay until `shutdown`.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let link = Link::default();
-        let relay = tokio::spawn(gantry_bus::relay(
-            self.settings.infra.amqp_url.clone(),
-            self.state.pool.clone(),
-            self.state.relay_wake.clone(),
-            link.clone(),
-            shutdown.clone(),
-        ));
-        let readiness = Readiness::new()
-            .database(self.state.pool.clone())
-            .broker(vec![link]);
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.base.relay(&shutdown);
+        let readiness = self.base.readiness();
         let router = http::routes(self.state.clone(), self.settings.body_limit);
-        let grpc_routes = tonic::service::Routes::new(
+        let routes = tonic::service::Routes::new(
             gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService {
                 state: self.state.clone(),
             }),
         );
-        tracing::info!(http = %self.http_addr(), grpc = %self.grpc_addr(), "webhook-ingest started");
-        let served = gantry_runtime::serve(
-            self.http,
-            router,
-            self.grpc,
-            grpc_routes,
-            readiness,
-            shutdown.clone(),
-        )
-        .await;
-        let _ = relay.await;
-        served
+        self.base
+            .serve("webhook-ingest", router, routes, readiness, shutdown)
+            .await
     }
 }
