@@ -36,6 +36,8 @@ pub struct ProjectSpec {
     pub github: String,
     /// Repository path in the registry (without the host).
     pub image_path: String,
+    /// Registry host (the loopback registry unless a test changes it).
+    pub registry: String,
 }
 
 impl ProjectSpec {
@@ -48,11 +50,12 @@ impl ProjectSpec {
             gitlab: format!("team/{name}"),
             github: format!("team/{name}"),
             image_path: format!("e2e/{unique}/{name}"),
+            registry: crate::infra::registry(),
         }
     }
 
     pub fn image(&self) -> String {
-        format!("{}/{}", crate::infra::registry(), self.image_path)
+        format!("{}/{}", self.registry, self.image_path)
     }
 }
 
@@ -357,6 +360,8 @@ impl Stack {
             )
             // One build at a time per replica, so that replicas visibly share the work.
             .env("GANTRY_BUILDER_CONCURRENCY", "1")
+            // Give up on an unreachable registry after two pushes.
+            .env("GANTRY_PUBLISH_ATTEMPTS", "2")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))

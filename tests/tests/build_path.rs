@@ -450,3 +450,38 @@ async fn builder_replicas_share_the_work() {
         "both replicas built"
     );
 }
+
+#[tokio::test]
+async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
+    let repo = SampleRepo::new();
+    let mut project = ProjectSpec::new("hello", &repo.url());
+    project.registry = "127.0.0.1:9".into(); // discard port: nothing listens there
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+    })
+    .await;
+    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
+    let pipeline = accepted_pipeline(
+        stack
+            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+            .await,
+    )
+    .await;
+    let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
+    let Some(Payload::PublishFailed(failed)) = &seen.event.payload else {
+        panic!("expected image.publish_failed, got {seen:?}");
+    };
+    assert_eq!(failed.repository, project.image());
+    assert!(
+        failed.reason.starts_with("2 pushes failed"),
+        "{}",
+        failed.reason
+    );
+    assert!(
+        stack
+            .pipeline_events(&pipeline)
+            .iter()
+            .all(|s| s.routing_key != "image.published")
+    );
+}

@@ -111,9 +111,6 @@ struct RawRegistry {
     username: Option<String>,
     #[serde(default)]
     password: Option<SecretSource>,
-    /// Force plain HTTP (otherwise only loopback registries use it).
-    #[serde(default)]
-    insecure: bool,
 }
 
 /// A project Gantry builds: one service, one git repository, one image.
@@ -138,7 +135,6 @@ pub struct Registry {
     pub host: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    pub insecure: bool,
 }
 
 /// The validated configuration.
@@ -241,7 +237,6 @@ impl GantryConfig {
                 host: r.host,
                 username: r.username,
                 password,
-                insecure: r.insecure,
             });
         }
         if problems.is_empty() {
@@ -290,7 +285,6 @@ impl GantryConfig {
                 host: host.to_owned(),
                 username: None,
                 password: None,
-                insecure: false,
             })
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::event::Payload;
-use gantry_proto::v1::{Event, ImagePublished};
+use gantry_proto::v1::{BuildSucceeded, Event, ImagePublished, PublishFailed};
 use gantry_runtime::Base;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -41,10 +41,16 @@ pub struct Settings {
     /// Address of the gRPC server (health, reflection).
     #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9092")]
     pub grpc_addr: String,
+    /// Failed pushes of one image in a row (each retried with backoff) before
+    /// the pipeline ends with `image.publish_failed`.
+    #[arg(long, env = "GANTRY_PUBLISH_ATTEMPTS", default_value_t = 8)]
+    pub publish_attempts: i32,
 }
 
 struct Publisher {
     config: GantryConfig,
+    /// Failed pushes of one image in a row before the pipeline fails.
+    max_attempts: i32,
     pool: PgPool,
     docker: bollard::Docker,
     relay_wake: Arc<Notify>,
@@ -77,17 +83,17 @@ impl Handler for Publisher {
         let revision = built.revision.clone().unwrap_or_default();
         let tags = tags::tags_for(&revision);
         let registry = self.config.registry_for(&project.image);
-        let digest = match push::push(
+        let pushed = push::push(
             &self.docker,
             &built.image_id,
             &project.image,
             &tags,
             &registry,
         )
-        .await
-        {
+        .await;
+        let digest = match pushed {
             Ok(d) => d,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return self.push_failed(&event, built, &project.image, e).await,
         };
         tracing::info!(repository = %project.image, ?tags, %digest, "image pushed");
         let published = ImagePublished {
@@ -125,7 +131,13 @@ impl Handler for Publisher {
             tx.commit().await?;
             Ok(())
         };
-        match record.await {
+        self.settled(record.await)
+    }
+}
+
+impl Publisher {
+    fn settled(&self, recorded: anyhow::Result<()>) -> Outcome {
+        match recorded {
             Ok(()) => {
                 self.relay_wake.notify_one();
                 Outcome::Done
@@ -133,10 +145,60 @@ impl Handler for Publisher {
             Err(e) => Outcome::Retry(e),
         }
     }
+
+    /// Counts a failed push; after [`Publisher::max_attempts`] in a row the
+    /// pipeline ends with `image.publish_failed` instead of retrying forever.
+    async fn push_failed(
+        &self,
+        event: &Event,
+        built: &BuildSucceeded,
+        repository: &str,
+        error: anyhow::Error,
+    ) -> Outcome {
+        let reason = format!("{error:#}");
+        let counted: Result<(i32,), _> = sqlx::query_as(
+            "INSERT INTO push_attempts (event_id, attempts, last_error) VALUES ($1, 1, $2)
+             ON CONFLICT (event_id) DO UPDATE SET attempts = push_attempts.attempts + 1, last_error = $2
+             RETURNING attempts",
+        )
+        .bind(&event.id)
+        .bind(&reason)
+        .fetch_one(&self.pool)
+        .await;
+        let attempts = match counted {
+            Ok((n,)) => n,
+            Err(e) => return Outcome::Retry(anyhow::Error::new(e).context(reason)),
+        };
+        if attempts < self.max_attempts {
+            return Outcome::Retry(error.context(format!("push attempt {attempts}")));
+        }
+        tracing::warn!(%repository, attempts, %reason, "giving up publishing");
+        let record = async {
+            let mut tx = self.pool.begin().await?;
+            if !gantry_store::first_delivery(&mut tx, &event.id).await? {
+                return Ok::<_, anyhow::Error>(());
+            }
+            let out = Event::new(
+                &event.pipeline_id,
+                &event.project,
+                Payload::PublishFailed(PublishFailed {
+                    revision: built.revision.clone(),
+                    build_id: built.build_id.clone(),
+                    repository: repository.to_owned(),
+                    reason: format!("{attempts} pushes failed; last: {reason}"),
+                }),
+            );
+            gantry_bus::enqueue(&mut tx, &out).await?;
+            tx.commit().await?;
+            Ok(())
+        };
+        self.settled(record.await)
+    }
 }
 
 /// A connected, bound, not yet running registry-publisher.
 pub struct Service {
+    max_attempts: i32,
     base: Base,
     config: GantryConfig,
     docker: bollard::Docker,
@@ -153,7 +215,12 @@ impl Service {
         )
         .await?;
         let docker = bollard::Docker::connect_with_defaults()?;
+        anyhow::ensure!(
+            settings.publish_attempts >= 1,
+            "GANTRY_PUBLISH_ATTEMPTS must be at least 1"
+        );
         Ok(Self {
+            max_attempts: settings.publish_attempts,
             base,
             config,
             docker,
@@ -167,6 +234,7 @@ impl Service {
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let publisher = Publisher {
             config: self.config,
+            max_attempts: self.max_attempts,
             pool: self.base.pool.clone(),
             docker: self.docker.clone(),
             relay_wake: self.base.relay_wake.clone(),
