@@ -59,11 +59,13 @@ impl ProjectSpec {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct StackOptions {
     pub projects: Vec<ProjectSpec>,
     /// Builder lease; short so that a killed builder's build is taken over soon.
     pub lease_secs: u64,
+    /// More environment for every service.
+    pub env: Vec<(String, String)>,
 }
 
 /// An event as it crossed the broker.
@@ -362,6 +364,7 @@ impl Stack {
             .env("GANTRY_BUILDER_CONCURRENCY", "1")
             // Give up on an unreachable registry after two pushes.
             .env("GANTRY_PUBLISH_ATTEMPTS", "2")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))

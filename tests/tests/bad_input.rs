@@ -12,6 +12,7 @@ async fn each_bad_webhook_gets_its_status_code() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
     let sha = repo.head();

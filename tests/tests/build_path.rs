@@ -14,6 +14,7 @@ async fn stack_for(repo: &SampleRepo) -> (Stack, ProjectSpec) {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
     (stack, project)
@@ -459,6 +460,7 @@ async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");

@@ -32,6 +32,7 @@ async fn killed_builder_mid_build_finishes_once_back() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 3,
+        ..Default::default()
     })
     .await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
@@ -145,6 +146,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
     let pids: Vec<Option<u32>> = gantry_tests::stack::SERVICES
@@ -222,6 +224,7 @@ async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
 
@@ -293,6 +296,7 @@ async fn a_database_crash_mid_build_loses_nothing() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 3,
+        ..Default::default()
     })
     .await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");

@@ -107,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::prepare(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        ..Default::default()
     })
     .await;
     let config = gantry_config::GantryConfig::load(&stack.config_path)?;
