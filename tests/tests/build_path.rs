@@ -487,3 +487,61 @@ async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
             .all(|s| s.routing_key != "image.published")
     );
 }
+
+#[tokio::test]
+async fn checkout_build_and_timeout_failures_name_their_step() {
+    let repo = SampleRepo::new();
+    let gone = ProjectSpec::new("gone", "file:///nonexistent/repository");
+    let project = ProjectSpec::new("hello", &repo.url());
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone(), gone.clone()],
+        lease_secs: 60,
+        ..Default::default()
+    })
+    .await;
+    async fn failure(stack: &Stack, gitlab: &str, sha: &str) -> gantry_proto::v1::BuildFailed {
+        let body = forge::gitlab_push(gitlab, "refs/heads/main", sha, "main");
+        let pipeline = accepted_pipeline(
+            stack
+                .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+                .await,
+        )
+        .await;
+        match stack
+            .wait_outcome(&pipeline, PIPELINE_TIMEOUT)
+            .await
+            .event
+            .payload
+        {
+            Some(Payload::BuildFailed(f)) => f,
+            other => panic!("expected build.failed, got {other:?}"),
+        }
+    }
+
+    let f = failure(&stack, &gone.gitlab, &repo.head()).await;
+    assert_eq!(f.step, "checkout", "{f:?}");
+    assert!(f.reason.contains("git fetch failed"), "{}", f.reason);
+
+    let sha = repo.commit_file(
+        "Dockerfile",
+        "FROM scratch\nCOPY no-such-file /x\n",
+        "broken Dockerfile",
+    );
+    let f = failure(&stack, &project.gitlab, &sha).await;
+    assert_eq!(f.step, "build", "{f:?}");
+    assert!(f.reason.contains("no-such-file"), "{}", f.reason);
+
+    repo.commit_file(
+        "Dockerfile",
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+        "fix Dockerfile",
+    );
+    let sha = repo.commit_file(
+        ".gantry.yml",
+        "test:\n  - name: hangs\n    run: sleep 30\n    timeout: 1\n",
+        "a step that hangs",
+    );
+    let f = failure(&stack, &project.gitlab, &sha).await;
+    assert_eq!(f.step, "hangs", "{f:?}");
+    assert!(f.reason.contains("timed out after 1s"), "{}", f.reason);
+}
