@@ -145,6 +145,11 @@ async fn each_bad_webhook_gets_its_status_code() {
     let huge = vec![b' '; 26 * 1024 * 1024];
     let resp = stack.post_github(&huge, Some(SECRET), "push", "d6").await;
     assert_eq!(resp.status(), 413);
+    let text = resp.text().await.unwrap_or_default();
+    assert!(
+        text.contains("larger than the limit of 26214400 bytes"),
+        "{text}"
+    );
 
     // None of it started a pipeline, and the service still accepts good deliveries.
     let resp = stack
@@ -181,4 +186,84 @@ fn invalid_configuration_exits_non_zero_naming_file_line_and_column() {
         );
         assert!(stderr.contains("imgae"), "{service}: {stderr}");
     }
+}
+
+/// Random bodies and mangled real deliveries: never a 5xx, never a crash.
+#[tokio::test]
+async fn random_and_mangled_bodies_never_get_a_server_error() {
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("hello", &repo.url());
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+        ..Default::default()
+    })
+    .await;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let push = serde_json::to_vec(&forge::gitlab_push(
+        &project.gitlab,
+        "refs/heads/main",
+        &repo.head(),
+        "main",
+    ))
+    .expect("json");
+    let gh = serde_json::to_vec(&forge::github_push(
+        &project.github,
+        "refs/heads/main",
+        &repo.head(),
+        "main",
+    ))
+    .expect("json");
+    for i in 0..150 {
+        let base = if i % 2 == 0 { &push } else { &gh };
+        let mut body = base.clone();
+        match i % 3 {
+            // Flip bytes of a real delivery.
+            0 => {
+                for _ in 0..(1 + next() % 8) {
+                    let at = (next() as usize) % body.len();
+                    body[at] = (next() % 256) as u8;
+                }
+            }
+            // Cut it short.
+            1 => body.truncate((next() as usize) % body.len()),
+            // Pure noise.
+            _ => body = (0..(next() % 512)).map(|_| (next() % 256) as u8).collect(),
+        }
+        let resp = if i % 2 == 0 {
+            gantry_tests::http()
+                .post(stack.ingest_url("/hooks/gitlab"))
+                .header("x-gitlab-event", "Push Hook")
+                .header("x-gitlab-token", SECRET)
+                .body(body)
+                .send()
+                .await
+        } else {
+            let sig = forge::github_signature(SECRET, &body);
+            gantry_tests::http()
+                .post(stack.ingest_url("/hooks/github"))
+                .header("x-github-event", "push")
+                .header("x-hub-signature-256", sig)
+                .body(body)
+                .send()
+                .await
+        }
+        .expect("the service answers");
+        let status = resp.status().as_u16();
+        assert!(
+            [200, 202, 400, 401, 404].contains(&status),
+            "case {i}: unexpected {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    assert!(
+        stack.pid("webhook-ingest").is_some(),
+        "webhook-ingest is still running"
+    );
 }

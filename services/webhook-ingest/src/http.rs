@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +34,8 @@ pub enum HookError {
     Unauthorized,
     #[error("ignored: {0}")]
     Ignored(String),
+    #[error("the body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -46,6 +49,10 @@ impl IntoResponse for HookError {
             }
             HookError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
+                json!({ "error": self.to_string() }),
+            ),
+            HookError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
                 json!({ "error": self.to_string() }),
             ),
             HookError::Ignored(why) => (
@@ -64,8 +71,29 @@ impl IntoResponse for HookError {
     }
 }
 
+/// What the webhook handlers share.
+pub struct Hooks {
+    app: Arc<AppState>,
+    body_limit: usize,
+}
+
+/// The raw body, or the answer for one that could not be read.
+fn body_or_error(hooks: &Hooks, body: Result<Bytes, BytesRejection>) -> Result<Bytes, HookError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            HookError::TooLarge(hooks.body_limit)
+        } else {
+            HookError::BadPayload(format!("cannot read the body: {}", rejection.body_text()))
+        }
+    })
+}
+
 /// The webhook routes, with the body limit.
 pub fn routes(state: Arc<AppState>, body_limit: usize) -> axum::Router {
+    let state = Arc::new(Hooks {
+        app: state,
+        body_limit,
+    });
     axum::Router::new()
         .route("/hooks/gitlab", post(gitlab))
         .route("/hooks/github", post(github))
@@ -147,11 +175,13 @@ async fn accept(
 
 #[tracing::instrument(name = "webhook.gitlab", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
 async fn gitlab(
-    State(state): State<Arc<AppState>>,
+    State(hooks): State<Arc<Hooks>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HookError> {
     record_parent(&headers);
+    let body = body_or_error(&hooks, body)?;
+    let state = &hooks.app;
     let value = parse_json(&body)?;
     let path = str_at(&value, "/project/path_with_namespace")?;
     let project = state
@@ -189,16 +219,18 @@ async fn gitlab(
         event: &event,
         body: &body,
     };
-    accept(&state, project, outcome, delivery).await
+    accept(state, project, outcome, delivery).await
 }
 
 #[tracing::instrument(name = "webhook.github", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
 async fn github(
-    State(state): State<Arc<AppState>>,
+    State(hooks): State<Arc<Hooks>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HookError> {
     record_parent(&headers);
+    let body = body_or_error(&hooks, body)?;
+    let state = &hooks.app;
     let value = parse_json(&body)?;
     let name = str_at(&value, "/repository/full_name")?;
     let project = state
@@ -230,7 +262,7 @@ async fn github(
         event: &event,
         body: &body,
     };
-    accept(&state, project, outcome, delivery).await
+    accept(state, project, outcome, delivery).await
 }
 
 /// Joins the caller's trace when the request carries a `traceparent`.
