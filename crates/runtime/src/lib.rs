@@ -207,17 +207,60 @@ async fn bounded_by_grace<E: Into<anyhow::Error>>(
     }
 }
 
-/// Serves `routes` plus `grpc.health.v1` and reflection on `listener` until `shutdown`.
+/// The gRPC services a service serves: their routes and names (the names
+/// are what reflection advertises).
+pub struct Grpc {
+    pub routes: tonic::service::Routes,
+    pub names: Vec<&'static str>,
+}
+
+impl Grpc {
+    /// Only health and reflection.
+    pub fn none() -> Self {
+        Self {
+            routes: tonic::service::Routes::default(),
+            names: Vec::new(),
+        }
+    }
+
+    /// One `gantry.v1` service: its generated server and `SERVICE_NAME`.
+    pub fn one<S>(server: S, name: &'static str) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        Self {
+            routes: tonic::service::Routes::new(server),
+            names: vec![name],
+        }
+    }
+}
+
+/// Serves `grpc` plus `grpc.health.v1` and reflection on `listener` until `shutdown`.
 pub async fn serve_grpc(
     listener: TcpListener,
-    routes: tonic::service::Routes,
+    grpc: Grpc,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in &grpc.names {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = reflection.build_v1()?;
+    let routes = grpc.routes;
     let routes = routes.add_service(health).add_service(reflection);
     let refresh = shutdown.clone();
     tokio::spawn(async move {
@@ -247,19 +290,19 @@ pub async fn serve_grpc(
 }
 
 /// Serves a service's HTTP side (`extra` routes plus `/live` and `/ready`)
-/// and its gRPC side (`routes` plus health and reflection) until `shutdown`.
+/// and its gRPC side (`grpc` plus health and reflection) until `shutdown`.
 pub async fn serve(
     http: TcpListener,
     extra: axum::Router,
-    grpc: TcpListener,
-    routes: tonic::service::Routes,
+    grpc_listener: TcpListener,
+    grpc: Grpc,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = extra.merge(health_routes(readiness.clone()));
     let (h, g) = tokio::join!(
         serve_http(http, router, shutdown.clone()),
-        serve_grpc(grpc, routes, readiness, shutdown.clone()),
+        serve_grpc(grpc_listener, grpc, readiness, shutdown.clone()),
     );
     shutdown.cancel();
     h.and(g)
@@ -356,13 +399,13 @@ impl Base {
             .broker(self.links.clone())
     }
 
-    /// Serves HTTP (`extra` plus health) and gRPC (`routes` plus health and
+    /// Serves HTTP (`extra` plus health) and gRPC (`grpc` plus health and
     /// reflection) until `shutdown`, then waits for the bus loops and tasks.
     pub async fn serve(
         mut self,
         name: &str,
         extra: axum::Router,
-        routes: tonic::service::Routes,
+        grpc: Grpc,
         readiness: Readiness,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
@@ -371,7 +414,7 @@ impl Base {
             self.http,
             extra,
             self.grpc,
-            routes,
+            grpc,
             readiness,
             shutdown.clone(),
         )

@@ -164,13 +164,14 @@ impl Service {
         self.base.relay(&shutdown);
         self.base.spawn(worker.run(shutdown.clone()));
         let readiness = self.base.readiness().docker(self.docker.clone());
-        let routes = tonic::service::Routes::new(
+        let grpc = gantry_runtime::Grpc::one(
             gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
                 pool: self.base.pool.clone(),
             }),
+            gantry_proto::v1::builds_server::SERVICE_NAME,
         );
         self.base
-            .serve("builder", axum::Router::new(), routes, readiness, shutdown)
+            .serve("builder", axum::Router::new(), grpc, readiness, shutdown)
             .await
     }
 }

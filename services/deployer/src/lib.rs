@@ -102,7 +102,7 @@ impl Service {
             .serve(
                 "deployer",
                 axum::Router::new(),
-                tonic::service::Routes::default(),
+                gantry_runtime::Grpc::none(),
                 readiness,
                 shutdown,
             )

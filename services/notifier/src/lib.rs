@@ -137,7 +137,7 @@ impl Service {
             .serve(
                 "notifier",
                 axum::Router::new(),
-                tonic::service::Routes::default(),
+                gantry_runtime::Grpc::none(),
                 readiness,
                 shutdown,
             )

@@ -251,7 +251,7 @@ impl Service {
             .serve(
                 "registry-publisher",
                 axum::Router::new(),
-                tonic::service::Routes::default(),
+                gantry_runtime::Grpc::none(),
                 readiness,
                 shutdown,
             )
