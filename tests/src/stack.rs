@@ -66,6 +66,8 @@ pub struct StackOptions {
     pub lease_secs: u64,
     /// More environment for every service.
     pub env: Vec<(String, String)>,
+    /// Registries that need a login (host, username, password).
+    pub logins: Vec<(String, String, String)>,
 }
 
 /// An event as it crossed the broker.
@@ -182,6 +184,14 @@ impl Stack {
             "registries:\n  - host: {}\n",
             crate::infra::registry()
         ));
+        for (i, (host, username, password)) in options.logins.iter().enumerate() {
+            let file = dir.path().join(format!("registry-password-{i}"));
+            std::fs::write(&file, password).expect("write registry password");
+            config.push_str(&format!(
+                "  - host: {host}\n    username: {username}\n    password: {{file: {}}}\n",
+                file.display()
+            ));
+        }
         let config_path = dir.path().join("gantry.yml");
         std::fs::write(&config_path, config).expect("write config");
 

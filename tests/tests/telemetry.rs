@@ -74,6 +74,7 @@ async fn one_pipeline_is_one_exported_trace_across_the_services() {
             ),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
         ],
+        ..Default::default()
     })
     .await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");

@@ -1,0 +1,134 @@
+//! Pushing to a registry that wants a login: the credentials of the
+//! configuration are used, and wrong ones end the pipeline with
+//! `image.publish_failed`. The registry is a real docker-registry with
+//! htpasswd authentication, started on a free loopback port for this test.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gantry_proto::v1::event::Payload;
+use gantry_tests::stack::{ProjectSpec, SECRET};
+use gantry_tests::{SampleRepo, Stack, StackOptions, forge};
+
+struct AuthRegistry {
+    child: Child,
+    host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_registry(user: &str, password: &str) -> AuthRegistry {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", user, password])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("htpasswd"), out.stdout).expect("write htpasswd");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {dir}/data\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: gantry-test\n    path: {dir}/htpasswd\n",
+        dir = dir.path().display()
+    );
+    std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.path().join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry starts");
+    let host = format!("127.0.0.1:{port}");
+    let registry = AuthRegistry {
+        child,
+        host,
+        _dir: dir,
+    };
+    for _ in 0..100 {
+        if let Ok(r) = gantry_tests::http()
+            .get(format!("http://{}/v2/", registry.host))
+            .send()
+            .await
+        {
+            assert_eq!(r.status(), 401, "the registry must ask for a login");
+            return registry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("docker-registry did not start");
+}
+
+async fn publish(registry: &AuthRegistry, password: &str) -> (ProjectSpec, Payload) {
+    let repo = SampleRepo::new();
+    let mut project = ProjectSpec::new("private", &repo.url());
+    project.registry = registry.host.clone();
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+        logins: vec![(registry.host.clone(), "ci".into(), password.into())],
+        ..Default::default()
+    })
+    .await;
+    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
+    let resp = stack
+        .post_gitlab(&body, Some(SECRET), "Push Hook", None)
+        .await;
+    assert_eq!(resp.status(), 202);
+    let answer: serde_json::Value = resp.json().await.expect("json");
+    let pipeline = answer["pipeline_id"].as_str().expect("pipeline").to_owned();
+    let seen = stack
+        .wait_outcome(&pipeline, Duration::from_secs(180))
+        .await;
+    (project, seen.event.payload.expect("payload"))
+}
+
+#[tokio::test]
+async fn pushes_with_the_configured_login_and_fails_clearly_without_it() {
+    let registry = start_registry("ci", "s3cret-pass").await;
+
+    let (project, outcome) = publish(&registry, "s3cret-pass").await;
+    let Payload::ImagePublished(published) = outcome else {
+        panic!("expected image.published, got {outcome:?}");
+    };
+    let manifest = gantry_tests::http()
+        .head(format!(
+            "http://{}/v2/{}/manifests/main",
+            registry.host, project.image_path
+        ))
+        .basic_auth("ci", Some("s3cret-pass"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .expect("registry answers");
+    assert_eq!(manifest.status(), 200);
+    let digest = manifest
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert_eq!(digest.as_deref(), Some(published.digest.as_str()));
+
+    let (_, outcome) = publish(&registry, "wrong-pass").await;
+    let Payload::PublishFailed(failed) = outcome else {
+        panic!("expected image.publish_failed, got {outcome:?}");
+    };
+    assert!(
+        failed.reason.contains("unauthorized")
+            || failed.reason.contains("authentication required")
+            || failed.reason.contains("no basic auth"),
+        "{}",
+        failed.reason
+    );
+}
