@@ -264,7 +264,7 @@ pub async fn consume<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let what = format!("consumer {}", queue.name);
-    supervise(&what, &link.clone(), &shutdown.clone(), || {
+    supervise(&what, &link, &shutdown, || {
         consume_once(&url, queue, prefetch, handler.clone(), &link, &shutdown)
     })
     .await;
@@ -442,7 +442,7 @@ pub async fn relay(
     link: Link,
     shutdown: CancellationToken,
 ) {
-    supervise("outbox relay", &link.clone(), &shutdown.clone(), || {
+    supervise("outbox relay", &link, &shutdown, || {
         relay_once(&url, &pool, &wake, &link, &shutdown)
     })
     .await;

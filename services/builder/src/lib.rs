@@ -1,7 +1,7 @@
 //! builder: turns a requested pipeline into a tested image.
 //!
-//! - `consumer`: takes `pipeline.requested` from the `builder` queue and
-//!   stores it as a queued build (then acks: the database owns the work, so
+//! - the `pipeline.requested` handler (here): takes requests from the
+//!   `builder` queue and stores each as a queued build (then acks: the database owns the work, so
 //!   no broker consumer timeout can cut a long build);
 //! - `worker`: claims builds under a renewable lease and runs them —
 //!   `checkout` (git at the exact commit), `pipeline_file` (`.gantry.yml`),
@@ -164,14 +164,20 @@ impl Service {
         self.base.relay(&shutdown);
         self.base.spawn(worker.run(shutdown.clone()));
         let readiness = self.base.readiness().docker(self.docker.clone());
-        let grpc = gantry_runtime::Grpc::one(
+        let services = gantry_runtime::Grpc::one(
             gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
                 pool: self.base.pool.clone(),
             }),
             gantry_proto::v1::builds_server::SERVICE_NAME,
         );
         self.base
-            .serve("builder", axum::Router::new(), grpc, readiness, shutdown)
+            .serve(
+                "builder",
+                axum::Router::new(),
+                services,
+                readiness,
+                shutdown,
+            )
             .await
     }
 }

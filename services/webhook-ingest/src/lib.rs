@@ -98,14 +98,14 @@ impl Service {
         self.base.relay(&shutdown);
         let readiness = self.base.readiness();
         let router = http::routes(self.state.clone(), self.settings.body_limit);
-        let grpc = gantry_runtime::Grpc::one(
+        let services = gantry_runtime::Grpc::one(
             gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService {
                 state: self.state.clone(),
             }),
             gantry_proto::v1::ingest_server::SERVICE_NAME,
         );
         self.base
-            .serve("webhook-ingest", router, grpc, readiness, shutdown)
+            .serve("webhook-ingest", router, services, readiness, shutdown)
             .await
     }
 }
