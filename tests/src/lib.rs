@@ -34,6 +34,18 @@ pub mod infra {
     }
 }
 
+/// The pipeline id of an accepted delivery (asserting 202 "accepted").
+pub async fn accepted_pipeline(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.expect("JSON answer");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "accepted", "{body}");
+    body["pipeline_id"]
+        .as_str()
+        .expect("pipeline id")
+        .to_owned()
+}
+
 /// Installs the TLS crypto provider once (reqwest needs one).
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -461,6 +461,34 @@ impl Stack {
         req.send().await.expect("webhook-ingest answers")
     }
 
+    /// A stack with one project, `name`, built from `repo`.
+    pub async fn with_project(
+        repo: &crate::SampleRepo,
+        name: &str,
+        lease_secs: u64,
+    ) -> (Self, ProjectSpec) {
+        let project = ProjectSpec::new(name, &repo.url());
+        let stack = Self::start(StackOptions {
+            projects: vec![project.clone()],
+            lease_secs,
+            ..Default::default()
+        })
+        .await;
+        (stack, project)
+    }
+
+    /// Posts a GitLab push of `sha` on `git_ref` (default branch `main`) and
+    /// returns the id of the pipeline it started.
+    pub async fn push(&self, project: &ProjectSpec, git_ref: &str, sha: &str) -> String {
+        let event = if git_ref.starts_with("refs/tags/") {
+            "Tag Push Hook"
+        } else {
+            "Push Hook"
+        };
+        let body = crate::forge::gitlab_push(&project.gitlab, git_ref, sha, "main");
+        crate::accepted_pipeline(self.post_gitlab(&body, Some(SECRET), event, None).await).await
+    }
+
     /// POSTs a GitHub delivery signed with `secret` (unsigned when `None`).
     pub async fn post_github(
         &self,

@@ -2,19 +2,13 @@
 //! projects, malformed or oversized bodies, unsupported events, and a broken
 //! configuration file at start.
 
-use gantry_tests::stack::{ProjectSpec, SECRET};
-use gantry_tests::{SampleRepo, Stack, StackOptions, forge};
+use gantry_tests::stack::SECRET;
+use gantry_tests::{SampleRepo, Stack, forge};
 
 #[tokio::test]
 async fn each_bad_webhook_gets_its_status_code() {
     let repo = SampleRepo::new();
-    let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 60,
-        ..Default::default()
-    })
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let sha = repo.head();
     let push = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
 
@@ -192,13 +186,7 @@ fn invalid_configuration_exits_non_zero_naming_file_line_and_column() {
 #[tokio::test]
 async fn random_and_mangled_bodies_never_get_a_server_error() {
     let repo = SampleRepo::new();
-    let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 60,
-        ..Default::default()
-    })
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
         seed ^= seed << 13;

@@ -5,31 +5,9 @@ use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
 use gantry_tests::stack::{ProjectSpec, SECRET};
-use gantry_tests::{SampleRepo, Stack, StackOptions, forge, registry};
+use gantry_tests::{SampleRepo, Stack, StackOptions, accepted_pipeline, forge, registry};
 
 const PIPELINE_TIMEOUT: Duration = Duration::from_secs(180);
-
-async fn stack_for(repo: &SampleRepo) -> (Stack, ProjectSpec) {
-    let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 60,
-        ..Default::default()
-    })
-    .await;
-    (stack, project)
-}
-
-async fn accepted_pipeline(resp: reqwest::Response) -> String {
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.expect("json answer");
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(body["status"], "accepted", "{body}");
-    body["pipeline_id"]
-        .as_str()
-        .expect("pipeline id")
-        .to_owned()
-}
 
 /// The registry holds exactly `tags` (besides others) for the image, all at `digest`.
 async fn assert_published(project: &ProjectSpec, tags: &[&str], digest: &str) {
@@ -50,7 +28,7 @@ async fn assert_published(project: &ProjectSpec, tags: &[&str], digest: &str) {
 #[tokio::test]
 async fn gitlab_push_publishes_sha_branch_and_latest_in_one_trace() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let sha = repo.head();
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
     let pipeline = accepted_pipeline(
@@ -135,7 +113,7 @@ async fn gitlab_push_publishes_sha_branch_and_latest_in_one_trace() {
 #[tokio::test]
 async fn gitlab_tag_push_publishes_semver() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     repo.tag("v1.4.2");
     let sha = repo.head();
     let body = forge::gitlab_push(&project.gitlab, "refs/tags/v1.4.2", &sha, "main");
@@ -161,7 +139,7 @@ async fn gitlab_tag_push_publishes_semver() {
 #[tokio::test]
 async fn github_push_of_a_feature_branch_publishes_sanitised_branch_tag() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     repo.branch("feature/login");
     let sha = repo.commit_file("index.html", "hello login\n", "login page");
     let body = serde_json::to_vec(&forge::github_push(
@@ -199,19 +177,13 @@ async fn github_push_of_a_feature_branch_publishes_sanitised_branch_tag() {
 #[tokio::test]
 async fn failing_test_step_publishes_nothing_and_names_the_step() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let sha = repo.commit_file(
         ".gantry.yml",
         "image:\n  dockerfile: Dockerfile\ntest:\n  - name: content\n    run: grep -q hello /www/index.html\n  - name: smoke\n    run: echo checking; exit 3\n",
         "break the smoke test",
     );
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {
         panic!("expected build.failed, got {seen:?}");
@@ -235,19 +207,13 @@ async fn failing_test_step_publishes_nothing_and_names_the_step() {
 #[tokio::test]
 async fn broken_or_missing_pipeline_file_fails_with_file_line_and_column() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let sha = repo.commit_file(
         ".gantry.yml",
         "image:\n  dockerfile: Dockerfile\ntest:\n  - name: unit\n    command: true\n",
         "typo",
     );
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {
         panic!("expected build.failed, got {seen:?}");
@@ -262,13 +228,7 @@ async fn broken_or_missing_pipeline_file_fails_with_file_line_and_column() {
 
     std::fs::remove_file(repo.path().join(".gantry.yml")).expect("rm");
     let sha = repo.commit_file("index.html", "hello again\n", "drop the pipeline file");
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted_pipeline(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
     let Some(Payload::BuildFailed(failed)) = stack
         .wait_outcome(&pipeline, PIPELINE_TIMEOUT)
         .await
@@ -288,7 +248,7 @@ async fn broken_or_missing_pipeline_file_fails_with_file_line_and_column() {
 #[tokio::test]
 async fn repeated_delivery_starts_no_second_pipeline() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
     let first = accepted_pipeline(
         stack
@@ -359,7 +319,7 @@ async fn repeated_delivery_starts_no_second_pipeline() {
 #[tokio::test]
 async fn manual_trigger_over_grpc_builds_the_ref() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let mut client =
         gantry_proto::v1::ingest_client::IngestClient::new(stack.grpc("webhook-ingest").await);
     let answer = client
@@ -400,7 +360,7 @@ async fn manual_trigger_over_grpc_builds_the_ref() {
 #[tokio::test]
 async fn builder_replicas_share_the_work() {
     let repo = SampleRepo::new();
-    let (stack, project) = stack_for(&repo).await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     stack.start_instance("builder", "builder-2");
     stack.wait_ready("builder-2").await;
     let mut pipelines = Vec::new();
@@ -463,13 +423,7 @@ async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
         ..Default::default()
     })
     .await;
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
-    let pipeline = accepted_pipeline(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let pipeline = stack.push(&project, "refs/heads/main", &repo.head()).await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::PublishFailed(failed)) = &seen.event.payload else {
         panic!("expected image.publish_failed, got {seen:?}");

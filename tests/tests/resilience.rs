@@ -5,20 +5,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
-use gantry_tests::stack::{ProjectSpec, SECRET};
-use gantry_tests::{SampleRepo, Stack, StackOptions, forge, registry};
+use gantry_tests::{SampleRepo, Stack, registry};
 use sqlx::Row as _;
 
 const PIPELINE_TIMEOUT: Duration = Duration::from_secs(240);
-
-async fn accepted(resp: reqwest::Response) -> String {
-    assert_eq!(resp.status(), 202);
-    let body: serde_json::Value = resp.json().await.expect("json");
-    body["pipeline_id"]
-        .as_str()
-        .expect("pipeline id")
-        .to_owned()
-}
 
 #[tokio::test]
 async fn killed_builder_mid_build_finishes_once_back() {
@@ -28,20 +18,8 @@ async fn killed_builder_mid_build_finishes_once_back() {
         "image:\n  dockerfile: Dockerfile\ntest:\n  - name: slow\n    run: echo slow step started; sleep 6; echo slow step done\n",
         "a slow test",
     );
-    let project = ProjectSpec::new("slow", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 3,
-        ..Default::default()
-    })
-    .await;
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "slow", 3).await;
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
 
     // Wait until the slow step runs, then crash the builder.
     let mut db = stack.db().await;
@@ -142,13 +120,7 @@ fn run(args: &[&str]) {
 #[tokio::test]
 async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries() {
     let repo = SampleRepo::new();
-    let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 60,
-        ..Default::default()
-    })
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
     let pids: Vec<Option<u32>> = gantry_tests::stack::SERVICES
         .iter()
         .map(|s| stack.pid(s))
@@ -157,13 +129,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
     // Stop the broker: deliveries are still accepted (stored in the outbox).
     run(&["rabbitmqctl", "-q", "shutdown"]);
     let sha = repo.commit_file("index.html", "hello while the broker is down\n", "v2");
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let during = accepted(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let during = stack.push(&project, "refs/heads/main", &sha).await;
     let ready = gantry_tests::http()
         .get(stack.ingest_url("/ready"))
         .send()
@@ -198,13 +164,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
         stack.wait_ready(s).await;
     }
     let sha = repo.commit_file("index.html", "hello after the restart\n", "v3");
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let after = accepted(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let after = stack.push(&project, "refs/heads/main", &sha).await;
     let seen = stack.wait_outcome(&after, PIPELINE_TIMEOUT).await;
     assert_eq!(seen.routing_key, "image.published");
     assert!(registry::tags(&project.image_path).await.contains(&sha));
@@ -220,13 +180,7 @@ async fn services_reconnect_after_a_rabbitmq_restart_without_losing_deliveries()
 async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
     use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
     let repo = SampleRepo::new();
-    let project = ProjectSpec::new("hello", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 60,
-        ..Default::default()
-    })
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
 
     let conn = lapin::Connection::connect(&stack.amqp_url, lapin::ConnectionProperties::default())
         .await
@@ -268,13 +222,7 @@ async fn undecodable_event_is_dead_lettered_and_the_pipeline_goes_on() {
     assert_eq!(dead.delivery.data, b"\xff\xffnot protobuf");
     assert_eq!(dead.delivery.routing_key.as_str(), "pipeline.requested");
 
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &repo.head(), "main");
-    let pipeline = accepted(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let pipeline = stack.push(&project, "refs/heads/main", &repo.head()).await;
     assert_eq!(
         stack
             .wait_outcome(&pipeline, PIPELINE_TIMEOUT)
@@ -292,20 +240,8 @@ async fn a_database_crash_mid_build_loses_nothing() {
         "test:\n  - name: slow\n    run: echo slow step started; sleep 5\n",
         "a slow test",
     );
-    let project = ProjectSpec::new("slow", &repo.url());
-    let stack = Stack::start(StackOptions {
-        projects: vec![project.clone()],
-        lease_secs: 3,
-        ..Default::default()
-    })
-    .await;
-    let body = forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
-    let pipeline = accepted(
-        stack
-            .post_gitlab(&body, Some(SECRET), "Push Hook", None)
-            .await,
-    )
-    .await;
+    let (stack, project) = Stack::with_project(&repo, "slow", 3).await;
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
     stack
         .wait_event(&pipeline, "build.started", Duration::from_secs(60))
         .await;
