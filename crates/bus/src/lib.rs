@@ -479,15 +479,20 @@ async fn relay_once(
 
 /// Relays one batch; `true` if there may be more.
 async fn relay_batch(ch: &lapin::Channel, pool: &PgPool) -> anyhow::Result<bool> {
+    // Database errors are not the broker's fault: keep the connection and
+    // try again at the next poll.
+    let db_down = |e: sqlx::Error| {
+        tracing::warn!(error = %e, "outbox relay cannot use the database");
+        Ok(false)
+    };
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
-        Err(e) => {
-            // The database is down: not the broker's fault, keep the connection.
-            tracing::warn!(error = %e, "outbox relay cannot reach the database");
-            return Ok(false);
-        }
+        Err(e) => return db_down(e),
     };
-    let rows = gantry_store::outbox_lock_batch(&mut tx, RELAY_BATCH).await?;
+    let rows = match gantry_store::outbox_lock_batch(&mut tx, RELAY_BATCH).await {
+        Ok(rows) => rows,
+        Err(e) => return db_down(e),
+    };
     if rows.is_empty() {
         return Ok(false);
     }
@@ -524,9 +529,15 @@ async fn relay_batch(ch: &lapin::Channel, pool: &PgPool) -> anyhow::Result<bool>
             other => anyhow::bail!("broker did not confirm event {}: {other:?}", row.event_id),
         }
     }
+    // Should this fail, the rows are relayed again later: consumers are
+    // idempotent by event id.
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    gantry_store::outbox_delete(&mut tx, &seqs).await?;
-    tx.commit().await?;
+    if let Err(e) = gantry_store::outbox_delete(&mut tx, &seqs).await {
+        return db_down(e);
+    }
+    if let Err(e) = tx.commit().await {
+        return db_down(e);
+    }
     tracing::debug!(count = rows.len(), "relayed outbox events");
     Ok(rows.len() as i64 == RELAY_BATCH)
 }
