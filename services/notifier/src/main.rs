@@ -1,3 +1,4 @@
+//! The `notifier` binary: parses its settings and runs the service (see lib.rs).
 use clap::Parser;
 
 #[tokio::main]
