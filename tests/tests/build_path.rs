@@ -499,3 +499,59 @@ async fn checkout_build_and_timeout_failures_name_their_step() {
     assert_eq!(f.step, "hangs", "{f:?}");
     assert!(f.reason.contains("timed out after 1s"), "{}", f.reason);
 }
+
+#[tokio::test]
+async fn stream_logs_follows_a_running_build_until_it_ends() {
+    let repo = SampleRepo::new();
+    let (stack, project) = Stack::with_project(&repo, "hello", 60).await;
+    let sha = repo.commit_file(
+        ".gantry.yml",
+        "test:\n  - name: talk\n    run: echo first line; sleep 3; echo second line\n",
+        "a step that talks slowly",
+    );
+    let pipeline = stack.push(&project, "refs/heads/main", &sha).await;
+    stack
+        .wait_event(&pipeline, "build.started", Duration::from_secs(60))
+        .await;
+
+    let mut client =
+        gantry_proto::v1::builds_client::BuildsClient::new(stack.grpc("builder").await);
+    let mut stream = client
+        .stream_logs(gantry_proto::v1::StreamLogsRequest {
+            pipeline_id: pipeline.clone(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .expect("StreamLogs")
+        .into_inner();
+    let mut text = String::new();
+    let mut finished_when_first_line_came = None;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), stream.message())
+        .await
+        .expect("the stream moves")
+        .expect("chunk")
+    {
+        if chunk.step == "talk" {
+            text.push_str(&String::from_utf8_lossy(&chunk.data));
+        }
+        if finished_when_first_line_came.is_none() && text.contains("first line") {
+            let done = stack
+                .pipeline_events(&pipeline)
+                .iter()
+                .any(|s| s.routing_key == "build.succeeded");
+            finished_when_first_line_came = Some(done);
+        }
+    }
+    assert_eq!(
+        finished_when_first_line_came,
+        Some(false),
+        "the first line arrived while the build ran"
+    );
+    assert!(text.contains("second line"), "{text}");
+    // The stream ended because the build did.
+    let done = stack
+        .wait_event(&pipeline, "build.succeeded", Duration::from_secs(10))
+        .await;
+    assert_eq!(done.event.pipeline_id, pipeline);
+}
