@@ -73,6 +73,7 @@ async fn one_pipeline_is_one_exported_trace_across_the_services() {
                 format!("http://{addr}"),
             ),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+            ("GANTRY_LOG_FORMAT".into(), "json".into()),
         ],
         ..Default::default()
     })
@@ -122,6 +123,7 @@ async fn one_pipeline_is_one_exported_trace_across_the_services() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_json_logs(&stack);
 }
 
 fn tokio_stream_listener(
@@ -131,4 +133,22 @@ fn tokio_stream_listener(
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
     })
+}
+
+/// With `GANTRY_LOG_FORMAT=json` every line a service logs is one JSON object.
+fn assert_json_logs(stack: &Stack) {
+    for service in gantry_tests::stack::SERVICES {
+        let text = std::fs::read_to_string(stack.log_path(service)).expect("log");
+        let mut lines = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{service}: {e}: {line}"));
+            assert!(
+                v["level"].is_string() && v["fields"].is_object(),
+                "{service}: {line}"
+            );
+            lines += 1;
+        }
+        assert!(lines > 0, "{service} logged nothing");
+    }
 }
