@@ -193,6 +193,13 @@ async fn failing_test_step_publishes_nothing_and_names_the_step() {
         ("smoke", 3),
         "{failed:?}"
     );
+    // The failed image is untagged locally, so the engine can prune it.
+    let tag = format!("gantry-build/hello:{}", failed.build_id);
+    let inspect = std::process::Command::new("docker")
+        .args(["image", "inspect", &tag])
+        .output()
+        .expect("docker");
+    assert!(!inspect.status.success(), "{tag} should be gone");
     // Nothing reaches the registry, even after the publisher had time to act.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(registry::tags(&project.image_path).await.is_empty());

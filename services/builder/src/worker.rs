@@ -258,6 +258,37 @@ impl Worker {
         log.system("build", format!("built {image_id}")).await;
         drop(dir);
 
+        if let Err(failed) = self
+            .run_tests(build, &file, &image_id, &labels, &log, &mut steps)
+            .await
+        {
+            // A failed image is never published: untag it so the engine can prune it.
+            let _ = self
+                .docker
+                .remove_image(
+                    &tag,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+            return failed;
+        }
+        Verdict::Succeeded { image_id, steps }
+    }
+}
+
+impl Worker {
+    /// Runs the test steps in order; the first failure ends the build.
+    async fn run_tests(
+        &self,
+        build: &Claimed,
+        file: &PipelineFile,
+        image_id: &str,
+        labels: &HashMap<String, String>,
+        log: &LogSink,
+        steps: &mut Vec<StepResult>,
+    ) -> Result<(), Verdict> {
+        let build_id = build.id.to_string();
         for (i, step) in file.test.iter().enumerate() {
             let started = Instant::now();
             log.system(&step.name, format!("$ {}", step.cmd.join(" ")))
@@ -265,11 +296,11 @@ impl Worker {
             let container = format!("gantry-{build_id}-{}-{i}", build.attempt);
             match docker::run_step(
                 &self.docker,
-                &image_id,
+                image_id,
                 step,
                 &container,
                 labels.clone(),
-                &log,
+                log,
             )
             .await
             {
@@ -282,12 +313,12 @@ impl Worker {
                         format!("step {:?} exited with {code}", step.name),
                     )
                     .await;
-                    return fail(
+                    return Err(fail(
                         &step.name,
                         code,
                         format!("test step {:?} exited with code {code}", step.name),
-                        steps,
-                    );
+                        steps.clone(),
+                    ));
                 }
                 Ok(StepEnd::TimedOut) => {
                     log.system(
@@ -295,7 +326,7 @@ impl Worker {
                         format!("step {:?} timed out after {:?}", step.name, step.timeout),
                     )
                     .await;
-                    return fail(
+                    return Err(fail(
                         &step.name,
                         0,
                         format!(
@@ -303,22 +334,22 @@ impl Worker {
                             step.name,
                             step.timeout.as_secs()
                         ),
-                        steps,
-                    );
+                        steps.clone(),
+                    ));
                 }
                 Err(e) => {
                     log.system(&step.name, format!("cannot run step: {e:#}"))
                         .await;
-                    return fail(
+                    return Err(fail(
                         &step.name,
                         0,
                         format!("cannot run test step {:?}: {e:#}", step.name),
-                        steps,
-                    );
+                        steps.clone(),
+                    ));
                 }
             }
         }
-        Verdict::Succeeded { image_id, steps }
+        Ok(())
     }
 }
 
