@@ -9,12 +9,14 @@
 //! a small service repository (a `FROM scratch` image with static busybox),
 //! and [`forge`] builds GitLab and GitHub push deliveries as the forges send them.
 
+pub mod docker;
 pub mod forge;
+pub mod recorder;
 pub mod repo;
 pub mod stack;
 
 pub use repo::SampleRepo;
-pub use stack::{Stack, StackOptions};
+pub use stack::{EnvSpec, Stack, StackOptions};
 
 /// Settings of the shared infrastructure (see `.gantry/infra.env`).
 pub mod infra {

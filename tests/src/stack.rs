@@ -59,8 +59,52 @@ impl ProjectSpec {
     }
 }
 
+/// An environment of a stack's configuration (Docker target).
+#[derive(Clone, Debug)]
+pub struct EnvSpec {
+    pub name: String,
+    pub project: String,
+    /// YAML flow list of rules, e.g. `[{branch: main}]`.
+    pub rules: String,
+    /// Port of the service in its container.
+    pub port: u16,
+    /// Loopback port of the environment's endpoint.
+    pub endpoint: u16,
+    /// HTTP health check path, if any.
+    pub health_http: Option<String>,
+    pub timeout_secs: u64,
+}
+
+impl EnvSpec {
+    /// A uniquely named environment of `project` that takes `main`.
+    pub fn new(project: &str) -> Self {
+        Self {
+            name: format!(
+                "staging-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            project: project.to_owned(),
+            rules: "[{branch: main}]".into(),
+            port: 8080,
+            endpoint: free_port(),
+            health_http: Some("/".into()),
+            timeout_secs: 20,
+        }
+    }
+
+    pub fn endpoint_url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.endpoint)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct StackOptions {
+    /// Deploy environments.
+    pub environments: Vec<EnvSpec>,
+    /// Base URL of a fake forge API (both GitLab and GitHub statuses go there).
+    pub forge: Option<String>,
+    /// Chat channels: (name, kind, url).
+    pub chat: Vec<(String, String, String)>,
     pub projects: Vec<ProjectSpec>,
     /// Builder lease; short so that a killed builder's build is taken over soon.
     pub lease_secs: u64,
@@ -95,11 +139,20 @@ pub struct Stack {
     tap_stop: CancellationToken,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// A loopback port that is free now and was not handed out before in this process.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Where cargo put the service binaries (next to this test's `deps/`).
@@ -192,13 +245,45 @@ impl Stack {
                 file.display()
             ));
         }
-        let config_path = dir.path().join("gantry.yml");
-        std::fs::write(&config_path, config).expect("write config");
-
-        let ports = SERVICES
+        if !options.environments.is_empty() {
+            config.push_str("environments:\n");
+        }
+        for e in &options.environments {
+            config.push_str(&format!(
+                "  - name: {}\n    project: {}\n    rules: {}\n    port: {}\n    endpoint: 127.0.0.1:{}\n    health: {{timeout_secs: {}{}}}\n",
+                e.name,
+                e.project,
+                e.rules,
+                e.port,
+                e.endpoint,
+                e.timeout_secs,
+                e.health_http.as_ref().map(|h| format!(", http: {h}")).unwrap_or_default(),
+            ));
+        }
+        if let Some(forge) = &options.forge {
+            config.push_str(&format!(
+                "forges:\n  gitlab: {{url: {forge}, token: {{value: gitlab-token}}}}\n  github: {{url: {forge}, token: {{value: github-token}}}}\n"
+            ));
+        }
+        if !options.chat.is_empty() {
+            config.push_str("chat:\n");
+        }
+        for (name, kind, url) in &options.chat {
+            config.push_str(&format!(
+                "  - name: {name}\n    kind: {kind}\n    url: {{value: '{url}'}}\n"
+            ));
+        }
+        let ports: HashMap<String, (u16, u16)> = SERVICES
             .iter()
             .map(|s| (s.to_string(), (free_port(), free_port())))
             .collect();
+        config.push_str(&format!(
+            "public_url: http://127.0.0.1:{}\n",
+            ports["notifier"].0
+        ));
+        let config_path = dir.path().join("gantry.yml");
+        std::fs::write(&config_path, config).expect("write config");
+
         let stack = Self {
             dir,
             database_url,
@@ -375,6 +460,10 @@ impl Stack {
             // Give up on an unreachable registry after two pushes.
             .env("GANTRY_PUBLISH_ATTEMPTS", "2")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+            .env(
+                "GANTRY_BUILDER_URL",
+                format!("http://127.0.0.1:{}", self.grpc_port("builder")),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -618,6 +707,9 @@ impl Drop for Stack {
         let _ = Command::new("rabbitmqctl")
             .args(["-q", "delete_vhost", &self.vhost])
             .output();
+        for env in &self.options.environments {
+            crate::docker::remove_labelled(&format!("io.gantry.environment={}", env.name));
+        }
         let (admin, db) = (crate::infra::database_url(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

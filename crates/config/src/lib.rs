@@ -86,6 +86,74 @@ struct RawConfig {
     projects: Vec<RawProject>,
     #[serde(default)]
     registries: Vec<RawRegistry>,
+    #[serde(default)]
+    environments: Vec<RawEnvironment>,
+    #[serde(default)]
+    forges: RawForges,
+    #[serde(default)]
+    chat: Vec<RawChat>,
+    #[serde(default)]
+    public_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForges {
+    #[serde(default)]
+    gitlab: Option<RawForge>,
+    #[serde(default)]
+    github: Option<RawForge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForge {
+    url: String,
+    token: SecretSource,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChat {
+    name: String,
+    kind: ChatKind,
+    url: SecretSource,
+    #[serde(default)]
+    projects: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    name: String,
+    project: String,
+    #[serde(default = "default_target")]
+    target: String,
+    #[serde(default)]
+    rules: Vec<Rule>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    http: Option<String>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+fn default_target() -> String {
+    "docker".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,11 +205,139 @@ pub struct Registry {
     pub password: Option<Secret>,
 }
 
+/// When an environment takes a published image automatically.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Rule {
+    /// A branch name or glob (`*` matches any run of characters), e.g. `main`, `release/*`.
+    Branch(String),
+    /// A git tag name or glob, e.g. `v*`.
+    Tag(String),
+}
+
+impl Rule {
+    /// Whether an image built from `branch` or `tag` (one of them empty) matches.
+    pub fn matches(&self, branch: &str, tag: &str) -> bool {
+        match self {
+            Rule::Branch(p) => !branch.is_empty() && glob(p, branch),
+            Rule::Tag(p) => !tag.is_empty() && glob(p, tag),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Branch(p) => write!(f, "branch: {p}"),
+            Rule::Tag(p) => write!(f, "tag: {p}"),
+        }
+    }
+}
+
+/// `*`-only glob matching (no other metacharacters).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// How a new version proves it is healthy before it takes over.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// HTTP path probed on the container's `port`; a 2xx or 3xx answer is
+    /// healthy. Without it the image's own `HEALTHCHECK` decides, and an
+    /// image without one must keep running for a few seconds.
+    pub http: Option<String>,
+    /// How long the new version has to become healthy.
+    pub timeout: std::time::Duration,
+}
+
+/// Where the deployer rolls out a project's images.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub name: String,
+    pub project: String,
+    /// `docker` (a local engine, or a remote one through `DOCKER_HOST`).
+    pub target: String,
+    /// Published images matching any rule are deployed automatically.
+    pub rules: Vec<Rule>,
+    /// The port the service listens on inside its container.
+    pub port: Option<u16>,
+    /// A stable `host:port` the deployer serves and forwards to whichever
+    /// version is live, so that a replacement has no gap in answers.
+    pub endpoint: Option<String>,
+    /// Docker network of the containers (`bridge` if unset).
+    pub network: String,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub health: HealthCheck,
+}
+
+impl Environment {
+    pub fn matches(&self, branch: &str, tag: &str) -> bool {
+        self.rules.iter().any(|r| r.matches(branch, tag))
+    }
+}
+
+/// A forge's API, for commit statuses.
+#[derive(Debug, Clone)]
+pub struct Forge {
+    /// Base URL: `https://gitlab.example.com` (the API is under `/api/v4`),
+    /// or `https://api.github.com`.
+    pub url: String,
+    pub token: Secret,
+}
+
+/// What kind of chat webhook a channel is.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatKind {
+    /// A Slack-compatible incoming webhook (Slack, Mattermost, Rocket.Chat).
+    Slack,
+    /// A generic JSON webhook: the message as structured fields.
+    Webhook,
+}
+
+/// A chat channel that hears about state changes.
+#[derive(Debug, Clone)]
+pub struct Chat {
+    pub name: String,
+    pub kind: ChatKind,
+    pub url: Secret,
+    /// Only these projects (all when empty).
+    pub projects: Vec<String>,
+}
+
+impl Chat {
+    pub fn wants(&self, project: &str) -> bool {
+        self.projects.is_empty() || self.projects.iter().any(|p| p == project)
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, Default)]
 pub struct GantryConfig {
     pub projects: Vec<Project>,
     pub registries: Vec<Registry>,
+    pub environments: Vec<Environment>,
+    pub gitlab: Option<Forge>,
+    pub github: Option<Forge>,
+    pub chat: Vec<Chat>,
+    /// Base of the links Gantry sends out (the notifier's HTTP address as
+    /// users reach it), e.g. `https://gantry.example.com`.
+    pub public_url: Option<String>,
 }
 
 /// Everything wrong with a configuration file.
@@ -239,10 +435,114 @@ impl GantryConfig {
                 password,
             });
         }
+        let mut environments = Vec::new();
+        let mut env_names = HashSet::new();
+        for (i, e) in raw.environments.into_iter().enumerate() {
+            let at = format!("environments[{i}] ({})", e.name);
+            if e.name.is_empty()
+                || !e
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                problems.push(format!(
+                    "{at}: name must be non-empty letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if !env_names.insert(e.name.clone()) {
+                problems.push(format!("{at}: duplicate environment name"));
+            }
+            if !names.contains(&e.project) {
+                problems.push(format!("{at}: project {:?} is not configured", e.project));
+            }
+            if e.target != "docker" {
+                problems.push(format!(
+                    "{at}: target {:?} is not supported (docker)",
+                    e.target
+                ));
+            }
+            if let Some(endpoint) = &e.endpoint {
+                if endpoint.parse::<std::net::SocketAddr>().is_err() {
+                    problems.push(format!("{at}: endpoint {endpoint:?} must be ip:port"));
+                }
+                if e.port.is_none() {
+                    problems.push(format!("{at}: an endpoint needs the container port"));
+                }
+            }
+            if e.health.http.is_some() && e.port.is_none() {
+                problems.push(format!(
+                    "{at}: an HTTP health check needs the container port"
+                ));
+            }
+            if let Some(path) = &e.health.http
+                && !path.starts_with('/')
+            {
+                problems.push(format!(
+                    "{at}: health.http must be a path starting with '/'"
+                ));
+            }
+            environments.push(Environment {
+                name: e.name,
+                project: e.project,
+                target: e.target,
+                rules: e.rules,
+                port: e.port,
+                endpoint: e.endpoint,
+                network: e.network.unwrap_or_else(|| "bridge".to_owned()),
+                env: e.env,
+                health: HealthCheck {
+                    http: e.health.http,
+                    timeout: std::time::Duration::from_secs(e.health.timeout_secs.unwrap_or(60)),
+                },
+            });
+        }
+        let mut forge = |name: &str, raw: Option<RawForge>| -> Option<Forge> {
+            let raw = raw?;
+            if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+                problems.push(format!("forges.{name}: url must be http(s)://"));
+            }
+            match raw.token.resolve() {
+                Ok(token) => Some(Forge {
+                    url: raw.url.trim_end_matches('/').to_owned(),
+                    token,
+                }),
+                Err(e) => {
+                    problems.push(format!("forges.{name}: token: {e}"));
+                    None
+                }
+            }
+        };
+        let gitlab = forge("gitlab", raw.forges.gitlab);
+        let github = forge("github", raw.forges.github);
+        let mut chat = Vec::new();
+        for (i, c) in raw.chat.into_iter().enumerate() {
+            let at = format!("chat[{i}] ({})", c.name);
+            for p in &c.projects {
+                if !names.contains(p) {
+                    problems.push(format!("{at}: project {p:?} is not configured"));
+                }
+            }
+            match c.url.resolve() {
+                Ok(url) if url.0.starts_with("http://") || url.0.starts_with("https://") => chat
+                    .push(Chat {
+                        name: c.name,
+                        kind: c.kind,
+                        url,
+                        projects: c.projects,
+                    }),
+                Ok(_) => problems.push(format!("{at}: url must be http(s)://")),
+                Err(e) => problems.push(format!("{at}: url: {e}")),
+            }
+        }
         if problems.is_empty() {
             Ok(Self {
                 projects,
                 registries,
+                environments,
+                gitlab,
+                github,
+                chat,
+                public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
             })
         } else {
             Err(ConfigError::Invalid {
@@ -250,6 +550,10 @@ impl GantryConfig {
                 problems,
             })
         }
+    }
+
+    pub fn environment(&self, name: &str) -> Option<&Environment> {
+        self.environments.iter().find(|e| e.name == name)
     }
 
     pub fn project(&self, name: &str) -> Option<&Project> {
@@ -349,6 +653,41 @@ mod tests {
         };
         assert_eq!((e.file.as_str(), e.line), ("gantry.yml", 3), "{e}");
         assert!(e.to_string().contains("colne_url"), "{e}");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("main", "main"));
+        assert!(!glob("main", "mainline"));
+        assert!(glob("v*", "v1.2.3"));
+        assert!(!glob("v*", "1.2.3"));
+        assert!(glob("release/*", "release/2026-11"));
+        assert!(glob("*-hotfix-*", "a-hotfix-b"));
+        assert!(!glob("*-hotfix-*", "a-hotfix"));
+        assert!(glob("*", ""));
+        assert!(Rule::Tag("v*".into()).matches("", "v2"));
+        assert!(!Rule::Tag("v*".into()).matches("v2", ""));
+    }
+
+    #[test]
+    fn environments_are_validated() {
+        let base = "projects:\n  - name: a\n    clone_url: x\n    webhook_secret: {value: s}\n    image: localhost/a\n";
+        let ok = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: staging\n    project: a\n    rules: [{{branch: main}}, {{tag: 'v*'}}]\n    port: 8080\n    endpoint: 127.0.0.1:18080\n    health: {{http: /health, timeout_secs: 5}}\n"),
+        )
+        .expect("valid");
+        let env = ok.environment("staging").expect("staging");
+        assert!(env.matches("main", "") && env.matches("", "v1.0.0") && !env.matches("dev", ""));
+        let err = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: prod\n    project: b\n    target: nomad\n    endpoint: nowhere\n"),
+        )
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in ["project \"b\"", "nomad", "ip:port", "container port"] {
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub mod routing {
     pub const BUILD_FAILED: &str = "build.failed";
     pub const IMAGE_PUBLISHED: &str = "image.published";
     pub const PUBLISH_FAILED: &str = "image.publish_failed";
+    pub const DEPLOY_STARTED: &str = "deploy.started";
+    pub const DEPLOY_SUCCEEDED: &str = "deploy.succeeded";
+    pub const DEPLOY_FAILED: &str = "deploy.failed";
+    pub const DEPLOY_ROLLED_BACK: &str = "deploy.rolled_back";
 }
 
 /// The routing key of a payload.
@@ -32,6 +36,10 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::BuildFailed(_) => routing::BUILD_FAILED,
         Payload::ImagePublished(_) => routing::IMAGE_PUBLISHED,
         Payload::PublishFailed(_) => routing::PUBLISH_FAILED,
+        Payload::DeployStarted(_) => routing::DEPLOY_STARTED,
+        Payload::DeploySucceeded(_) => routing::DEPLOY_SUCCEEDED,
+        Payload::DeployFailed(_) => routing::DEPLOY_FAILED,
+        Payload::DeployRolledBack(_) => routing::DEPLOY_ROLLED_BACK,
     }
 }
 

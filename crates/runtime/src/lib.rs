@@ -431,3 +431,27 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
+
+/// Credentials the Docker engine uses for `registry` (none when it needs no login).
+pub fn docker_credentials(
+    registry: &gantry_config::Registry,
+) -> Option<bollard::auth::DockerCredentials> {
+    registry
+        .username
+        .as_ref()
+        .map(|u| bollard::auth::DockerCredentials {
+            username: Some(u.clone()),
+            password: registry.password.as_ref().map(|p| p.expose().to_owned()),
+            serveraddress: Some(registry.host.clone()),
+            ..Default::default()
+        })
+}
+
+/// The message of a Docker engine error without bollard's wrapping.
+pub fn docker_error(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}

@@ -101,14 +101,7 @@ pub async fn build_image(
     }
 }
 
-/// The message of a Docker error without bollard's wrapping.
-pub fn docker_error(e: &bollard::errors::Error) -> String {
-    match e {
-        bollard::errors::Error::DockerStreamError { error } => error.clone(),
-        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
+pub use gantry_runtime::docker_error;
 
 /// How a test step ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,16 +1,39 @@
-//! deployer: follows `image.published` (queue `deployer`) and keeps the
-//! catalogue of deployable images per project — repository, digest, tags,
-//! commit and ref — that environments and their rules select from.
+//! deployer: rolls published images out to the configured environments.
 //!
-//! Schema `deployer`: `images`, `processed_events`.
+//! - Follows `image.published` (queue `deployer`): the image joins the
+//!   catalogue, and every environment of its project whose rules match its
+//!   branch or tag gets a deployment queued ([`queue`]) — unless that digest
+//!   failed there before.
+//! - The deployment loop ([`worker`]) runs one deployment per environment at
+//!   a time through the Docker target ([`docker`]): start-first, health
+//!   check, take over or roll back, with `deploy.*` events.
+//! - Environments with an `endpoint` are served by [`edge`], which forwards
+//!   to the live version, so a replacement has no gap in answers.
+//! - gRPC `Deployments` ([`grpc`]): environments and what runs there,
+//!   `Deploy` an image, `Rollback`.
+//!
+//! Schema `deployer`: `images`, `environments`, `deployments`, `live`,
+//! `blocked`, plus the outbox and `processed_events`.
+
+pub mod docker;
+pub mod edge;
+pub mod grpc;
+pub mod queue;
+pub mod worker;
+
+use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
 use gantry_runtime::Base;
+use prost::Message as _;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::queue::{Image, Trigger};
 
 pub const SCHEMA: &str = "deployer";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -25,45 +48,78 @@ pub struct Settings {
     pub http_addr: String,
     #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9093")]
     pub grpc_addr: String,
+    /// Deployments of different environments run at once.
+    #[arg(long, env = "GANTRY_DEPLOY_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
 }
 
-struct Catalogue {
+/// Takes `image.published` into the catalogue and queues matching deployments.
+struct Published {
     pool: PgPool,
+    config: Arc<GantryConfig>,
+    wake: Arc<Notify>,
 }
 
-impl Handler for Catalogue {
+impl Handler for Published {
     async fn handle(&self, event: Event) -> Outcome {
-        let Some(Payload::ImagePublished(image)) = &event.payload else {
+        let Some(Payload::ImagePublished(published)) = &event.payload else {
             return Outcome::Reject(anyhow::anyhow!(
                 "deployer queue got a {:?} event",
                 event.routing_key()
             ));
         };
-        let rev = image.revision.clone().unwrap_or_default();
+        let rev = published.revision.clone().unwrap_or_default();
+        let image = Image {
+            pipeline_id: event.pipeline_id.clone(),
+            project: event.project.clone(),
+            repository: published.repository.clone(),
+            digest: published.digest.clone(),
+            revision: rev.clone(),
+        };
         let write = async {
             let mut tx = self.pool.begin().await?;
+            let mut queued = 0;
             if gantry_store::first_delivery(&mut tx, &event.id).await? {
                 sqlx::query(
-                    "INSERT INTO images (event_id, pipeline_id, project, repository, digest, tags, commit_sha, git_ref)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO images (event_id, pipeline_id, project, repository, digest, tags, commit_sha, git_ref, revision)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(&event.id)
                 .bind(&event.pipeline_id)
                 .bind(&event.project)
-                .bind(&image.repository)
-                .bind(&image.digest)
-                .bind(&image.tags)
+                .bind(&published.repository)
+                .bind(&published.digest)
+                .bind(&published.tags)
                 .bind(&rev.commit_sha)
                 .bind(&rev.git_ref)
+                .bind(rev.encode_to_vec())
                 .execute(&mut *tx)
                 .await?;
-                tracing::info!(repository = %image.repository, digest = %image.digest, "image deployable");
+                for env in self
+                    .config
+                    .environments
+                    .iter()
+                    .filter(|e| e.project == event.project && e.matches(&rev.branch, &rev.tag))
+                {
+                    if queue::is_blocked(&mut tx, &env.name, &image.digest).await? {
+                        tracing::info!(environment = %env.name, digest = %image.digest,
+                            "not deployed: this image failed in the environment before");
+                        continue;
+                    }
+                    queue::enqueue(&mut tx, &env.name, &image, Trigger::Auto).await?;
+                    queued += 1;
+                }
             }
             tx.commit().await?;
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>(queued)
         };
         match write.await {
-            Ok(()) => Outcome::Done,
+            Ok(queued) => {
+                if queued > 0 {
+                    self.wake.notify_one();
+                }
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e),
         }
     }
@@ -72,11 +128,14 @@ impl Handler for Catalogue {
 /// A connected, bound, not yet running deployer.
 pub struct Service {
     base: Base,
+    settings: Settings,
+    config: Arc<GantryConfig>,
     docker: bollard::Docker,
+    endpoints: Vec<(String, tokio::net::TcpListener)>,
 }
 
 impl Service {
-    pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         let base = Base::connect(
             &settings.infra,
             SCHEMA,
@@ -85,24 +144,75 @@ impl Service {
             &settings.grpc_addr,
         )
         .await?;
+        let names: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
+        queue::sync_environments(&base.pool, &names).await?;
+        let mut endpoints = Vec::new();
+        for env in &config.environments {
+            if let Some(endpoint) = &env.endpoint {
+                endpoints.push((env.name.clone(), edge::bind(&env.name, endpoint).await?));
+            }
+        }
         let docker = bollard::Docker::connect_with_defaults()?;
-        Ok(Self { base, docker })
+        Ok(Self {
+            base,
+            settings,
+            config: Arc::new(config),
+            docker,
+            endpoints,
+        })
     }
 
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let pool = self.base.pool.clone();
+        let wake = Arc::new(Notify::new());
+        let backends = edge::Backends::default();
+        for (env, address) in queue::live_addresses(&pool).await? {
+            backends.set(&env, address.and_then(|a| a.parse().ok()));
+        }
+        for (env, listener) in std::mem::take(&mut self.endpoints) {
+            self.base.spawn(edge::serve(
+                env,
+                listener,
+                backends.clone(),
+                shutdown.clone(),
+            ));
+        }
+        self.base.relay(&shutdown);
         self.base.consume(
             gantry_bus::queues::DEPLOYER,
             8,
-            Catalogue { pool },
+            Published {
+                pool: pool.clone(),
+                config: self.config.clone(),
+                wake: wake.clone(),
+            },
             &shutdown,
         );
+        let worker = Arc::new(worker::Worker {
+            pool: pool.clone(),
+            target: docker::DockerTarget::new(self.docker.clone())?,
+            config: self.config.clone(),
+            backends,
+            owner: format!("deployer-{}", uuid::Uuid::new_v4().simple()),
+            wake: wake.clone(),
+            relay_wake: self.base.relay_wake.clone(),
+            concurrency: self.settings.concurrency.max(1),
+        });
+        self.base.spawn(worker.run(shutdown.clone()));
+        let grpc = grpc::DeploymentsService {
+            pool,
+            config: self.config.clone(),
+            wake,
+        };
         let readiness = self.base.readiness().docker(self.docker.clone());
         self.base
             .serve(
                 "deployer",
                 axum::Router::new(),
-                gantry_runtime::Grpc::none(),
+                gantry_runtime::Grpc::one(
+                    gantry_proto::v1::deployments_server::DeploymentsServer::new(grpc),
+                    gantry_proto::v1::deployments_server::SERVICE_NAME,
+                ),
                 readiness,
                 shutdown,
             )

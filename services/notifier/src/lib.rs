@@ -1,8 +1,21 @@
-//! notifier: follows every event (queue `notifier`, bound to `#`) and keeps
-//! the pipeline timeline, a projection of what happened to each pipeline.
-//! Commit statuses and chat messages are built on this timeline.
+//! notifier: follows every event (queue `notifier`, bound to `#`) and tells
+//! the outside what happened.
 //!
-//! Schema `notifier`: `timeline`, `processed_events`.
+//! - The timeline (one row per event) and the pipeline projection
+//!   ([`projection`]): state, stage, failure, image, deployments.
+//! - Commit statuses on GitLab and GitHub, and chat messages with noise
+//!   control, queued with the projection change and sent by [`outbound`].
+//! - gRPC `Pipelines` ([`grpc`]) and the pages links point at ([`http`]).
+//!
+//! Schema `notifier`: `timeline`, `pipelines`, `pipeline_deployments`,
+//! `ref_state`, `environment_state`, `outbound`, `processed_events`.
+
+pub mod grpc;
+pub mod http;
+pub mod outbound;
+pub mod projection;
+
+use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
 use gantry_config::{GantryConfig, Infra};
@@ -25,6 +38,9 @@ pub struct Settings {
     pub http_addr: String,
     #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9094")]
     pub grpc_addr: String,
+    /// The builder's gRPC URL, for the build logs that links point at.
+    #[arg(long, env = "GANTRY_BUILDER_URL")]
+    pub builder_url: Option<String>,
 }
 
 /// One line saying what an event means for its pipeline.
@@ -62,12 +78,43 @@ pub fn summary(event: &Event) -> String {
         Some(Payload::PublishFailed(f)) => {
             format!("publishing {} failed: {}", f.repository, f.reason)
         }
+        Some(Payload::DeployStarted(d)) => {
+            let d = d.deployment.clone().unwrap_or_default();
+            format!(
+                "deploying {} to {} ({})",
+                d.digest, d.environment, d.trigger
+            )
+        }
+        Some(Payload::DeploySucceeded(s)) => {
+            let d = s.deployment.clone().unwrap_or_default();
+            format!(
+                "{} runs in {} (container {})",
+                d.digest, d.environment, s.container_id
+            )
+        }
+        Some(Payload::DeployFailed(f)) => {
+            let d = f.deployment.clone().unwrap_or_default();
+            format!(
+                "deploying {} to {} failed: {}",
+                d.digest, d.environment, f.reason
+            )
+        }
+        Some(Payload::DeployRolledBack(r)) => {
+            let d = r.deployment.clone().unwrap_or_default();
+            format!(
+                "rolled back in {}: {} keeps running ({})",
+                d.environment, d.previous_digest, r.reason
+            )
+        }
         None => "event without payload".to_owned(),
     }
 }
 
 struct Timeline {
     pool: PgPool,
+    config: Arc<GantryConfig>,
+    /// Wakes the sender of outgoing calls.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Handler for Timeline {
@@ -82,6 +129,7 @@ impl Handler for Timeline {
             .unwrap_or_else(chrono::Utc::now);
         let write = async {
             let mut tx = self.pool.begin().await?;
+            let mut queued = false;
             if gantry_store::first_delivery(&mut tx, &event.id).await? {
                 sqlx::query(
                     "INSERT INTO timeline (event_id, pipeline_id, project, kind, occurred_at, summary)
@@ -95,12 +143,18 @@ impl Handler for Timeline {
                 .bind(summary(&event))
                 .execute(&mut *tx)
                 .await?;
+                queued = projection::apply(&mut tx, &self.config, &event).await?;
             }
             tx.commit().await?;
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>(queued)
         };
         match write.await {
-            Ok(()) => Outcome::Done,
+            Ok(queued) => {
+                if queued {
+                    self.wake.notify_one();
+                }
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e),
         }
     }
@@ -109,10 +163,12 @@ impl Handler for Timeline {
 /// A connected, bound, not yet running notifier.
 pub struct Service {
     base: Base,
+    config: Arc<GantryConfig>,
+    builder_url: Option<String>,
 }
 
 impl Service {
-    pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         let base = Base::connect(
             &settings.infra,
             SCHEMA,
@@ -121,23 +177,50 @@ impl Service {
             &settings.grpc_addr,
         )
         .await?;
-        Ok(Self { base })
+        Ok(Self {
+            base,
+            config: Arc::new(config),
+            builder_url: settings.builder_url,
+        })
     }
 
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let pool = self.base.pool.clone();
+        let wake = Arc::new(tokio::sync::Notify::new());
         self.base.consume(
             gantry_bus::queues::NOTIFIER,
             32,
-            Timeline { pool },
+            Timeline {
+                pool: pool.clone(),
+                config: self.config.clone(),
+                wake: wake.clone(),
+            },
             &shutdown,
         );
+        self.base.spawn(outbound::send_loop(
+            pool.clone(),
+            self.config.clone(),
+            wake,
+            shutdown.clone(),
+        ));
         let readiness = self.base.readiness();
+        let pages = http::routes(http::Pages {
+            pool: pool.clone(),
+            config: self.config.clone(),
+            builder: self.builder_url.clone(),
+        });
+        let grpc = grpc::PipelinesService {
+            pool,
+            config: self.config.clone(),
+        };
         self.base
             .serve(
                 "notifier",
-                axum::Router::new(),
-                gantry_runtime::Grpc::none(),
+                pages,
+                gantry_runtime::Grpc::one(
+                    gantry_proto::v1::pipelines_server::PipelinesServer::new(grpc),
+                    gantry_proto::v1::pipelines_server::SERVICE_NAME,
+                ),
                 readiness,
                 shutdown,
             )

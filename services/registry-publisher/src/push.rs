@@ -3,7 +3,6 @@
 //! handles both basic and token authentication with the credentials given.
 
 use bollard::Docker;
-use bollard::auth::DockerCredentials;
 use bollard::query_parameters::{PushImageOptions, TagImageOptions};
 use futures::StreamExt;
 use gantry_config::Registry;
@@ -25,12 +24,7 @@ pub async fn push(
     tags: &[String],
     registry: &Registry,
 ) -> anyhow::Result<String> {
-    let credentials = registry.username.as_ref().map(|u| DockerCredentials {
-        username: Some(u.clone()),
-        password: registry.password.as_ref().map(|p| p.expose().to_owned()),
-        serveraddress: Some(registry.host.clone()),
-        ..Default::default()
-    });
+    let credentials = gantry_runtime::docker_credentials(registry);
     let mut digest: Option<String> = None;
     for tag in tags {
         docker

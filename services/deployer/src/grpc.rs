@@ -1,0 +1,263 @@
+//! `gantry.v1.Deployments`: what runs where, and deployments on demand
+//! (a given image, or back to the previous version).
+
+use std::sync::Arc;
+
+use gantry_config::GantryConfig;
+use gantry_proto::v1::deployments_server::Deployments;
+use gantry_proto::v1::{
+    DeployRequest, DeployResponse, DeploymentInfo, EnvironmentInfo, ListDeploymentsRequest,
+    ListDeploymentsResponse, ListEnvironmentsRequest, ListEnvironmentsResponse, Revision,
+    RollbackRequest,
+};
+use prost::Message as _;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::queue::{self, COLUMNS, Image, Row, Trigger};
+
+pub struct DeploymentsService {
+    pub pool: PgPool,
+    pub config: Arc<GantryConfig>,
+    /// Wakes the deployment loop.
+    pub wake: Arc<Notify>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "deployment store query failed");
+    Status::unavailable("the deployment store is unavailable")
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+impl From<Row> for DeploymentInfo {
+    fn from(r: Row) -> Self {
+        let rev = r.revision();
+        DeploymentInfo {
+            deployment_id: r.id.to_string(),
+            environment: r.environment,
+            project: r.project,
+            repository: r.repository,
+            digest: r.digest,
+            commit_sha: rev.commit_sha,
+            git_ref: rev.git_ref,
+            pipeline_id: r.pipeline_id,
+            state: r.state,
+            trigger: r.trigger,
+            reason: r.reason.unwrap_or_default(),
+            container_id: r.container_id.unwrap_or_default(),
+            created_at: Some(timestamp(r.created_at)),
+            finished_at: r.finished_at.map(timestamp),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ImageRow {
+    pipeline_id: String,
+    project: String,
+    repository: String,
+    digest: String,
+    revision: Option<Vec<u8>>,
+}
+
+impl From<ImageRow> for Image {
+    fn from(i: ImageRow) -> Self {
+        Image {
+            pipeline_id: i.pipeline_id,
+            project: i.project,
+            repository: i.repository,
+            digest: i.digest,
+            revision: i
+                .revision
+                .and_then(|b| Revision::decode(b.as_slice()).ok())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl DeploymentsService {
+    fn environment(&self, name: &str) -> Result<&gantry_config::Environment, Status> {
+        self.config
+            .environment(name)
+            .ok_or_else(|| Status::not_found(format!("no environment {name:?} is configured")))
+    }
+
+    async fn row(
+        &self,
+        sql: sqlx::AssertSqlSafe<String>,
+        env: &str,
+    ) -> Result<Option<Row>, Status> {
+        sqlx::query_as::<_, Row>(sql)
+            .bind(env)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn queue(
+        &self,
+        env: &str,
+        image: &Image,
+        trigger: Trigger,
+        block: Option<&str>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let write = async {
+            let mut tx = self.pool.begin().await?;
+            if let Some(digest) = block {
+                queue::block(&mut tx, env, digest, "rolled back on request").await?;
+            }
+            let row = queue::enqueue(&mut tx, env, image, trigger).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(row)
+        };
+        let row = write.await.map_err(unavailable)?;
+        self.wake.notify_one();
+        tracing::info!(environment = env, digest = %row.digest, trigger = trigger.as_str(), "deployment queued");
+        Ok(Response::new(DeployResponse {
+            deployment: Some(row.into()),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Deployments for DeploymentsService {
+    async fn list_environments(
+        &self,
+        _request: Request<ListEnvironmentsRequest>,
+    ) -> Result<Response<ListEnvironmentsResponse>, Status> {
+        let mut environments = Vec::new();
+        for env in &self.config.environments {
+            let current = self
+                .row(
+                    crate::sql!(
+                        "SELECT {COLUMNS} FROM deployments WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)"
+                    ),
+                    &env.name,
+                )
+                .await?;
+            let pending = self
+                .row(
+                    crate::sql!(
+                        "SELECT {COLUMNS} FROM deployments WHERE environment = $1 AND state IN ('running', 'waiting')
+                         ORDER BY (state = 'running') DESC, created_at DESC LIMIT 1"
+                    ),
+                    &env.name,
+                )
+                .await?;
+            environments.push(EnvironmentInfo {
+                name: env.name.clone(),
+                project: env.project.clone(),
+                target: env.target.clone(),
+                rules: env.rules.iter().map(ToString::to_string).collect(),
+                endpoint: env.endpoint.clone().unwrap_or_default(),
+                current: current.map(Into::into),
+                pending: pending.map(Into::into),
+            });
+        }
+        Ok(Response::new(ListEnvironmentsResponse { environments }))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let req = request.into_inner();
+        let env = self.environment(&req.environment)?;
+        let wanted = req.image.trim();
+        if wanted.is_empty() {
+            return Err(Status::invalid_argument(
+                "image is empty: give a digest, commit sha, tag or pipeline id",
+            ));
+        }
+        let image: Option<ImageRow> = sqlx::query_as(
+            "SELECT pipeline_id, project, repository, digest, revision FROM images
+             WHERE project = $1
+               AND (digest = $2 OR digest = 'sha256:' || $2 OR $2 = ANY(tags) OR pipeline_id = $2
+                    OR (length($2) >= 7 AND commit_sha LIKE $2 || '%'))
+             ORDER BY published_at DESC LIMIT 1",
+        )
+        .bind(&env.project)
+        .bind(wanted)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(image) = image else {
+            return Err(Status::not_found(format!(
+                "no published image of {} matches {wanted:?}",
+                env.project
+            )));
+        };
+        self.queue(&env.name, &image.into(), Trigger::Manual, None)
+            .await
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let req = request.into_inner();
+        let env = self.environment(&req.environment)?;
+        let Some(live) = queue::live(&self.pool, &env.name)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Err(Status::failed_precondition(format!(
+                "nothing runs in {} yet",
+                env.name
+            )));
+        };
+        let previous = sqlx::query_as::<_, Row>(crate::sql!(
+            "SELECT {COLUMNS} FROM deployments
+             WHERE environment = $1 AND state = 'succeeded' AND digest <> $2
+             ORDER BY finished_at DESC LIMIT 1"
+        ))
+        .bind(&env.name)
+        .bind(&live.digest)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(previous) = previous else {
+            return Err(Status::failed_precondition(format!(
+                "{} has no earlier version to go back to",
+                env.name
+            )));
+        };
+        let image = Image {
+            revision: previous.revision(),
+            pipeline_id: previous.pipeline_id,
+            project: previous.project,
+            repository: previous.repository,
+            digest: previous.digest,
+        };
+        self.queue(&env.name, &image, Trigger::Rollback, Some(&live.digest))
+            .await
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<ListDeploymentsRequest>,
+    ) -> Result<Response<ListDeploymentsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = i64::from(req.limit.clamp(1, 500));
+        let limit = if req.limit == 0 { 50 } else { limit };
+        let rows = sqlx::query_as::<_, Row>(crate::sql!(
+            "SELECT {COLUMNS} FROM deployments WHERE ($1 = '' OR environment = $1)
+             ORDER BY created_at DESC LIMIT $2"
+        ))
+        .bind(&req.environment)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Response::new(ListDeploymentsResponse {
+            deployments: rows.into_iter().map(Into::into).collect(),
+        }))
+    }
+}

@@ -1,0 +1,386 @@
+//! The deployment queue, in Postgres. A published image that matches an
+//! environment becomes a `waiting` deployment; queuing one supersedes the
+//! deployments still waiting for that environment, so only the newest image
+//! waits behind a running one. Workers claim a waiting deployment only when
+//! its environment has none running — a unique partial index makes "one
+//! running deployment per environment" a database guarantee — and hold it
+//! under a lease they renew, so a dead deployer's work is taken over.
+//!
+//! Every state change writes its `deploy.*` event in the same transaction.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::{
+    DeployFailed, DeployRolledBack, DeployStarted, DeploySucceeded, Deployment, Event, Revision,
+};
+use prost::Message as _;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// A published image the deployer can roll out.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub pipeline_id: String,
+    pub project: String,
+    pub repository: String,
+    pub digest: String,
+    pub revision: Revision,
+}
+
+/// How a deployment was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Auto,
+    Manual,
+    Rollback,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Auto => "auto",
+            Trigger::Manual => "manual",
+            Trigger::Rollback => "rollback",
+        }
+    }
+}
+
+/// One row of `deployments`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Row {
+    pub id: Uuid,
+    pub environment: String,
+    pub project: String,
+    pub pipeline_id: String,
+    pub repository: String,
+    pub digest: String,
+    pub revision: Vec<u8>,
+    pub trigger: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub previous_digest: Option<String>,
+    pub container_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// SQL built from [`COLUMNS`] and fixed text only (never from input).
+#[macro_export]
+macro_rules! sql {
+    ($($fmt:tt)*) => {
+        sqlx::AssertSqlSafe(format!($($fmt)*))
+    };
+}
+
+pub const COLUMNS: &str = "id, environment, project, pipeline_id, repository, digest, revision, trigger, state, reason, previous_digest, container_id, traceparent, attempt, created_at, finished_at";
+
+impl Row {
+    pub fn revision(&self) -> Revision {
+        Revision::decode(self.revision.as_slice()).unwrap_or_default()
+    }
+
+    /// The `Deployment` message of deploy events.
+    pub fn message(&self) -> Deployment {
+        Deployment {
+            deployment_id: self.id.to_string(),
+            environment: self.environment.clone(),
+            target: "docker".to_owned(),
+            repository: self.repository.clone(),
+            digest: self.digest.clone(),
+            trigger: self.trigger.clone(),
+            revision: Some(self.revision()),
+            previous_digest: self.previous_digest.clone().unwrap_or_default(),
+        }
+    }
+
+    fn event(&self, payload: Payload) -> Event {
+        Event::new(&self.pipeline_id, &self.project, payload)
+    }
+
+    /// `repository@digest`, what the engine pulls and runs.
+    pub fn reference(&self) -> String {
+        format!("{}@{}", self.repository, self.digest)
+    }
+}
+
+/// What runs in an environment.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Live {
+    pub deployment_id: Uuid,
+    pub container_id: String,
+    pub address: Option<String>,
+    pub digest: String,
+    pub since: DateTime<Utc>,
+}
+
+/// Makes sure every configured environment has its row.
+pub async fn sync_environments(pool: &PgPool, names: &[String]) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO environments (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
+        .bind(names)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Whether `digest` failed in `environment` before (and so is not deployed there automatically).
+pub async fn is_blocked(
+    tx: &mut Transaction<'_, Postgres>,
+    environment: &str,
+    digest: &str,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM blocked WHERE environment = $1 AND digest = $2)",
+    )
+    .bind(environment)
+    .bind(digest)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+pub async fn block(
+    tx: &mut Transaction<'_, Postgres>,
+    environment: &str,
+    digest: &str,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO blocked (environment, digest, reason) VALUES ($1, $2, $3)
+         ON CONFLICT (environment, digest) DO UPDATE SET reason = EXCLUDED.reason, blocked_at = now()",
+    )
+    .bind(environment)
+    .bind(digest)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Queues `image` for `environment`; deployments still waiting there are superseded.
+pub async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    environment: &str,
+    image: &Image,
+    trigger: Trigger,
+) -> sqlx::Result<Row> {
+    // Serialises queue changes of one environment.
+    sqlx::query("SELECT name FROM environments WHERE name = $1 FOR UPDATE")
+        .bind(environment)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let superseded = sqlx::query(
+        "UPDATE deployments SET state = 'superseded', finished_at = now(),
+                reason = 'a newer image was queued for this environment'
+         WHERE environment = $1 AND state = 'waiting'",
+    )
+    .bind(environment)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if superseded > 0 {
+        tracing::info!(environment, superseded, "waiting deployments superseded");
+    }
+    sqlx::query_as::<_, Row>(sql!(
+        "INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(environment)
+    .bind(&image.project)
+    .bind(&image.pipeline_id)
+    .bind(&image.repository)
+    .bind(&image.digest)
+    .bind(image.revision.encode_to_vec())
+    .bind(trigger.as_str())
+    .bind(gantry_telemetry::current_traceparent())
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Puts deployments whose owner stopped renewing back in the queue (or
+/// supersedes them when a newer one waits for the same environment).
+/// Our own deployments (`owner`) are left alone: this replica still runs them.
+pub async fn requeue_expired(pool: &PgPool, owner: &str) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE deployments d SET owner = NULL, lease_until = NULL,
+                state = CASE WHEN EXISTS (SELECT 1 FROM deployments w
+                                          WHERE w.environment = d.environment AND w.state = 'waiting')
+                             THEN 'superseded' ELSE 'waiting' END
+         WHERE state = 'running' AND lease_until < now() AND owner <> $1",
+    )
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Claims the oldest waiting deployment of an environment where none runs,
+/// and writes `deploy.started`. `None` when there is nothing to do.
+pub async fn claim(pool: &PgPool, owner: &str, lease: Duration) -> anyhow::Result<Option<Row>> {
+    let mut tx = pool.begin().await?;
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM deployments d
+         WHERE state = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.environment = d.environment AND r.state = 'running')
+         ORDER BY created_at LIMIT 1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let claimed = sqlx::query_as::<_, Row>(sql!(
+        "UPDATE deployments SET state = 'running', owner = $2, attempt = attempt + 1,
+                lease_until = now() + make_interval(secs => $3), started_at = now(),
+                previous_digest = (SELECT p.digest FROM live l JOIN deployments p ON p.id = l.deployment_id
+                                   WHERE l.environment = deployments.environment)
+         WHERE id = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await;
+    let row = match claimed {
+        Ok(row) => row,
+        // Another replica started a deployment of this environment meanwhile.
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let event = row.event(Payload::DeployStarted(DeployStarted {
+        deployment: Some(row.message()),
+    }));
+    gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
+    tx.commit().await?;
+    Ok(Some(row))
+}
+
+/// Extends the lease; false when the deployment is no longer ours.
+pub async fn renew(pool: &PgPool, id: Uuid, owner: &str, lease: Duration) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE deployments SET lease_until = now() + make_interval(secs => $3)
+         WHERE id = $1 AND owner = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// What runs in `environment`, if anything.
+pub async fn live(pool: &PgPool, environment: &str) -> sqlx::Result<Option<Live>> {
+    sqlx::query_as(
+        "SELECT l.deployment_id, l.container_id, l.address, d.digest, l.since
+         FROM live l JOIN deployments d ON d.id = l.deployment_id
+         WHERE l.environment = $1",
+    )
+    .bind(environment)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Every environment's live address (for the endpoints at start).
+pub async fn live_addresses(pool: &PgPool) -> sqlx::Result<Vec<(String, Option<String>)>> {
+    sqlx::query_as("SELECT environment, address FROM live")
+        .fetch_all(pool)
+        .await
+}
+
+/// The new version took over: it becomes live and `deploy.succeeded` is written.
+pub async fn succeed(
+    pool: &PgPool,
+    row: &Row,
+    owner: &str,
+    container_id: &str,
+    address: Option<&str>,
+    endpoint: &str,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE deployments SET state = 'succeeded', container_id = $3, finished_at = now(), lease_until = NULL
+         WHERE id = $1 AND owner = $2 AND state = 'running'",
+    )
+    .bind(row.id)
+    .bind(owner)
+    .bind(container_id)
+    .execute(&mut *tx)
+    .await?;
+    anyhow::ensure!(
+        done.rows_affected() == 1,
+        "deployment {} is no longer ours",
+        row.id
+    );
+    sqlx::query(
+        "INSERT INTO live (environment, deployment_id, container_id, address, since)
+         VALUES ($1, $2, $3, $4, now())
+         ON CONFLICT (environment) DO UPDATE
+         SET deployment_id = EXCLUDED.deployment_id, container_id = EXCLUDED.container_id,
+             address = EXCLUDED.address, since = EXCLUDED.since",
+    )
+    .bind(&row.environment)
+    .bind(row.id)
+    .bind(container_id)
+    .bind(address)
+    .execute(&mut *tx)
+    .await?;
+    let event = row.event(Payload::DeploySucceeded(DeploySucceeded {
+        deployment: Some(row.message()),
+        container_id: container_id.to_owned(),
+        endpoint: endpoint.to_owned(),
+    }));
+    gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The new version did not become healthy and was removed. When another
+/// version was running it keeps running (rolled back); either way the digest
+/// is not deployed to this environment again automatically.
+pub async fn fail(
+    pool: &PgPool,
+    row: &Row,
+    owner: &str,
+    reason: &str,
+    rolled_back: bool,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let state = if rolled_back { "rolled_back" } else { "failed" };
+    let done = sqlx::query(
+        "UPDATE deployments SET state = $3, reason = $4, finished_at = now(), lease_until = NULL
+         WHERE id = $1 AND owner = $2 AND state = 'running'",
+    )
+    .bind(row.id)
+    .bind(owner)
+    .bind(state)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    anyhow::ensure!(
+        done.rows_affected() == 1,
+        "deployment {} is no longer ours",
+        row.id
+    );
+    block(&mut tx, &row.environment, &row.digest, reason).await?;
+    let failed = row.event(Payload::DeployFailed(DeployFailed {
+        deployment: Some(row.message()),
+        reason: reason.to_owned(),
+    }));
+    gantry_bus::enqueue_traced(&mut tx, &failed, row.traceparent.as_deref()).await?;
+    if rolled_back {
+        let back = row.event(Payload::DeployRolledBack(DeployRolledBack {
+            deployment: Some(row.message()),
+            reason: reason.to_owned(),
+        }));
+        gantry_bus::enqueue_traced(&mut tx, &back, row.traceparent.as_deref()).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The deployment loop: claims waiting deployments (one per environment at a
+//! time, several environments at once) and carries each through the target:
+//! pull, start beside the old version, health check, take over (the endpoint
+//! switches, the old version drains and stops) — or remove the new version
+//! and keep the old one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_config::GantryConfig;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::docker::{DRAIN, DockerTarget};
+use crate::edge::Backends;
+use crate::queue::{self, Row};
+
+/// How often the queue is looked at without a wake-up (another replica's
+/// work, expired leases).
+const POLL: Duration = Duration::from_secs(2);
+/// How long a claimed deployment stays ours without renewal.
+pub const LEASE: Duration = Duration::from_secs(60);
+/// How long recording a deployment's end is retried while the database is away.
+const RECORD_PATIENCE: Duration = Duration::from_secs(300);
+
+pub struct Worker {
+    pub pool: PgPool,
+    pub target: DockerTarget,
+    pub config: Arc<GantryConfig>,
+    pub backends: Backends,
+    /// This replica's name in `deployments.owner`.
+    pub owner: String,
+    /// Wakes the loop when a deployment was queued.
+    pub wake: Arc<Notify>,
+    /// Wakes the outbox relay when a deploy event was written.
+    pub relay_wake: Arc<Notify>,
+    /// Deployments of different environments running at once.
+    pub concurrency: usize,
+}
+
+impl Worker {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut running = tokio::task::JoinSet::new();
+        while !shutdown.is_cancelled() {
+            if let Err(e) = queue::requeue_expired(&self.pool, &self.owner).await {
+                tracing::warn!(error = %e, "cannot look for expired deployments");
+            }
+            while running.len() < self.concurrency {
+                match queue::claim(&self.pool, &self.owner, LEASE).await {
+                    Ok(Some(row)) => {
+                        self.relay_wake.notify_one();
+                        running.spawn(self.clone().deploy(row));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "cannot claim a deployment");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
+        }
+        // A deployment cut here is taken over when its lease runs out; give
+        // the running ones the grace period to finish first.
+        let _ = tokio::time::timeout(gantry_runtime::GRACE_PERIOD, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+    }
+
+    async fn deploy(self: Arc<Self>, row: Row) {
+        let span = tracing::info_span!(
+            "deploy",
+            deployment = %row.id,
+            environment = %row.environment,
+            digest = %row.digest,
+            attempt = row.attempt
+        );
+        if let Some(tp) = &row.traceparent {
+            gantry_telemetry::set_parent(&span, tp);
+        }
+        let lost = CancellationToken::new();
+        let renew = {
+            let (pool, owner, id, lost) =
+                (self.pool.clone(), self.owner.clone(), row.id, lost.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LEASE / 4).await;
+                    if let Ok(false) = queue::renew(&pool, id, &owner, LEASE).await {
+                        lost.cancel();
+                        return;
+                    }
+                }
+            })
+        };
+        tokio::select! {
+            _ = self.execute(&row).instrument(span.clone()) => {}
+            _ = lost.cancelled() => {
+                let _g = span.enter();
+                tracing::warn!("lease lost: another replica took this deployment over");
+            }
+        }
+        renew.abort();
+    }
+
+    async fn execute(&self, row: &Row) {
+        let Some(env) = self.config.environment(&row.environment).cloned() else {
+            self.record_failure(row, "the environment is no longer configured", false)
+                .await;
+            return;
+        };
+        let live = match queue::live(&self.pool, &env.name).await {
+            Ok(l) => l,
+            Err(e) => {
+                // Leave it running: the lease runs out and it is tried again.
+                tracing::warn!(error = %e, "cannot read what runs in the environment");
+                return;
+            }
+        };
+        let keep = live.as_ref().map(|l| l.container_id.as_str());
+        self.target.remove_leftovers(row, keep).await;
+        tracing::info!(previous = ?live.as_ref().map(|l| &l.digest), "deploying");
+        let outcome = async {
+            self.target
+                .pull(row, &self.config.registry_for(&row.repository))
+                .await?;
+            let id = self.target.start(&env, row).await?;
+            match self.target.wait_healthy(&env, &id).await {
+                Ok(addr) => Ok((id, addr)),
+                Err(e) => {
+                    self.target.remove(&id).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok((id, addr)) => {
+                let endpoint = env.endpoint.clone().unwrap_or_default();
+                let address = addr.map(|a| a.to_string());
+                let recorded = self
+                    .record(|| {
+                        queue::succeed(
+                            &self.pool,
+                            row,
+                            &self.owner,
+                            &id,
+                            address.as_deref(),
+                            &endpoint,
+                        )
+                    })
+                    .await;
+                if !recorded {
+                    return;
+                }
+                if env.endpoint.is_some() {
+                    self.backends.set(&env.name, addr);
+                }
+                self.relay_wake.notify_one();
+                tracing::info!(container = %id, "deployed");
+                if let Some(old) = live.filter(|l| l.container_id != id) {
+                    tokio::time::sleep(DRAIN).await;
+                    self.target.retire(&old.container_id).await;
+                }
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(reason, rolled_back = live.is_some(), "deployment failed");
+                self.record_failure(row, &reason, live.is_some()).await;
+            }
+        }
+    }
+
+    async fn record_failure(&self, row: &Row, reason: &str, rolled_back: bool) {
+        if self
+            .record(|| queue::fail(&self.pool, row, &self.owner, reason, rolled_back))
+            .await
+        {
+            self.relay_wake.notify_one();
+        }
+    }
+
+    /// Retries writing a deployment's end while the database is away.
+    async fn record<F, Fut>(&self, write: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let start = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match write().await {
+                Ok(()) => return true,
+                Err(e) if start.elapsed() < RECORD_PATIENCE => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot record the deployment yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "deployment outcome not recorded");
+                    return false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `gantry.v1.Pipelines`: the pipeline projection over gRPC — recent
+//! pipelines, one pipeline with its timeline, and a stream of changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gantry_config::GantryConfig;
+use gantry_proto::v1::pipelines_server::Pipelines;
+use gantry_proto::v1::{
+    GetPipelineRequest, ListPipelinesRequest, ListPipelinesResponse, PipelineDetail,
+    PipelineSummary, TimelineEntry, WatchPipelinesRequest,
+};
+use sqlx::PgPool;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// How often a watch looks for changes.
+const WATCH_POLL: Duration = Duration::from_millis(250);
+
+pub struct PipelinesService {
+    pub pool: PgPool,
+    pub config: Arc<GantryConfig>,
+}
+
+fn unavailable(e: sqlx::Error) -> Status {
+    tracing::error!(error = %e, "pipeline store query failed");
+    Status::unavailable("the pipeline store is unavailable")
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct PipelineRow {
+    pipeline_id: String,
+    project: String,
+    git_ref: String,
+    commit_sha: String,
+    author: String,
+    state: String,
+    stage: String,
+    failure: String,
+    failed_step: String,
+    digest: String,
+    deployments: Vec<String>,
+    created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SELECT: &str = "SELECT p.pipeline_id, p.project, p.git_ref, p.commit_sha, p.author, p.state, p.stage,
+        p.failure, p.failed_step, p.digest, p.created_at, p.updated_at,
+        COALESCE((SELECT array_agg(d.environment || '=' || d.state ORDER BY d.environment)
+                  FROM pipeline_deployments d WHERE d.pipeline_id = p.pipeline_id), '{}') AS deployments
+     FROM pipelines p";
+
+impl PipelineRow {
+    pub fn summary(self, config: &GantryConfig) -> PipelineSummary {
+        let failure = match (self.failed_step.is_empty(), self.failure.is_empty()) {
+            (true, _) => self.failure,
+            (false, true) => self.failed_step,
+            (false, false) => format!("{}: {}", self.failed_step, self.failure),
+        };
+        PipelineSummary {
+            url: crate::outbound::Links::new(config, &self.pipeline_id)
+                .pipeline
+                .unwrap_or_default(),
+            pipeline_id: self.pipeline_id,
+            project: self.project,
+            git_ref: self.git_ref,
+            commit_sha: self.commit_sha,
+            author: self.author,
+            state: self.state,
+            stage: self.stage,
+            failure,
+            digest: self.digest,
+            deployments: self.deployments,
+            created_at: Some(timestamp(self.created_at)),
+            updated_at: Some(timestamp(self.updated_at)),
+        }
+    }
+}
+
+/// One pipeline's row.
+pub async fn pipeline(pool: &PgPool, id: &str) -> sqlx::Result<Option<PipelineRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT} WHERE p.pipeline_id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// One pipeline's timeline.
+pub async fn timeline(pool: &PgPool, id: &str) -> sqlx::Result<Vec<TimelineEntry>> {
+    let rows: Vec<(String, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT kind, occurred_at, summary FROM timeline WHERE pipeline_id = $1 ORDER BY occurred_at, event_id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(kind, at, summary)| TimelineEntry {
+            kind,
+            occurred_at: Some(timestamp(at)),
+            summary,
+        })
+        .collect())
+}
+
+#[tonic::async_trait]
+impl Pipelines for PipelinesService {
+    async fn list(
+        &self,
+        request: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            20
+        } else {
+            req.limit.min(500)
+        };
+        let rows: Vec<PipelineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE ($1 = '' OR p.project = $1) ORDER BY p.created_at DESC LIMIT $2"
+        )))
+        .bind(&req.project)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Response::new(ListPipelinesResponse {
+            pipelines: rows.into_iter().map(|r| r.summary(&self.config)).collect(),
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetPipelineRequest>,
+    ) -> Result<Response<PipelineDetail>, Status> {
+        let id = request.into_inner().pipeline_id;
+        let row = pipeline(&self.pool, &id)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| Status::not_found(format!("no pipeline {id}")))?;
+        let timeline = timeline(&self.pool, &id).await.map_err(unavailable)?;
+        Ok(Response::new(PipelineDetail {
+            pipeline: Some(row.summary(&self.config)),
+            timeline,
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<PipelineSummary, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchPipelinesRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (pool, config) = (self.pool.clone(), self.config.clone());
+        if !req.pipeline_id.is_empty()
+            && pipeline(&pool, &req.pipeline_id)
+                .await
+                .map_err(unavailable)?
+                .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no pipeline {}",
+                req.pipeline_id
+            )));
+        }
+        tokio::spawn(async move {
+            // A single pipeline starts with its current state; a watch of all
+            // pipelines starts with what changes from now on.
+            let mut since: DateTime<Utc> = if req.pipeline_id.is_empty() {
+                Utc::now()
+            } else {
+                DateTime::<Utc>::MIN_UTC
+            };
+            loop {
+                let rows: Result<Vec<PipelineRow>, _> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "{SELECT} WHERE p.updated_at > $1 AND ($2 = '' OR p.pipeline_id = $2)
+                       AND ($3 = '' OR p.project = $3)
+                     ORDER BY p.updated_at LIMIT 200"
+                    )))
+                    .bind(since)
+                    .bind(&req.pipeline_id)
+                    .bind(&req.project)
+                    .fetch_all(&pool)
+                    .await;
+                match rows {
+                    Ok(rows) => {
+                        for row in rows {
+                            since = since.max(row.updated_at);
+                            if tx.send(Ok(row.summary(&config))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watch query failed"),
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,616 @@
+//! Outgoing calls: commit statuses on GitLab and GitHub, and chat messages
+//! (Slack-compatible incoming webhooks, which Mattermost and Rocket.Chat
+//! accept too, and a generic JSON webhook).
+//!
+//! Calls are rows of `outbound`, written with the projection change that
+//! caused them; [`send_loop`] delivers them with retries and backoff, in order
+//! per key (one commit status context, one chat channel), and never inside the
+//! event consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_config::{ChatKind, GantryConfig};
+use gantry_proto::v1::Revision;
+use serde_json::{Value, json};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Timeout of one outgoing call (GitLab itself gives webhooks 10 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts before a call is given up (about an hour of backoff in all).
+const MAX_ATTEMPTS: i32 = 15;
+/// Longest pause between two attempts.
+const MAX_BACKOFF_SECS: f64 = 600.0;
+/// How long a claimed call is not picked again by another loop.
+const CLAIM_SECS: f64 = 60.0;
+/// How often the table is looked at without a wake-up.
+const POLL: Duration = Duration::from_secs(1);
+/// Calls sent at once.
+const BATCH: i64 = 32;
+
+/// Links to a pipeline's pages (when `public_url` is configured).
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    pub pipeline: Option<String>,
+    pub log: Option<String>,
+}
+
+impl Links {
+    pub fn new(config: &GantryConfig, pipeline_id: &str) -> Self {
+        match &config.public_url {
+            Some(base) => Self {
+                pipeline: Some(format!("{base}/pipelines/{pipeline_id}")),
+                log: Some(format!("{base}/pipelines/{pipeline_id}/log")),
+            },
+            None => Self::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusState {
+    Pending,
+    Running,
+    Success,
+    Failed,
+}
+
+impl StatusState {
+    pub fn from_pipeline(state: &str) -> Self {
+        match state {
+            "running" => Self::Running,
+            "success" => Self::Success,
+            "failed" => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+
+    fn gitlab(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Success => "success",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// GitHub has no "running": a running pipeline stays pending there.
+    fn github(self) -> &'static str {
+        match self {
+            Self::Pending | Self::Running => "pending",
+            Self::Success => "success",
+            Self::Failed => "failure",
+        }
+    }
+}
+
+/// A commit status for one context.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub context: String,
+    pub state: StatusState,
+    pub description: String,
+    pub target_url: Option<String>,
+}
+
+/// Percent-encodes a path segment (GitLab accepts `group%2Fproject` as `:id`).
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn insert(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &str,
+    destination: &str,
+    path: &str,
+    body: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO outbound (key, destination, path, body) VALUES ($1, $2, $3, $4)")
+        .bind(key)
+        .bind(destination)
+        .bind(path)
+        .bind(body)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Queues `status` on every forge the project is on; returns whether any was queued.
+pub async fn queue_status(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    project: &str,
+    rev: &Revision,
+    status: &Status,
+) -> sqlx::Result<bool> {
+    let Some(p) = config.project(project) else {
+        return Ok(false);
+    };
+    if rev.commit_sha.is_empty() {
+        return Ok(false);
+    }
+    let mut queued = false;
+    let description: String = status.description.chars().take(140).collect();
+    if let (Some(path), Some(_)) = (&p.gitlab, &config.gitlab) {
+        let git_ref = if rev.tag.is_empty() {
+            &rev.branch
+        } else {
+            &rev.tag
+        };
+        let mut body = json!({
+            "state": status.state.gitlab(),
+            "name": status.context,
+            "description": description,
+        });
+        if !git_ref.is_empty() {
+            body["ref"] = json!(git_ref);
+        }
+        if let Some(url) = &status.target_url {
+            body["target_url"] = json!(url);
+        }
+        let api = format!(
+            "/api/v4/projects/{}/statuses/{}",
+            encode_segment(path),
+            rev.commit_sha
+        );
+        let key = format!("gitlab:{path}:{}:{}", rev.commit_sha, status.context);
+        insert(tx, &key, "gitlab", &api, &body).await?;
+        queued = true;
+    }
+    if let (Some(full_name), Some(_)) = (&p.github, &config.github) {
+        let mut body = json!({
+            "state": status.state.github(),
+            "context": status.context,
+            "description": description,
+        });
+        if let Some(url) = &status.target_url {
+            body["target_url"] = json!(url);
+        }
+        let api = format!("/repos/{full_name}/statuses/{}", rev.commit_sha);
+        let key = format!("github:{full_name}:{}:{}", rev.commit_sha, status.context);
+        insert(tx, &key, "github", &api, &body).await?;
+        queued = true;
+    }
+    Ok(queued)
+}
+
+/// Something the team hears about.
+#[derive(Debug, Clone)]
+pub enum ChatEvent {
+    /// The ref was green (or new) and is now red.
+    Failed { step: String, reason: String },
+    /// The ref was red and is green again.
+    Recovered,
+    /// A new version runs in an environment.
+    Deployed {
+        environment: String,
+        endpoint: String,
+    },
+    /// A first deployment to an environment failed (nothing to go back to).
+    DeployFailed { environment: String, reason: String },
+    /// A deployment failed and the previous version kept running.
+    RolledBack {
+        environment: String,
+        reason: String,
+        kept: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Chat {
+    pub project: String,
+    pub pipeline_id: String,
+    pub revision: Revision,
+    pub links: Links,
+    pub what: ChatEvent,
+}
+
+fn short(s: &str) -> &str {
+    let s = s.strip_prefix("sha256:").unwrap_or(s);
+    &s[..s.len().min(12)]
+}
+
+impl Chat {
+    fn git_ref(&self) -> &str {
+        let r = &self.revision;
+        if !r.tag.is_empty() {
+            &r.tag
+        } else if !r.branch.is_empty() {
+            &r.branch
+        } else {
+            &r.git_ref
+        }
+    }
+
+    fn author(&self) -> String {
+        let r = &self.revision;
+        match (r.author_name.is_empty(), r.author_email.is_empty()) {
+            (false, false) => format!("{} <{}>", r.author_name, r.author_email),
+            (false, true) => r.author_name.clone(),
+            (true, false) => r.author_email.clone(),
+            (true, true) => "unknown author".into(),
+        }
+    }
+
+    /// The event name of the generic webhook.
+    fn kind(&self) -> &'static str {
+        match self.what {
+            ChatEvent::Failed { .. } => "pipeline.failed",
+            ChatEvent::Recovered => "pipeline.recovered",
+            ChatEvent::Deployed { .. } => "deploy.succeeded",
+            ChatEvent::DeployFailed { .. } => "deploy.failed",
+            ChatEvent::RolledBack { .. } => "deploy.rolled_back",
+        }
+    }
+
+    /// The message as one line of text (Slack markdown links).
+    pub fn text(&self) -> String {
+        let at = format!(
+            "{} `{}` at {}",
+            self.project,
+            self.git_ref(),
+            short(&self.revision.commit_sha)
+        );
+        let link = |label: &str, url: &Option<String>| match url {
+            Some(u) => format!(" <{u}|{label}>"),
+            None => String::new(),
+        };
+        match &self.what {
+            ChatEvent::Failed { step, reason } => format!(
+                ":red_circle: {at} failed at step *{step}* (commit by {}): {reason}.{}",
+                self.author(),
+                link("log", &self.links.log)
+            ),
+            ChatEvent::Recovered => format!(
+                ":large_green_circle: {at} is green again (commit by {}).{}",
+                self.author(),
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::Deployed {
+                environment,
+                endpoint,
+            } => format!(
+                ":rocket: {at} now runs in *{environment}*{}.{}",
+                if endpoint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({endpoint})")
+                },
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::DeployFailed {
+                environment,
+                reason,
+            } => format!(
+                ":red_circle: deploying {at} to *{environment}* failed: {reason}.{}",
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::RolledBack {
+                environment,
+                reason,
+                kept,
+            } => format!(
+                ":leftwards_arrow_with_hook: {at} was rolled back in *{environment}*: {reason}; {} keeps running.{}",
+                short(kept),
+                link("pipeline", &self.links.pipeline)
+            ),
+        }
+    }
+
+    /// The body for a channel of `kind`.
+    pub fn body(&self, kind: ChatKind) -> Value {
+        match kind {
+            ChatKind::Slack => json!({ "text": self.text() }),
+            ChatKind::Webhook => {
+                let mut body = json!({
+                    "event": self.kind(),
+                    "project": self.project,
+                    "pipeline_id": self.pipeline_id,
+                    "ref": self.git_ref(),
+                    "commit": self.revision.commit_sha,
+                    "author": self.revision.author_name,
+                    "author_email": self.revision.author_email,
+                    "text": self.text(),
+                    "url": self.links.pipeline,
+                });
+                match &self.what {
+                    ChatEvent::Failed { step, reason } => {
+                        body["step"] = json!(step);
+                        body["reason"] = json!(reason);
+                        body["log_url"] = json!(self.links.log);
+                    }
+                    ChatEvent::Deployed {
+                        environment,
+                        endpoint,
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["endpoint"] = json!(endpoint);
+                    }
+                    ChatEvent::DeployFailed {
+                        environment,
+                        reason,
+                    }
+                    | ChatEvent::RolledBack {
+                        environment,
+                        reason,
+                        ..
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["reason"] = json!(reason);
+                    }
+                    ChatEvent::Recovered => {}
+                }
+                body
+            }
+        }
+    }
+}
+
+/// Queues `message` for every channel that follows its project.
+pub async fn queue_chat(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    message: &Chat,
+) -> sqlx::Result<bool> {
+    let mut queued = false;
+    for channel in config.chat.iter().filter(|c| c.wants(&message.project)) {
+        let destination = format!("chat:{}", channel.name);
+        insert(
+            tx,
+            &destination,
+            &destination,
+            "",
+            &message.body(channel.kind),
+        )
+        .await?;
+        queued = true;
+    }
+    Ok(queued)
+}
+
+#[derive(sqlx::FromRow)]
+struct Call {
+    id: i64,
+    destination: String,
+    path: String,
+    body: Value,
+    attempts: i32,
+}
+
+/// Sends queued calls until `shutdown`.
+pub async fn send_loop(
+    pool: PgPool,
+    config: Arc<GantryConfig>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(CALL_TIMEOUT)
+        .user_agent(concat!("gantry-notifier/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the HTTP client: nothing will be sent");
+            return;
+        }
+    };
+    while !shutdown.is_cancelled() {
+        let calls: Vec<Call> = match sqlx::query_as(
+            "UPDATE outbound SET next_at = now() + make_interval(secs => $2)
+             WHERE id IN (
+                 SELECT id FROM outbound o
+                 WHERE sent_at IS NULL AND NOT gave_up AND next_at <= now()
+                   AND NOT EXISTS (SELECT 1 FROM outbound e
+                                   WHERE e.key = o.key AND e.id < o.id AND e.sent_at IS NULL AND NOT e.gave_up)
+                 ORDER BY id LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id, destination, path, body, attempts",
+        )
+        .bind(BATCH)
+        .bind(CLAIM_SECS)
+        .fetch_all(&pool)
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read outgoing calls");
+                Vec::new()
+            }
+        };
+        let busy = !calls.is_empty();
+        futures::future::join_all(
+            calls
+                .into_iter()
+                .map(|call| deliver(&pool, &client, &config, call)),
+        )
+        .await;
+        if busy {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig, call: Call) {
+    let result = send(client, config, &call).await;
+    let update = match &result {
+        Ok(()) => {
+            sqlx::query(
+                "UPDATE outbound SET sent_at = now(), attempts = attempts + 1 WHERE id = $1",
+            )
+            .bind(call.id)
+            .execute(pool)
+            .await
+        }
+        Err(e) => {
+            let attempts = call.attempts + 1;
+            let gave_up = attempts >= MAX_ATTEMPTS || e.permanent;
+            let pause = (2f64.powi(attempts.min(20))).min(MAX_BACKOFF_SECS);
+            if gave_up {
+                tracing::error!(destination = call.destination, path = call.path, error = %e, attempts, "outgoing call given up");
+            } else {
+                tracing::warn!(destination = call.destination, path = call.path, error = %e, attempts, "outgoing call failed; will retry");
+            }
+            sqlx::query(
+                "UPDATE outbound SET attempts = $2, last_error = $3, gave_up = $4,
+                        next_at = now() + make_interval(secs => $5)
+                 WHERE id = $1",
+            )
+            .bind(call.id)
+            .bind(attempts)
+            .bind(e.to_string())
+            .bind(gave_up)
+            .bind(pause)
+            .execute(pool)
+            .await
+        }
+    };
+    if let Err(e) = update {
+        // The claim runs out and the call is sent again: at-least-once.
+        tracing::warn!(error = %e, "cannot record an outgoing call");
+    }
+}
+
+/// Why a call failed, and whether trying again can help.
+#[derive(Debug)]
+struct CallError {
+    message: String,
+    /// The receiver refused the call itself (a 4xx other than 408/429), or it
+    /// cannot be made any more: sending it again would fail the same way.
+    permanent: bool,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn permanent(message: String) -> CallError {
+    CallError {
+        message,
+        permanent: true,
+    }
+}
+
+async fn send(
+    client: &reqwest::Client,
+    config: &GantryConfig,
+    call: &Call,
+) -> Result<(), CallError> {
+    let request = match call.destination.as_str() {
+        "gitlab" => {
+            let forge = config
+                .gitlab
+                .as_ref()
+                .ok_or_else(|| permanent("forges.gitlab is no longer configured".into()))?;
+            client
+                .post(format!("{}{}", forge.url, call.path))
+                .header("PRIVATE-TOKEN", forge.token.expose())
+        }
+        "github" => {
+            let forge = config
+                .github
+                .as_ref()
+                .ok_or_else(|| permanent("forges.github is no longer configured".into()))?;
+            client
+                .post(format!("{}{}", forge.url, call.path))
+                .bearer_auth(forge.token.expose())
+                .header("Accept", "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", "2022-11-28")
+        }
+        other => {
+            let name = other.strip_prefix("chat:").unwrap_or(other);
+            let channel = config.chat.iter().find(|c| c.name == name).ok_or_else(|| {
+                permanent(format!("chat channel {name:?} is no longer configured"))
+            })?;
+            client.post(channel.url.expose())
+        }
+    };
+    let response = request
+        .json(&call.body)
+        .send()
+        .await
+        .map_err(|e| CallError {
+            message: e.to_string(),
+            permanent: false,
+        })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text: String = response
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect();
+    Err(CallError {
+        message: format!("answered {status}: {text}"),
+        permanent: status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_project_ids_are_encoded() {
+        assert_eq!(encode_segment("team/hello-world"), "team%2Fhello-world");
+    }
+
+    #[test]
+    fn failure_message_names_author_step_and_log() {
+        let chat = Chat {
+            project: "hello".into(),
+            pipeline_id: "p1".into(),
+            revision: Revision {
+                commit_sha: "0123456789abcdef".into(),
+                branch: "main".into(),
+                author_name: "Ada".into(),
+                author_email: "ada@example.com".into(),
+                ..Default::default()
+            },
+            links: Links {
+                pipeline: Some("http://g/pipelines/p1".into()),
+                log: Some("http://g/pipelines/p1/log".into()),
+            },
+            what: ChatEvent::Failed {
+                step: "smoke".into(),
+                reason: "exit code 3".into(),
+            },
+        };
+        let text = chat.text();
+        for needle in [
+            "Ada <ada@example.com>",
+            "*smoke*",
+            "http://g/pipelines/p1/log",
+            "0123456789ab",
+        ] {
+            assert!(text.contains(needle), "{text} lacks {needle}");
+        }
+        let body = chat.body(ChatKind::Webhook);
+        assert_eq!(body["event"], "pipeline.failed");
+        assert_eq!(body["step"], "smoke");
+        assert_eq!(body["log_url"], "http://g/pipelines/p1/log");
+    }
+}

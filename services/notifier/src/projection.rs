@@ -1,0 +1,406 @@
+//! The pipeline projection and what it says to the outside: every event
+//! updates the pipeline's row (its state only moves forward, so events that
+//! arrive out of order change nothing), and a state change queues commit
+//! statuses and — only when something changed for the team — a chat message.
+
+use gantry_config::GantryConfig;
+use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::{Event, Revision};
+use sqlx::{Postgres, Transaction};
+
+use crate::outbound::{self, Chat, ChatEvent, Status, StatusState};
+
+/// Pipeline states, ranked so that they only move forward.
+fn rank(state: &str) -> i32 {
+    match state {
+        "pending" => 0,
+        "running" => 1,
+        _ => 2,
+    }
+}
+
+/// The revision every pipeline event carries.
+pub fn revision(event: &Event) -> Option<&Revision> {
+    match event.payload.as_ref()? {
+        Payload::PipelineRequested(p) => p.revision.as_ref(),
+        Payload::BuildStarted(p) => p.revision.as_ref(),
+        Payload::BuildSucceeded(p) => p.revision.as_ref(),
+        Payload::BuildFailed(p) => p.revision.as_ref(),
+        Payload::ImagePublished(p) => p.revision.as_ref(),
+        Payload::PublishFailed(p) => p.revision.as_ref(),
+        Payload::DeployStarted(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeploySucceeded(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeployFailed(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeployRolledBack(p) => p.deployment.as_ref()?.revision.as_ref(),
+    }
+}
+
+/// What the pipeline row becomes after an event.
+struct Change {
+    state: Option<&'static str>,
+    stage: Option<&'static str>,
+    failure: Option<String>,
+    failed_step: Option<String>,
+    build_id: Option<String>,
+    digest: Option<String>,
+    description: String,
+}
+
+fn change(event: &Event) -> Change {
+    let mut c = Change {
+        state: None,
+        stage: None,
+        failure: None,
+        failed_step: None,
+        build_id: None,
+        digest: None,
+        description: String::new(),
+    };
+    match event.payload.as_ref() {
+        Some(Payload::PipelineRequested(_)) => {
+            c.state = Some("pending");
+            c.description = "Pipeline queued".into();
+        }
+        Some(Payload::BuildStarted(b)) => {
+            c.state = Some("running");
+            c.stage = Some("build");
+            c.build_id = Some(b.build_id.clone());
+            c.description = "Building and testing".into();
+        }
+        Some(Payload::BuildSucceeded(b)) => {
+            c.state = Some("running");
+            c.stage = Some("publish");
+            c.build_id = Some(b.build_id.clone());
+        }
+        Some(Payload::BuildFailed(b)) => {
+            c.state = Some("failed");
+            c.build_id = Some(b.build_id.clone());
+            c.failed_step = Some(b.step.clone());
+            c.failure = Some(b.reason.clone());
+            c.description = format!("Failed at step {}", b.step);
+        }
+        Some(Payload::ImagePublished(i)) => {
+            c.state = Some("success");
+            c.stage = Some("publish");
+            c.digest = Some(i.digest.clone());
+            c.description = format!("Image published: {}", i.tags.join(", "));
+        }
+        Some(Payload::PublishFailed(f)) => {
+            c.state = Some("failed");
+            c.stage = Some("publish");
+            c.failed_step = Some("publish".into());
+            c.failure = Some(f.reason.clone());
+            c.description = "Publishing the image failed".into();
+        }
+        Some(
+            Payload::DeployStarted(_)
+            | Payload::DeploySucceeded(_)
+            | Payload::DeployFailed(_)
+            | Payload::DeployRolledBack(_),
+        ) => c.stage = Some("deploy"),
+        None => {}
+    }
+    c
+}
+
+/// Applies `event` to the projection inside `tx`; queues the outbound calls it
+/// causes. Returns whether anything was queued.
+pub async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    event: &Event,
+) -> anyhow::Result<bool> {
+    let rev = revision(event).cloned().unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO pipelines (pipeline_id, project, git_ref, branch, tag, commit_sha, author, forge_project)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (pipeline_id) DO NOTHING",
+    )
+    .bind(&event.pipeline_id)
+    .bind(&event.project)
+    .bind(&rev.git_ref)
+    .bind(&rev.branch)
+    .bind(&rev.tag)
+    .bind(&rev.commit_sha)
+    .bind(&rev.author_name)
+    .bind(&rev.forge_project)
+    .execute(&mut **tx)
+    .await?;
+    let (old_state, old_rank): (String, i32) =
+        sqlx::query_as("SELECT state, rank FROM pipelines WHERE pipeline_id = $1 FOR UPDATE")
+            .bind(&event.pipeline_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let c = change(event);
+    let advanced = c.state.filter(|s| rank(s) > old_rank);
+    sqlx::query(
+        "UPDATE pipelines SET
+            state = COALESCE($2, state),
+            rank = COALESCE($3, rank),
+            stage = CASE WHEN $4::text IS NULL OR (stage = 'deploy') THEN stage ELSE $4 END,
+            failure = COALESCE($5, failure),
+            failed_step = COALESCE($6, failed_step),
+            build_id = COALESCE($7, build_id),
+            digest = COALESCE($8, digest),
+            updated_at = clock_timestamp()
+         WHERE pipeline_id = $1",
+    )
+    .bind(&event.pipeline_id)
+    .bind(advanced)
+    .bind(advanced.map(rank))
+    .bind(c.stage)
+    .bind(advanced.and(c.failure.clone()))
+    .bind(advanced.and(c.failed_step.clone()))
+    .bind(c.build_id.clone())
+    .bind(c.digest.clone())
+    .execute(&mut **tx)
+    .await?;
+
+    let links = outbound::Links::new(config, &event.pipeline_id);
+    let mut queued = false;
+    if let Some(state) = advanced {
+        let status = Status {
+            context: "gantry".into(),
+            state: StatusState::from_pipeline(state),
+            description: c.description.clone(),
+            target_url: links.pipeline.clone(),
+        };
+        queued |= outbound::queue_status(tx, config, &event.project, &rev, &status).await?;
+        tracing::debug!(from = old_state, to = state, "pipeline state changed");
+    }
+
+    // Chat: only when the state of the project's ref changes.
+    let chat = match event.payload.as_ref() {
+        Some(Payload::BuildFailed(_) | Payload::PublishFailed(_)) if advanced.is_some() => {
+            if set_ref_state(tx, event, &rev, "red").await?.is_some() {
+                Some(ChatEvent::Failed {
+                    step: c.failed_step.clone().unwrap_or_default(),
+                    reason: c.failure.clone().unwrap_or_default(),
+                })
+            } else {
+                None
+            }
+        }
+        Some(Payload::ImagePublished(_)) if advanced.is_some() => {
+            (set_ref_state(tx, event, &rev, "green").await? == Some("red"))
+                .then_some(ChatEvent::Recovered)
+        }
+        Some(Payload::DeployStarted(d)) => {
+            let d = d.deployment.clone().unwrap_or_default();
+            if !deployment(tx, event, &d, "running", "").await? {
+                return Ok(queued);
+            }
+            queued |= deploy_status(
+                tx,
+                config,
+                event,
+                &rev,
+                &links,
+                &d.environment,
+                StatusState::Running,
+                "Deploying",
+            )
+            .await?;
+            None
+        }
+        Some(Payload::DeploySucceeded(s)) => {
+            let d = s.deployment.clone().unwrap_or_default();
+            if !deployment(tx, event, &d, "succeeded", "").await? {
+                return Ok(queued);
+            }
+            queued |= deploy_status(
+                tx,
+                config,
+                event,
+                &rev,
+                &links,
+                &d.environment,
+                StatusState::Success,
+                "Deployed",
+            )
+            .await?;
+            let announced: Option<String> =
+                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
+                    .bind(&d.environment)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
+                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+            )
+            .bind(&d.environment)
+            .bind(&d.digest)
+            .execute(&mut **tx)
+            .await?;
+            (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
+                environment: d.environment.clone(),
+                endpoint: s.endpoint.clone(),
+            })
+        }
+        Some(Payload::DeployFailed(f)) => {
+            let d = f.deployment.clone().unwrap_or_default();
+            if !deployment(tx, event, &d, "failed", &f.reason).await? {
+                return Ok(queued);
+            }
+            queued |= deploy_status(
+                tx,
+                config,
+                event,
+                &rev,
+                &links,
+                &d.environment,
+                StatusState::Failed,
+                "Deployment failed",
+            )
+            .await?;
+            // With a previous version, deploy.rolled_back follows and speaks for both.
+            d.previous_digest
+                .is_empty()
+                .then(|| ChatEvent::DeployFailed {
+                    environment: d.environment.clone(),
+                    reason: f.reason.clone(),
+                })
+        }
+        Some(Payload::DeployRolledBack(r)) => {
+            let d = r.deployment.clone().unwrap_or_default();
+            let failure_told: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
+                 WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = 'failed')",
+            )
+            .bind(&event.pipeline_id)
+            .bind(&d.environment)
+            .bind(&d.deployment_id)
+            .fetch_one(&mut **tx)
+            .await?;
+            if !deployment(tx, event, &d, "rolled_back", &r.reason).await? {
+                return Ok(queued);
+            }
+            if !failure_told {
+                // deploy.failed was handled first or is yet to come (and will be skipped).
+                queued |= deploy_status(
+                    tx,
+                    config,
+                    event,
+                    &rev,
+                    &links,
+                    &d.environment,
+                    StatusState::Failed,
+                    "Deployment failed",
+                )
+                .await?;
+            }
+            Some(ChatEvent::RolledBack {
+                environment: d.environment.clone(),
+                reason: r.reason.clone(),
+                kept: d.previous_digest.clone(),
+            })
+        }
+        _ => None,
+    };
+    if let Some(what) = chat {
+        let message = Chat {
+            project: event.project.clone(),
+            pipeline_id: event.pipeline_id.clone(),
+            revision: rev.clone(),
+            links,
+            what,
+        };
+        queued |= outbound::queue_chat(tx, config, &message).await?;
+    }
+    Ok(queued)
+}
+
+/// Records the state of the event's ref; returns the state it had before
+/// when it changed (`Some("")` when it had none), `None` when unchanged.
+async fn set_ref_state(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &Event,
+    rev: &Revision,
+    state: &'static str,
+) -> sqlx::Result<Option<&'static str>> {
+    let before: Option<String> = sqlx::query_scalar(
+        "SELECT state FROM ref_state WHERE project = $1 AND git_ref = $2 FOR UPDATE",
+    )
+    .bind(&event.project)
+    .bind(&rev.git_ref)
+    .fetch_optional(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO ref_state (project, git_ref, state, pipeline_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (project, git_ref) DO UPDATE SET state = EXCLUDED.state,
+             pipeline_id = EXCLUDED.pipeline_id, updated_at = now()",
+    )
+    .bind(&event.project)
+    .bind(&rev.git_ref)
+    .bind(state)
+    .bind(&event.pipeline_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(match before.as_deref() {
+        Some(s) if s == state => None,
+        Some("red") => Some("red"),
+        Some(_) => Some("green"),
+        None => Some(""),
+    })
+}
+
+/// Records a deployment's state for its pipeline; false when the event is
+/// older than what is recorded (events of one deployment may be handled out
+/// of order), and then nothing is said about it.
+async fn deployment(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &Event,
+    d: &gantry_proto::v1::Deployment,
+    state: &str,
+    reason: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO pipeline_deployments (pipeline_id, environment, deployment_id, state, digest, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (pipeline_id, environment) DO UPDATE SET deployment_id = EXCLUDED.deployment_id,
+             state = EXCLUDED.state, digest = EXCLUDED.digest, reason = EXCLUDED.reason,
+             updated_at = clock_timestamp()
+         WHERE pipeline_deployments.deployment_id < EXCLUDED.deployment_id
+            OR (pipeline_deployments.deployment_id = EXCLUDED.deployment_id
+                AND (CASE EXCLUDED.state WHEN 'running' THEN 0 WHEN 'rolled_back' THEN 2 ELSE 1 END)
+                  > (CASE pipeline_deployments.state WHEN 'running' THEN 0 WHEN 'rolled_back' THEN 2 ELSE 1 END))",
+    )
+    .bind(&event.pipeline_id)
+    .bind(&d.environment)
+    .bind(&d.deployment_id)
+    .bind(state)
+    .bind(&d.digest)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE pipelines SET updated_at = clock_timestamp() WHERE pipeline_id = $1")
+        .bind(&event.pipeline_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deploy_status(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    event: &Event,
+    rev: &Revision,
+    links: &outbound::Links,
+    environment: &str,
+    state: StatusState,
+    description: &str,
+) -> anyhow::Result<bool> {
+    let status = Status {
+        context: format!("gantry/deploy/{environment}"),
+        state,
+        description: format!("{description} to {environment}"),
+        target_url: links.pipeline.clone(),
+    };
+    outbound::queue_status(tx, config, &event.project, rev, &status)
+        .await
+        .map_err(Into::into)
+}

@@ -1,0 +1,57 @@
+//! The Docker engine as tests see it, through the `docker` command.
+
+use std::process::Command;
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Ids of the containers (running or not) carrying `label` (`key=value`).
+pub fn labelled(label: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label={label}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Removes every container carrying `label`.
+pub fn remove_labelled(label: &str) {
+    for id in labelled(label) {
+        docker(&["rm", "-f", &id]);
+    }
+}
+
+/// A container's label value.
+pub fn label(container: &str, key: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
+        container,
+    ])
+}
+
+/// A container's IP address on the default bridge network.
+pub fn ip(container: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.bridge.IPAddress}}",
+        container,
+    ])
+}
+
+/// Whether a container is running.
+pub fn running(container: &str) -> bool {
+    docker(&["inspect", "-f", "{{.State.Running}}", container]) == "true"
+}
