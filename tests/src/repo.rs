@@ -34,6 +34,16 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// The default `.gantry.yml`: checks the page is in the image, as the unprivileged user.
 pub const PASSING_PIPELINE: &str = "image:\n  dockerfile: Dockerfile\ntest:\n  - name: content\n    run: grep -q hello /www/index.html\n  - name: unprivileged\n    run: test \"$(id -u)\" = 65534\n";
 
+/// The command the sample image serves its pages with.
+pub const SERVE: &str = "[\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]";
+
+/// The sample's Dockerfile with `extra` instructions before `CMD cmd`.
+pub fn dockerfile(extra: &str, cmd: &str) -> String {
+    format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY index.html /www/index.html\n{extra}CMD {cmd}\n"
+    )
+}
+
 impl SampleRepo {
     /// A repository on `main` with one commit of a passing service.
     pub fn new() -> Self {
@@ -45,11 +55,7 @@ impl SampleRepo {
         git(&path, &["init", "-q", "-b", "main"]);
         std::fs::copy("/bin/busybox", path.join("busybox"))
             .expect("static busybox (busybox-static) at /bin/busybox");
-        std::fs::write(
-            path.join("Dockerfile"),
-            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY index.html /www/index.html\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-        )
-        .expect("write Dockerfile");
+        std::fs::write(path.join("Dockerfile"), dockerfile("", SERVE)).expect("write Dockerfile");
         std::fs::write(path.join("index.html"), "hello v1\n").expect("write page");
         std::fs::write(path.join(".gantry.yml"), PASSING_PIPELINE).expect("write pipeline");
         let repo = Self { _dir: dir, path };

@@ -448,6 +448,10 @@ impl Stack {
                 self.options.lease_secs.to_string(),
             )
             .env(
+                "GANTRY_DEPLOY_LEASE_SECS",
+                self.options.lease_secs.to_string(),
+            )
+            .env(
                 "GANTRY_WORKER_NAME",
                 format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
             )

@@ -89,14 +89,12 @@ async fn start(
 
 /// The sample's Dockerfile, with or without the page the health check asks for.
 fn with_health_page(health: bool) -> String {
-    format!(
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY index.html /www/index.html\n{}CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-        if health {
-            "COPY health.html /www/health.html\n"
-        } else {
-            ""
-        }
-    )
+    let extra = if health {
+        "COPY health.html /www/health.html\n"
+    } else {
+        ""
+    };
+    gantry_tests::repo::dockerfile(extra, gantry_tests::repo::SERVE)
 }
 
 fn states(calls: &[Call], sha: &str, context: &str) -> Vec<String> {

@@ -51,6 +51,9 @@ pub struct Settings {
     /// Deployments of different environments run at once.
     #[arg(long, env = "GANTRY_DEPLOY_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
+    /// Seconds a deployment stays claimed without renewal (taken over after a crash).
+    #[arg(long, env = "GANTRY_DEPLOY_LEASE_SECS", default_value_t = 60)]
+    pub lease_secs: u64,
 }
 
 /// Takes `image.published` into the catalogue and queues matching deployments.
@@ -197,6 +200,7 @@ impl Service {
             wake: wake.clone(),
             relay_wake: self.base.relay_wake.clone(),
             concurrency: self.settings.concurrency.max(1),
+            lease: std::time::Duration::from_secs(self.settings.lease_secs.max(4)),
         });
         self.base.spawn(worker.run(shutdown.clone()));
         let grpc = grpc::DeploymentsService {

@@ -20,8 +20,6 @@ use crate::queue::{self, Row};
 /// How often the queue is looked at without a wake-up (another replica's
 /// work, expired leases).
 const POLL: Duration = Duration::from_secs(2);
-/// How long a claimed deployment stays ours without renewal.
-pub const LEASE: Duration = Duration::from_secs(60);
 /// How long recording a deployment's end is retried while the database is away.
 const RECORD_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -38,6 +36,9 @@ pub struct Worker {
     pub relay_wake: Arc<Notify>,
     /// Deployments of different environments running at once.
     pub concurrency: usize,
+    /// How long a claimed deployment stays ours without renewal; a deployer
+    /// that dies mid-deployment is taken over once it runs out.
+    pub lease: Duration,
 }
 
 impl Worker {
@@ -48,7 +49,7 @@ impl Worker {
                 tracing::warn!(error = %e, "cannot look for expired deployments");
             }
             while running.len() < self.concurrency {
-                match queue::claim(&self.pool, &self.owner, LEASE).await {
+                match queue::claim(&self.pool, &self.owner, self.lease).await {
                     Ok(Some(row)) => {
                         self.relay_wake.notify_one();
                         running.spawn(self.clone().deploy(row));
