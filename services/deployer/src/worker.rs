@@ -89,12 +89,17 @@ impl Worker {
         }
         let lost = CancellationToken::new();
         let renew = {
-            let (pool, owner, id, lost) =
-                (self.pool.clone(), self.owner.clone(), row.id, lost.clone());
+            let (pool, owner, id, lost, lease) = (
+                self.pool.clone(),
+                self.owner.clone(),
+                row.id,
+                lost.clone(),
+                self.lease,
+            );
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(LEASE / 4).await;
-                    if let Ok(false) = queue::renew(&pool, id, &owner, LEASE).await {
+                    tokio::time::sleep(lease / 4).await;
+                    if let Ok(false) = queue::renew(&pool, id, &owner, lease).await {
                         lost.cancel();
                         return;
                     }

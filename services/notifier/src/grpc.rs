@@ -15,6 +15,8 @@ use sqlx::PgPool;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// How long a watch waits for a pipeline it does not know yet.
+const UNKNOWN_PIPELINE_WAIT: Duration = Duration::from_secs(30);
 /// How often a watch looks for changes.
 const WATCH_POLL: Duration = Duration::from_millis(250);
 
@@ -163,24 +165,16 @@ impl Pipelines for PipelinesService {
         let req = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (pool, config) = (self.pool.clone(), self.config.clone());
-        if !req.pipeline_id.is_empty()
-            && pipeline(&pool, &req.pipeline_id)
-                .await
-                .map_err(unavailable)?
-                .is_none()
-        {
-            return Err(Status::not_found(format!(
-                "no pipeline {}",
-                req.pipeline_id
-            )));
-        }
         tokio::spawn(async move {
+            // A pipeline just triggered may not have reached the notifier yet.
+            let unknown_after = tokio::time::Instant::now() + UNKNOWN_PIPELINE_WAIT;
+            let mut seen = false;
             // A single pipeline starts with its current state; a watch of all
             // pipelines starts with what changes from now on.
             let mut since: DateTime<Utc> = if req.pipeline_id.is_empty() {
                 Utc::now()
             } else {
-                DateTime::<Utc>::MIN_UTC
+                DateTime::<Utc>::UNIX_EPOCH
             };
             loop {
                 let rows: Result<Vec<PipelineRow>, _> =
@@ -197,6 +191,7 @@ impl Pipelines for PipelinesService {
                 match rows {
                     Ok(rows) => {
                         for row in rows {
+                            seen = true;
                             since = since.max(row.updated_at);
                             if tx.send(Ok(row.summary(&config))).await.is_err() {
                                 return;
@@ -204,6 +199,18 @@ impl Pipelines for PipelinesService {
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "watch query failed"),
+                }
+                if !seen
+                    && !req.pipeline_id.is_empty()
+                    && tokio::time::Instant::now() > unknown_after
+                {
+                    let _ = tx
+                        .send(Err(Status::not_found(format!(
+                            "no pipeline {}",
+                            req.pipeline_id
+                        ))))
+                        .await;
+                    return;
                 }
                 tokio::select! {
                     _ = tx.closed() => return,

@@ -1,0 +1,390 @@
+//! `gantry`: the command line of Gantry. It talks gRPC to the services —
+//! the notifier for pipelines, the builder for logs, webhook-ingest for
+//! triggers, the deployer for environments — and prints for humans, or JSON
+//! with `--json`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gantry_proto::v1::builds_client::BuildsClient;
+use gantry_proto::v1::deployments_client::DeploymentsClient;
+use gantry_proto::v1::ingest_client::IngestClient;
+use gantry_proto::v1::pipelines_client::PipelinesClient;
+use gantry_proto::v1::{
+    DeployRequest, DeploymentInfo, EnvironmentInfo, ListEnvironmentsRequest, ListPipelinesRequest,
+    PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest, WatchPipelinesRequest,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// How long a finished pipeline is still watched for deployments that follow it.
+const SETTLE: Duration = Duration::from_secs(3);
+
+#[derive(Parser, Debug)]
+#[command(name = "gantry", version, about = "Gantry from the command line")]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// gRPC URL of the notifier (pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_NOTIFIER_URL",
+        default_value = "http://127.0.0.1:9094"
+    )]
+    notifier: String,
+    /// gRPC URL of the builder (logs).
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_BUILDER_URL",
+        default_value = "http://127.0.0.1:9091"
+    )]
+    builder: String,
+    /// gRPC URL of webhook-ingest (triggers).
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_INGEST_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    ingest: String,
+    /// gRPC URL of the deployer (environments).
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_DEPLOYER_URL",
+        default_value = "http://127.0.0.1:9093"
+    )]
+    deployer: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Recent pipelines with their state.
+    Pipelines {
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Follows a pipeline until it is done (or every pipeline, without an id).
+    Watch { pipeline: Option<String> },
+    /// The build log of a pipeline or a build.
+    Logs {
+        /// A pipeline id or a build id.
+        id: String,
+        /// Keep following the log while the build runs.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Starts a pipeline for a project at a branch or tag.
+    Trigger { project: String, git_ref: String },
+    /// Environments and what runs in each.
+    Envs,
+    /// Deploys a published image (digest, commit, tag or pipeline id) to an environment.
+    Deploy { environment: String, image: String },
+    /// Takes an environment back to the version before the current one.
+    Rollback { environment: String },
+}
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+fn short(s: &str, n: usize) -> &str {
+    let s = s.strip_prefix("sha256:").unwrap_or(s);
+    &s[..s.len().min(n)]
+}
+
+fn pipeline_json(p: &PipelineSummary) -> Value {
+    json!({
+        "pipeline_id": p.pipeline_id, "project": p.project, "ref": p.git_ref,
+        "commit": p.commit_sha, "author": p.author, "state": p.state, "stage": p.stage,
+        "failure": p.failure, "digest": p.digest, "deployments": p.deployments,
+        "created_at": time(&p.created_at), "updated_at": time(&p.updated_at), "url": p.url,
+    })
+}
+
+fn pipeline_line(p: &PipelineSummary) -> String {
+    let mut line = format!(
+        "{}  {:<8} {:<8} {:<16} {:<20} {}  {}",
+        p.pipeline_id,
+        p.state,
+        p.stage,
+        p.project,
+        p.git_ref.trim_start_matches("refs/heads/"),
+        short(&p.commit_sha, 10),
+        time(&p.created_at)
+    );
+    if !p.deployments.is_empty() {
+        line.push_str(&format!("  [{}]", p.deployments.join(", ")));
+    }
+    if !p.failure.is_empty() {
+        line.push_str(&format!("\n    {}", p.failure));
+    }
+    line
+}
+
+fn deployment_json(d: &DeploymentInfo) -> Value {
+    json!({
+        "deployment_id": d.deployment_id, "environment": d.environment, "project": d.project,
+        "repository": d.repository, "digest": d.digest, "commit": d.commit_sha, "ref": d.git_ref,
+        "pipeline_id": d.pipeline_id, "state": d.state, "trigger": d.trigger, "reason": d.reason,
+        "container_id": d.container_id, "created_at": time(&d.created_at),
+        "finished_at": time(&d.finished_at),
+    })
+}
+
+fn environment_json(e: &EnvironmentInfo) -> Value {
+    json!({
+        "name": e.name, "project": e.project, "target": e.target, "rules": e.rules,
+        "endpoint": e.endpoint,
+        "current": e.current.as_ref().map(deployment_json),
+        "pending": e.pending.as_ref().map(deployment_json),
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{v}");
+}
+
+fn finished(p: &PipelineSummary) -> bool {
+    p.state == "failed"
+        || (p.state == "success" && !p.deployments.iter().any(|d| d.ends_with("=running")))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pipelines { project, limit } => {
+            let mut client = PipelinesClient::new(channel(&cli.notifier).await?);
+            let list = client
+                .list(ListPipelinesRequest {
+                    project: project.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner()
+                .pipelines;
+            if cli.json {
+                print_json(&Value::Array(list.iter().map(pipeline_json).collect()));
+            } else if list.is_empty() {
+                println!("no pipelines yet");
+            } else {
+                for p in &list {
+                    println!("{}", pipeline_line(p));
+                }
+            }
+        }
+        Command::Watch { pipeline } => {
+            let mut client = PipelinesClient::new(channel(&cli.notifier).await?);
+            let one = pipeline.clone();
+            let mut stream = client
+                .watch(WatchPipelinesRequest {
+                    pipeline_id: pipeline.unwrap_or_default(),
+                    project: String::new(),
+                })
+                .await?
+                .into_inner();
+            let mut last: Option<PipelineSummary> = None;
+            loop {
+                let wait = match &last {
+                    Some(p) if one.is_some() && finished(p) => SETTLE,
+                    _ => Duration::from_secs(24 * 3600),
+                };
+                let next = match tokio::time::timeout(wait, stream.message()).await {
+                    Err(_) => break,
+                    Ok(next) => next?,
+                };
+                let Some(p) = next else { break };
+                if cli.json {
+                    print_json(&pipeline_json(&p));
+                } else {
+                    println!("{}", pipeline_line(&p));
+                }
+                let _ = std::io::stdout().flush();
+                last = Some(p);
+            }
+            if let Some(p) = last
+                && p.state == "failed"
+                && one.is_some()
+            {
+                anyhow::bail!("pipeline {} failed", p.pipeline_id);
+            }
+        }
+        Command::Logs { id, follow } => {
+            let mut client = BuildsClient::new(channel(&cli.builder).await?);
+            let by_build = client
+                .stream_logs(StreamLogsRequest {
+                    build_id: id.clone(),
+                    pipeline_id: String::new(),
+                    follow,
+                })
+                .await;
+            let response = match by_build {
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    client
+                        .stream_logs(StreamLogsRequest {
+                            build_id: String::new(),
+                            pipeline_id: id.clone(),
+                            follow,
+                        })
+                        .await?
+                }
+                other => other?,
+            };
+            let mut stream = response.into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await? {
+                if cli.json {
+                    let line = json!({
+                        "build_id": chunk.build_id, "seq": chunk.seq, "step": chunk.step,
+                        "stream": chunk.stream, "data": String::from_utf8_lossy(&chunk.data),
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    out.write_all(&chunk.data)?;
+                }
+                out.flush()?;
+            }
+        }
+        Command::Trigger { project, git_ref } => {
+            let mut client = IngestClient::new(channel(&cli.ingest).await?);
+            let r = client
+                .trigger(TriggerRequest {
+                    project,
+                    r#ref: git_ref,
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&json!({
+                    "pipeline_id": r.pipeline_id, "commit": r.commit_sha, "ref": r.git_ref,
+                }));
+            } else {
+                println!(
+                    "pipeline {} started for {} at {}",
+                    r.pipeline_id,
+                    r.git_ref,
+                    short(&r.commit_sha, 10)
+                );
+            }
+        }
+        Command::Envs => {
+            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let envs = client
+                .list_environments(ListEnvironmentsRequest {})
+                .await?
+                .into_inner()
+                .environments;
+            if cli.json {
+                print_json(&Value::Array(envs.iter().map(environment_json).collect()));
+            } else if envs.is_empty() {
+                println!("no environments are configured");
+            }
+            if !cli.json {
+                for e in &envs {
+                    let endpoint = if e.endpoint.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" at {}", e.endpoint)
+                    };
+                    println!(
+                        "{} ({} {}, {}){endpoint}",
+                        e.name,
+                        e.target,
+                        e.project,
+                        e.rules.join("; ")
+                    );
+                    match &e.current {
+                        Some(d) => println!(
+                            "    runs {}@{} (commit {}, {}) since {}",
+                            d.repository,
+                            short(&d.digest, 12),
+                            short(&d.commit_sha, 10),
+                            d.git_ref.trim_start_matches("refs/heads/"),
+                            time(&d.finished_at)
+                        ),
+                        None => println!("    nothing deployed yet"),
+                    }
+                    if let Some(d) = &e.pending {
+                        println!(
+                            "    {} {} (commit {})",
+                            d.state,
+                            short(&d.digest, 12),
+                            short(&d.commit_sha, 10)
+                        );
+                    }
+                }
+            }
+        }
+        Command::Deploy { environment, image } => {
+            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let d = client
+                .deploy(DeployRequest { environment, image })
+                .await?
+                .into_inner()
+                .deployment
+                .unwrap_or_default();
+            report_queued(cli.json, &d);
+        }
+        Command::Rollback { environment } => {
+            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let d = client
+                .rollback(RollbackRequest { environment })
+                .await?
+                .into_inner()
+                .deployment
+                .unwrap_or_default();
+            report_queued(cli.json, &d);
+        }
+    }
+    Ok(())
+}
+
+fn report_queued(json: bool, d: &DeploymentInfo) {
+    if json {
+        print_json(&deployment_json(d));
+    } else {
+        println!(
+            "deployment {} queued: {}@{} (commit {}) to {}",
+            d.deployment_id,
+            d.repository,
+            short(&d.digest, 12),
+            short(&d.commit_sha, 10),
+            d.environment
+        );
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("gantry: {}", s.message()),
+                None => eprintln!("gantry: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The `gantry` command against a running Gantry: trigger, watch, pipelines,
+//! logs, envs, deploy and rollback, in text and JSON.
+
+use std::process::{Command, Output};
+
+use gantry_tests::stack::{ProjectSpec, bin_dir};
+use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions};
+
+fn gantry(stack: &Stack, args: &[&str]) -> Output {
+    let url = |service: &str| format!("http://127.0.0.1:{}", stack.grpc_port(service));
+    let bin = bin_dir().join("gantry");
+    assert!(bin.exists(), "{} is missing", bin.display());
+    Command::new(bin)
+        .args(args)
+        .env("GANTRY_NOTIFIER_URL", url("notifier"))
+        .env("GANTRY_BUILDER_URL", url("builder"))
+        .env("GANTRY_INGEST_URL", url("webhook-ingest"))
+        .env("GANTRY_DEPLOYER_URL", url("deployer"))
+        .output()
+        .expect("gantry runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "gantry failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).expect("JSON output")
+}
+
+#[tokio::test]
+async fn the_cli_drives_a_pipeline_from_trigger_to_deployment() {
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("web", &repo.url());
+    let env = EnvSpec::new("web");
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        environments: vec![env.clone()],
+        lease_secs: 60,
+        ..Default::default()
+    })
+    .await;
+    let sha = repo.head();
+
+    let started = json(&gantry(&stack, &["trigger", "web", "main", "--json"]));
+    let pipeline = started["pipeline_id"]
+        .as_str()
+        .expect("pipeline id")
+        .to_owned();
+    assert_eq!(started["commit"], sha.as_str());
+
+    // watch returns once the pipeline and its deployment are done.
+    let watched = ok(&gantry(&stack, &["watch", &pipeline]));
+    assert!(watched.contains("success"), "{watched}");
+    assert!(
+        watched.contains(&format!("{}=succeeded", env.name)),
+        "{watched}"
+    );
+
+    let list = json(&gantry(&stack, &["pipelines", "--json"]));
+    assert_eq!(list[0]["pipeline_id"], pipeline.as_str());
+    assert_eq!(list[0]["state"], "success");
+    assert_eq!(list[0]["commit"], sha.as_str());
+    let text = ok(&gantry(&stack, &["pipelines"]));
+    assert!(
+        text.contains(&pipeline) && text.contains("success"),
+        "{text}"
+    );
+
+    let log = ok(&gantry(&stack, &["logs", &pipeline]));
+    assert!(log.contains("FROM scratch"), "{log}");
+
+    let envs = json(&gantry(&stack, &["envs", "--json"]));
+    assert_eq!(envs[0]["name"], env.name.as_str());
+    assert_eq!(envs[0]["current"]["commit"], sha.as_str());
+    assert_eq!(envs[0]["current"]["state"], "succeeded");
+    let text = ok(&gantry(&stack, &["envs"]));
+    assert!(
+        text.contains("runs ") && text.contains(&sha[..10]),
+        "{text}"
+    );
+
+    // Errors are clear and exit non-zero.
+    let out = gantry(&stack, &["rollback", &env.name]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no earlier version"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gantry(&stack, &["deploy", &env.name, "v9.9.9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no published image"));
+    let out = gantry(&stack, &["deploy", "nowhere", "main"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no environment"));
+
+    // deploy by tag queues the same image again.
+    let queued = json(&gantry(&stack, &["deploy", &env.name, "main", "--json"]));
+    assert_eq!(queued["commit"], sha.as_str());
+    assert_eq!(queued["trigger"], "manual");
+}
