@@ -463,6 +463,7 @@ impl Stack {
             .env("GANTRY_BUILDER_CONCURRENCY", "1")
             // Give up on an unreachable registry after two pushes.
             .env("GANTRY_PUBLISH_ATTEMPTS", "2")
+            .env("GANTRY_PUSH_ATTEMPTS", "2")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "GANTRY_BUILDER_URL",

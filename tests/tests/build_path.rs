@@ -420,7 +420,7 @@ async fn builder_replicas_share_the_work() {
 }
 
 #[tokio::test]
-async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
+async fn unreachable_registry_fails_the_build_at_its_push_step() {
     let repo = SampleRepo::new();
     let mut project = ProjectSpec::new("hello", &repo.url());
     project.registry = "127.0.0.1:9".into(); // discard port: nothing listens there
@@ -432,12 +432,14 @@ async fn unreachable_registry_ends_the_pipeline_with_publish_failed() {
     .await;
     let pipeline = stack.push(&project, "refs/heads/main", &repo.head()).await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
-    let Some(Payload::PublishFailed(failed)) = &seen.event.payload else {
-        panic!("expected image.publish_failed, got {seen:?}");
+    let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {
+        panic!("expected build.failed, got {seen:?}");
     };
-    assert_eq!(failed.repository, project.image());
+    assert_eq!(failed.step, "push");
     assert!(
-        failed.reason.starts_with("2 pushes failed"),
+        failed
+            .reason
+            .starts_with(&format!("2 pushes to {} failed", project.image())),
         "{}",
         failed.reason
     );

@@ -120,10 +120,30 @@ async fn pushes_with_the_configured_login_and_fails_clearly_without_it() {
         .map(str::to_owned);
     assert_eq!(digest.as_deref(), Some(published.digest.as_str()));
 
+    // The tags other than the commit's were put by the publisher through the
+    // registry API, with the same login.
+    for tag in [published.tags[0].as_str(), "latest"] {
+        let r = gantry_tests::http()
+            .head(format!(
+                "http://{}/v2/{}/manifests/{tag}",
+                registry.host, project.image_path
+            ))
+            .basic_auth("ci", Some("s3cret-pass"))
+            .header(
+                "accept",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+            .await
+            .expect("registry answers");
+        assert_eq!(r.status(), 200, "{tag}");
+    }
+
     let (_, outcome) = publish(&registry, "wrong-pass").await;
-    let Payload::PublishFailed(failed) = outcome else {
-        panic!("expected image.publish_failed, got {outcome:?}");
+    let Payload::BuildFailed(failed) = outcome else {
+        panic!("expected build.failed at push, got {outcome:?}");
     };
+    assert_eq!(failed.step, "push");
     assert!(
         failed.reason.contains("unauthorized")
             || failed.reason.contains("authentication required")

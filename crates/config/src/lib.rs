@@ -176,6 +176,8 @@ struct RawProject {
 struct RawRegistry {
     host: String,
     #[serde(default)]
+    api: Option<String>,
+    #[serde(default)]
     username: Option<String>,
     #[serde(default)]
     password: Option<SecretSource>,
@@ -200,7 +202,12 @@ pub struct Project {
 /// Credentials for one registry host.
 #[derive(Debug, Clone)]
 pub struct Registry {
+    /// `host[:port]` as image references name it (and the Docker engine reaches it).
     pub host: String,
+    /// Base URL of the registry's HTTP API as Gantry's services reach it, when
+    /// that differs from the host (e.g. `http://registry:5000` inside
+    /// docker-compose); by default plain HTTP for loopback hosts, else HTTPS.
+    pub api: Option<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
 }
@@ -429,8 +436,14 @@ impl GantryConfig {
             if r.username.is_some() != password.is_some() {
                 problems.push(format!("{at}: username and password go together"));
             }
+            if let Some(api) = &r.api
+                && !(api.starts_with("http://") || api.starts_with("https://"))
+            {
+                problems.push(format!("{at}: api must be an http(s):// URL"));
+            }
             registries.push(Registry {
                 host: r.host,
+                api: r.api,
                 username: r.username,
                 password,
             });
@@ -587,6 +600,7 @@ impl GantryConfig {
             .cloned()
             .unwrap_or(Registry {
                 host: host.to_owned(),
+                api: None,
                 username: None,
                 password: None,
             })

@@ -28,6 +28,8 @@ pub struct Claimed {
 pub enum Verdict {
     Succeeded {
         image_id: String,
+        repository: String,
+        digest: String,
         steps: Vec<StepResult>,
     },
     Failed {
@@ -204,11 +206,18 @@ pub async fn finish(
     let revision = build.request.revision.clone();
     let build_id = build.id.to_string();
     let payload = match verdict {
-        Verdict::Succeeded { image_id, steps } => Payload::BuildSucceeded(BuildSucceeded {
+        Verdict::Succeeded {
+            image_id,
+            repository,
+            digest,
+            steps,
+        } => Payload::BuildSucceeded(BuildSucceeded {
             revision,
             build_id,
             image_id,
             steps,
+            repository,
+            digest,
         }),
         Verdict::Failed {
             step,

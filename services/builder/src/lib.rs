@@ -5,7 +5,8 @@
 //!   no broker consumer timeout can cut a long build);
 //! - `worker`: claims builds under a renewable lease and runs them —
 //!   `checkout` (git at the exact commit), `pipeline_file` (`.gantry.yml`),
-//!   `docker` (image build and unprivileged test containers), `logs`;
+//!   `docker` (image build and unprivileged test containers), `push` (the
+//!   tested image to the registry under its commit sha), `logs`;
 //! - `jobs`: the `builds` table and the verdict events (`build.started`,
 //!   `build.succeeded`, `build.failed`) written through the outbox;
 //! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds).
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod logs;
 pub mod pipeline_file;
+pub mod push;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -59,6 +61,9 @@ pub struct Settings {
     /// This replica's name (defaults to host name and process id).
     #[arg(long, env = "GANTRY_WORKER_NAME")]
     pub worker_name: Option<String>,
+    /// Pushes of a tested image (with backoff) before its build fails at step "push".
+    #[arg(long, env = "GANTRY_PUSH_ATTEMPTS", default_value_t = 5)]
+    pub push_attempts: u32,
 }
 
 /// Stores each `pipeline.requested` as a queued build.
@@ -102,10 +107,11 @@ pub struct Service {
     settings: Settings,
     base: Base,
     docker: bollard::Docker,
+    config: Arc<GantryConfig>,
 }
 
 impl Service {
-    pub async fn build(settings: Settings, _config: GantryConfig) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         anyhow::ensure!(
             settings.concurrency > 0,
             "GANTRY_BUILDER_CONCURRENCY must be at least 1"
@@ -127,6 +133,7 @@ impl Service {
             settings,
             base,
             docker,
+            config: Arc::new(config),
         })
     }
 
@@ -153,6 +160,8 @@ impl Service {
             concurrency: s.concurrency,
             wake: wake.clone(),
             relay_wake: self.base.relay_wake.clone(),
+            config: self.config.clone(),
+            push_attempts: s.push_attempts.max(1),
         };
         let pool = self.base.pool.clone();
         self.base.consume(

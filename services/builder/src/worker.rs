@@ -41,6 +41,10 @@ pub struct Worker {
     pub wake: Arc<Notify>,
     /// Woken when a verdict is in the outbox.
     pub relay_wake: Arc<Notify>,
+    /// Projects (their image repository) and registry credentials.
+    pub config: Arc<gantry_config::GantryConfig>,
+    /// Pushes of a tested image before the build fails at step "push".
+    pub push_attempts: u32,
 }
 
 impl Worker {
@@ -273,7 +277,67 @@ impl Worker {
                 .await;
             return failed;
         }
-        Verdict::Succeeded { image_id, steps }
+
+        let started = Instant::now();
+        match self
+            .push(build, &image_id, &revision.commit_sha, &log)
+            .await
+        {
+            Ok((repository, digest)) => {
+                steps.push(result("push", 0, started));
+                Verdict::Succeeded {
+                    image_id,
+                    repository,
+                    digest,
+                    steps,
+                }
+            }
+            Err(e) => {
+                log.system("push", format!("{e:#}")).await;
+                fail("push", 0, format!("{e:#}"), steps)
+            }
+        }
+    }
+
+    /// Pushes the tested image as `<project image>:<commit sha>`, retrying
+    /// with backoff; returns the repository and the manifest digest.
+    async fn push(
+        &self,
+        build: &Claimed,
+        image_id: &str,
+        sha: &str,
+        log: &LogSink,
+    ) -> anyhow::Result<(String, String)> {
+        let project = self
+            .config
+            .project(&build.project)
+            .ok_or_else(|| anyhow::anyhow!("project {} is not configured", build.project))?;
+        let registry = self.config.registry_for(&project.image);
+        let tags = [sha.to_owned()];
+        let mut pause = Duration::from_secs(1);
+        let mut attempt = 1;
+        loop {
+            log.system("push", format!("pushing {}:{sha}", project.image))
+                .await;
+            match crate::push::push(&self.docker, image_id, &project.image, &tags, &registry).await
+            {
+                Ok(digest) => {
+                    log.system("push", format!("pushed {}@{digest}", project.image))
+                        .await;
+                    return Ok((project.image.clone(), digest));
+                }
+                Err(e) if attempt < self.push_attempts => {
+                    log.system("push", format!("attempt {attempt} failed: {e:#}"))
+                        .await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(e.context(format!("{attempt} pushes to {} failed", project.image)));
+                }
+            }
+        }
     }
 }
 

@@ -1,13 +1,15 @@
 //! registry-publisher: gives tested images their names.
 //!
-//! It consumes `build.succeeded` (queue `registry-publisher`), computes the
-//! tags by policy (`tags`), pushes the image under each (`push`), records the
-//! publication and emits `image.published` (repository, tags, manifest
-//! digest) through its outbox, in one transaction.
+//! It consumes `build.succeeded` (queue `registry-publisher`) — the builder
+//! has pushed the tested image under its commit sha — computes the tags by
+//! policy (`tags`), puts the same manifest under each through the registry's
+//! HTTP API (`registry`; no Docker engine needed), records the publication and
+//! emits `image.published` (repository, tags, manifest digest) through its
+//! outbox, in one transaction.
 //!
 //! Schema `publisher`: `publications`, `outbox`, `processed_events`.
 
-pub mod push;
+pub mod registry;
 pub mod tags;
 
 use std::net::SocketAddr;
@@ -41,8 +43,8 @@ pub struct Settings {
     /// Address of the gRPC server (health, reflection).
     #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9092")]
     pub grpc_addr: String,
-    /// Failed pushes of one image in a row (each retried with backoff) before
-    /// the pipeline ends with `image.publish_failed`.
+    /// Failed taggings of one image in a row (each retried with backoff)
+    /// before the pipeline ends with `image.publish_failed`.
     #[arg(long, env = "GANTRY_PUBLISH_ATTEMPTS", default_value_t = 8)]
     pub publish_attempts: i32,
 }
@@ -52,7 +54,7 @@ struct Publisher {
     /// Failed pushes of one image in a row before the pipeline fails.
     max_attempts: i32,
     pool: PgPool,
-    docker: bollard::Docker,
+    registry: registry::RegistryApi,
     relay_wake: Arc<Notify>,
 }
 
@@ -64,7 +66,7 @@ impl Handler for Publisher {
                 event.routing_key()
             ));
         };
-        let Some(project) = self.config.project(&event.project) else {
+        if self.config.project(&event.project).is_none() {
             return Outcome::Reject(anyhow::anyhow!(
                 "project {:?} is not configured",
                 event.project
@@ -80,26 +82,27 @@ impl Handler for Publisher {
             Ok(None) => {}
             Err(e) => return Outcome::Retry(e.into()),
         }
+        if built.repository.is_empty() || built.digest.is_empty() {
+            return Outcome::Reject(anyhow::anyhow!(
+                "build.succeeded without the pushed repository and digest"
+            ));
+        }
         let revision = built.revision.clone().unwrap_or_default();
         let tags = tags::tags_for(&revision);
-        let registry = self.config.registry_for(&project.image);
-        let pushed = push::push(
-            &self.docker,
-            &built.image_id,
-            &project.image,
-            &tags,
-            &registry,
-        )
-        .await;
-        let digest = match pushed {
-            Ok(d) => d,
-            Err(e) => return self.push_failed(&event, built, &project.image, e).await,
-        };
-        tracing::info!(repository = %project.image, ?tags, %digest, "image pushed");
+        let registry = self.config.registry_for(&built.repository);
+        let digest = built.digest.clone();
+        if let Err(e) = self
+            .registry
+            .tag(&registry, &built.repository, &digest, &tags)
+            .await
+        {
+            return self.push_failed(&event, built, &built.repository, e).await;
+        }
+        tracing::info!(repository = %built.repository, ?tags, %digest, "image tagged");
         let published = ImagePublished {
             revision: Some(revision),
             build_id: built.build_id.clone(),
-            repository: project.image.clone(),
+            repository: built.repository.clone(),
             tags: tags.clone(),
             digest: digest.clone(),
         };
@@ -117,7 +120,7 @@ impl Handler for Publisher {
             .bind(&event.project)
             .bind(&built.build_id)
             .bind(&built.image_id)
-            .bind(&project.image)
+            .bind(&built.repository)
             .bind(&tags)
             .bind(&digest)
             .execute(&mut *tx)
@@ -146,7 +149,7 @@ impl Publisher {
         }
     }
 
-    /// Counts a failed push; after [`Publisher::max_attempts`] in a row the
+    /// Counts a failed tagging; after [`Publisher::max_attempts`] in a row the
     /// pipeline ends with `image.publish_failed` instead of retrying forever.
     async fn push_failed(
         &self,
@@ -185,7 +188,7 @@ impl Publisher {
                     revision: built.revision.clone(),
                     build_id: built.build_id.clone(),
                     repository: repository.to_owned(),
-                    reason: format!("{attempts} pushes failed; last: {reason}"),
+                    reason: format!("{attempts} attempts at tagging failed; last: {reason}"),
                 }),
             );
             gantry_bus::enqueue(&mut tx, &out).await?;
@@ -201,7 +204,6 @@ pub struct Service {
     max_attempts: i32,
     base: Base,
     config: GantryConfig,
-    docker: bollard::Docker,
 }
 
 impl Service {
@@ -214,7 +216,6 @@ impl Service {
             &settings.grpc_addr,
         )
         .await?;
-        let docker = bollard::Docker::connect_with_defaults()?;
         anyhow::ensure!(
             settings.publish_attempts >= 1,
             "GANTRY_PUBLISH_ATTEMPTS must be at least 1"
@@ -223,7 +224,6 @@ impl Service {
             max_attempts: settings.publish_attempts,
             base,
             config,
-            docker,
         })
     }
 
@@ -236,7 +236,7 @@ impl Service {
             config: self.config,
             max_attempts: self.max_attempts,
             pool: self.base.pool.clone(),
-            docker: self.docker.clone(),
+            registry: registry::RegistryApi::new()?,
             relay_wake: self.base.relay_wake.clone(),
         };
         self.base.consume(
@@ -246,7 +246,7 @@ impl Service {
             &shutdown,
         );
         self.base.relay(&shutdown);
-        let readiness = self.base.readiness().docker(self.docker);
+        let readiness = self.base.readiness();
         self.base
             .serve(
                 "registry-publisher",

@@ -1,6 +1,8 @@
-//! Pushing an image under its tags through the Docker engine that built it.
-//! The engine talks plain HTTP to loopback registries and TLS elsewhere, and
-//! handles both basic and token authentication with the credentials given.
+//! Pushing a tested image to the registry through the Docker engine that
+//! built it. The engine talks plain HTTP to loopback registries and TLS
+//! elsewhere, and handles both basic and token authentication with the
+//! credentials given. The builder pushes the commit tag; the
+//! registry-publisher adds the other tags through the registry API.
 
 use bollard::Docker;
 use bollard::query_parameters::{PushImageOptions, TagImageOptions};
