@@ -1,0 +1,265 @@
+//! Gantry as users run it: `docker-compose up` of docker-compose.yml with the
+//! images scripts/images.sh makes here (no pulls), then one webhook through
+//! the whole path to a deployed container answering on its endpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gantry_tests::stack::free_port;
+use gantry_tests::{SampleRepo, docker, forge};
+
+const SERVICES: [&str; 5] = [
+    "webhook-ingest",
+    "builder",
+    "registry-publisher",
+    "deployer",
+    "notifier",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// One docker-compose project, taken down (with its volumes) when dropped.
+struct Compose {
+    project: String,
+    env: Vec<(String, String)>,
+    files: Vec<PathBuf>,
+    environment: String,
+}
+
+impl Compose {
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("docker-compose");
+        cmd.current_dir(root()).arg("-p").arg(&self.project);
+        for f in &self.files {
+            cmd.arg("-f").arg(f);
+        }
+        cmd.args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("docker-compose runs")
+    }
+
+    fn container(&self, service: &str) -> String {
+        let out = self.command(&["ps", "-q", service]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn health(&self, service: &str) -> String {
+        let id = self.container(service);
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+                &id,
+            ])
+            .output()
+            .expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn logs(&self) -> String {
+        let out = self.command(&["logs", "--no-color", "--tail", "30"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- docker-compose logs ---\n{}", self.logs());
+        }
+        // Deployed containers sit on the project's network: remove them first.
+        docker::remove_labelled(&format!("io.gantry.environment={}", self.environment));
+        let _ = self.command(&["down", "-v", "--remove-orphans"]);
+    }
+}
+
+fn image_exists(name: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test]
+async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
+    for image in [
+        "gantry-local/postgres:15",
+        "gantry-local/rabbitmq:3",
+        "gantry-local/registry:2",
+        "gantry/webhook-ingest:dev",
+        "gantry/builder:dev",
+        "gantry/registry-publisher:dev",
+        "gantry/deployer:dev",
+        "gantry/notifier:dev",
+    ] {
+        assert!(
+            image_exists(image),
+            "{image} is missing: run scripts/images.sh (scripts/test.sh does)"
+        );
+    }
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = SampleRepo::new();
+    let ports: Vec<(&str, u16)> = [
+        "GANTRY_REGISTRY_PORT",
+        "GANTRY_WEBHOOK_PORT",
+        "GANTRY_INGEST_GRPC_PORT",
+        "GANTRY_BUILDER_GRPC_PORT",
+        "GANTRY_PUBLISHER_GRPC_PORT",
+        "GANTRY_DEPLOYER_GRPC_PORT",
+        "GANTRY_STAGING_PORT",
+        "GANTRY_NOTIFIER_PORT",
+        "GANTRY_NOTIFIER_GRPC_PORT",
+    ]
+    .into_iter()
+    .map(|k| (k, free_port()))
+    .collect();
+    let port = |k: &str| {
+        ports
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, p)| *p)
+            .expect("port")
+    };
+    let network = format!("gantry-e2e-{id}");
+    let environment = format!("staging-{id}");
+    let registry = format!("127.0.0.1:{}", port("GANTRY_REGISTRY_PORT"));
+    let config = dir.path().join("gantry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "projects:\n  - name: hello\n    clone_url: file:///repos/sample\n    gitlab: team/hello\n    webhook_secret: {{env: GANTRY_WEBHOOK_SECRET}}\n    image: {registry}/team/hello\nregistries:\n  - host: {registry}\n    api: http://registry:5000\nenvironments:\n  - name: {environment}\n    project: hello\n    rules: [{{branch: main}}]\n    port: 8080\n    endpoint: 0.0.0.0:18080\n    network: {network}\n    health: {{http: /, timeout_secs: 60}}\npublic_url: http://127.0.0.1:{}\n",
+            port("GANTRY_NOTIFIER_PORT")
+        ),
+    )
+    .expect("config");
+    // The builder clones the sample from a mounted directory.
+    let overrides = dir.path().join("override.yml");
+    std::fs::write(
+        &overrides,
+        format!(
+            "version: \"2.4\"\nservices:\n  builder:\n    volumes:\n      - {}:/repos/sample:ro\n",
+            repo.path().display()
+        ),
+    )
+    .expect("override");
+    let mut env: Vec<(String, String)> = ports
+        .iter()
+        .map(|(k, p)| (k.to_string(), p.to_string()))
+        .collect();
+    env.extend([
+        (
+            "GANTRY_POSTGRES_IMAGE".into(),
+            "gantry-local/postgres:15".into(),
+        ),
+        (
+            "GANTRY_RABBITMQ_IMAGE".into(),
+            "gantry-local/rabbitmq:3".into(),
+        ),
+        (
+            "GANTRY_REGISTRY_IMAGE".into(),
+            "gantry-local/registry:2".into(),
+        ),
+        ("GANTRY_CONFIG_FILE".into(), config.display().to_string()),
+        ("GANTRY_NETWORK".into(), network.clone()),
+        ("GANTRY_WEBHOOK_SECRET".into(), "compose-secret".into()),
+    ]);
+    let compose = Compose {
+        project: format!("gantrye2e{id}"),
+        env,
+        files: vec![root().join("docker-compose.yml"), overrides],
+        environment: environment.clone(),
+    };
+
+    let up = compose.command(&["up", "-d", "--no-build"]);
+    assert!(
+        up.status.success(),
+        "docker-compose up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let states: Vec<String> = SERVICES.iter().map(|s| compose.health(s)).collect();
+        if states.iter().all(|s| s == "healthy") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "services never became healthy: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // Only the builder and the deployer hold the Docker socket.
+    for service in SERVICES {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{range .Mounts}}{{.Source}} {{end}}",
+                &compose.container(service),
+            ])
+            .output()
+            .expect("docker inspect");
+        let mounts = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            mounts.contains("/var/run/docker.sock"),
+            service == "builder" || service == "deployer",
+            "{service} mounts: {mounts}"
+        );
+    }
+
+    let sha = repo.head();
+    let body = forge::gitlab_push("team/hello", "refs/heads/main", &sha, "main");
+    let response = gantry_tests::http()
+        .post(format!(
+            "http://127.0.0.1:{}/hooks/gitlab",
+            port("GANTRY_WEBHOOK_PORT")
+        ))
+        .header("x-gitlab-event", "Push Hook")
+        .header("x-gitlab-token", "compose-secret")
+        .json(&body)
+        .send()
+        .await
+        .expect("webhook-ingest answers");
+    assert_eq!(response.status(), 202);
+
+    let endpoint = format!("http://127.0.0.1:{}/", port("GANTRY_STAGING_PORT"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Ok(r) = gantry_tests::http().get(&endpoint).send().await
+            && r.text().await.ok().as_deref() == Some("hello v1\n")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deployed service never answered on {endpoint}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deployed = docker::labelled(&format!("io.gantry.environment={environment}"));
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    assert_eq!(docker::label(&deployed[0], "io.gantry.commit"), sha);
+
+    // The CLI reads the same pipeline from the notifier.
+    let out = Command::new(gantry_tests::stack::bin_dir().join("gantry"))
+        .args(["pipelines", "--json"])
+        .env(
+            "GANTRY_NOTIFIER_URL",
+            format!("http://127.0.0.1:{}", port("GANTRY_NOTIFIER_GRPC_PORT")),
+        )
+        .output()
+        .expect("gantry runs");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(list[0]["commit"], sha.as_str());
+    assert_eq!(list[0]["state"], "success");
+}
