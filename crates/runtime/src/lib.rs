@@ -455,3 +455,37 @@ pub fn docker_error(e: &bollard::errors::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// Force-removes every container carrying `label` (`key=value`), except
+/// `keep`: what an interrupted build or deployment left behind.
+pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Option<&str>) {
+    use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    let Ok(list) = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+    else {
+        return;
+    };
+    for id in list.into_iter().filter_map(|c| c.id) {
+        if Some(id.as_str()) == keep {
+            continue;
+        }
+        if let Err(e) = docker
+            .remove_container(
+                &id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            tracing::warn!(container = %id, error = %docker_error(&e), "cannot remove container");
+        }
+    }
+}

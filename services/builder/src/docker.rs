@@ -9,8 +9,8 @@ use std::path::Path;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, WaitContainerOptions,
+    BuildImageOptions, CreateContainerOptions, LogsOptions, RemoveContainerOptions,
+    WaitContainerOptions,
 };
 use futures::StreamExt;
 
@@ -222,31 +222,5 @@ async fn run_created(
 
 /// Removes the containers an earlier attempt of `build_id` left behind.
 pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{BUILD_LABEL}={build_id}")],
-    )]);
-    let Ok(list) = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-    else {
-        return;
-    };
-    for c in list {
-        if let Some(id) = c.id {
-            let _ = docker
-                .remove_container(
-                    &id,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-        }
-    }
+    gantry_runtime::remove_containers(docker, &format!("{BUILD_LABEL}={build_id}"), None).await;
 }

@@ -12,8 +12,8 @@ use bollard::models::{
     ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
 };
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
@@ -81,26 +81,8 @@ impl DockerTarget {
 
     /// Removes what an earlier attempt of this deployment left behind.
     pub async fn remove_leftovers(&self, row: &Row, keep: Option<&str>) {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{}={}", labels::DEPLOYMENT, row.id)],
-        )]);
-        let Ok(list) = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-        else {
-            return;
-        };
-        for id in list.into_iter().filter_map(|c| c.id) {
-            if Some(id.as_str()) != keep {
-                self.remove(&id).await;
-            }
-        }
+        let label = format!("{}={}", labels::DEPLOYMENT, row.id);
+        gantry_runtime::remove_containers(&self.docker, &label, keep).await;
     }
 
     /// Creates and starts the new version; returns its container id.

@@ -172,7 +172,17 @@ impl Pipelines for PipelinesService {
             // A single pipeline starts with its current state; a watch of all
             // pipelines starts with what changes from now on.
             let mut since: DateTime<Utc> = if req.pipeline_id.is_empty() {
-                Utc::now()
+                // The database's clock, which stamps updated_at.
+                match sqlx::query_scalar("SELECT clock_timestamp()")
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(now) => now,
+                    Err(e) => {
+                        let _ = tx.send(Err(unavailable(e))).await;
+                        return;
+                    }
+                }
             } else {
                 DateTime::<Utc>::UNIX_EPOCH
             };

@@ -185,84 +185,18 @@ pub async fn apply(
             (set_ref_state(tx, event, &rev, "green").await? == Some("red"))
                 .then_some(ChatEvent::Recovered)
         }
-        Some(Payload::DeployStarted(d)) => {
-            let d = d.deployment.clone().unwrap_or_default();
-            if !deployment(tx, event, &d, "running", "").await? {
+        Some(
+            Payload::DeployStarted(_)
+            | Payload::DeploySucceeded(_)
+            | Payload::DeployFailed(_)
+            | Payload::DeployRolledBack(_),
+        ) => {
+            let Some(step) = DeployStep::of(event) else {
                 return Ok(queued);
-            }
-            queued |= deploy_status(
-                tx,
-                config,
-                event,
-                &rev,
-                &links,
-                &d.environment,
-                StatusState::Running,
-                "Deploying",
-            )
-            .await?;
-            None
-        }
-        Some(Payload::DeploySucceeded(s)) => {
-            let d = s.deployment.clone().unwrap_or_default();
-            if !deployment(tx, event, &d, "succeeded", "").await? {
-                return Ok(queued);
-            }
-            queued |= deploy_status(
-                tx,
-                config,
-                event,
-                &rev,
-                &links,
-                &d.environment,
-                StatusState::Success,
-                "Deployed",
-            )
-            .await?;
-            let announced: Option<String> =
-                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
-                    .bind(&d.environment)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            sqlx::query(
-                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
-                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
-            )
-            .bind(&d.environment)
-            .bind(&d.digest)
-            .execute(&mut **tx)
-            .await?;
-            (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
-                environment: d.environment.clone(),
-                endpoint: s.endpoint.clone(),
-            })
-        }
-        Some(Payload::DeployFailed(f)) => {
-            let d = f.deployment.clone().unwrap_or_default();
-            if !deployment(tx, event, &d, "failed", &f.reason).await? {
-                return Ok(queued);
-            }
-            queued |= deploy_status(
-                tx,
-                config,
-                event,
-                &rev,
-                &links,
-                &d.environment,
-                StatusState::Failed,
-                "Deployment failed",
-            )
-            .await?;
-            // With a previous version, deploy.rolled_back follows and speaks for both.
-            d.previous_digest
-                .is_empty()
-                .then(|| ChatEvent::DeployFailed {
-                    environment: d.environment.clone(),
-                    reason: f.reason.clone(),
-                })
-        }
-        Some(Payload::DeployRolledBack(r)) => {
-            let d = r.deployment.clone().unwrap_or_default();
+            };
+            let d = &step.deployment;
+            // A rollback after deploy.failed was told says nothing more on the
+            // forge; if it comes first, it tells the failure itself.
             let failure_told: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
                  WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = 'failed')",
@@ -272,28 +206,56 @@ pub async fn apply(
             .bind(&d.deployment_id)
             .fetch_one(&mut **tx)
             .await?;
-            if !deployment(tx, event, &d, "rolled_back", &r.reason).await? {
+            if !deployment(tx, event, d, step.state, &step.reason).await? {
                 return Ok(queued);
             }
-            if !failure_told {
-                // deploy.failed was handled first or is yet to come (and will be skipped).
-                queued |= deploy_status(
-                    tx,
-                    config,
-                    event,
-                    &rev,
-                    &links,
-                    &d.environment,
-                    StatusState::Failed,
-                    "Deployment failed",
-                )
-                .await?;
+            let (status, description) = step.status;
+            if step.state != "rolled_back" || !failure_told {
+                let status = Status {
+                    context: format!("gantry/deploy/{}", d.environment),
+                    state: status,
+                    description: format!("{description} to {}", d.environment),
+                    target_url: links.pipeline.clone(),
+                };
+                queued |= outbound::queue_status(tx, config, &event.project, &rev, &status).await?;
             }
-            Some(ChatEvent::RolledBack {
-                environment: d.environment.clone(),
-                reason: r.reason.clone(),
-                kept: d.previous_digest.clone(),
-            })
+            match event.payload.as_ref() {
+                Some(Payload::DeploySucceeded(s)) => {
+                    let announced: Option<String> = sqlx::query_scalar(
+                        "SELECT digest FROM environment_state WHERE environment = $1",
+                    )
+                    .bind(&d.environment)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
+                         ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+                    )
+                    .bind(&d.environment)
+                    .bind(&d.digest)
+                    .execute(&mut **tx)
+                    .await?;
+                    (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
+                        environment: d.environment.clone(),
+                        endpoint: s.endpoint.clone(),
+                    })
+                }
+                // With a previous version, deploy.rolled_back follows and speaks for both.
+                Some(Payload::DeployFailed(_)) => {
+                    d.previous_digest
+                        .is_empty()
+                        .then(|| ChatEvent::DeployFailed {
+                            environment: d.environment.clone(),
+                            reason: step.reason.clone(),
+                        })
+                }
+                Some(Payload::DeployRolledBack(_)) => Some(ChatEvent::RolledBack {
+                    environment: d.environment.clone(),
+                    reason: step.reason.clone(),
+                    kept: d.previous_digest.clone(),
+                }),
+                _ => None,
+            }
         }
         _ => None,
     };
@@ -383,24 +345,50 @@ async fn deployment(
     Ok(true)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn deploy_status(
-    tx: &mut Transaction<'_, Postgres>,
-    config: &GantryConfig,
-    event: &Event,
-    rev: &Revision,
-    links: &outbound::Links,
-    environment: &str,
-    state: StatusState,
-    description: &str,
-) -> anyhow::Result<bool> {
-    let status = Status {
-        context: format!("gantry/deploy/{environment}"),
-        state,
-        description: format!("{description} to {environment}"),
-        target_url: links.pipeline.clone(),
-    };
-    outbound::queue_status(tx, config, &event.project, rev, &status)
-        .await
-        .map_err(Into::into)
+/// What a deploy event means for the pipeline's deployment in its environment.
+struct DeployStep {
+    deployment: gantry_proto::v1::Deployment,
+    /// running, succeeded, failed, rolled_back
+    state: &'static str,
+    reason: String,
+    /// The commit status of context `gantry/deploy/<environment>`.
+    status: (StatusState, &'static str),
+}
+
+impl DeployStep {
+    fn of(event: &Event) -> Option<Self> {
+        let (deployment, state, reason, status) = match event.payload.as_ref()? {
+            Payload::DeployStarted(p) => (
+                &p.deployment,
+                "running",
+                "",
+                (StatusState::Running, "Deploying"),
+            ),
+            Payload::DeploySucceeded(p) => (
+                &p.deployment,
+                "succeeded",
+                "",
+                (StatusState::Success, "Deployed"),
+            ),
+            Payload::DeployFailed(p) => (
+                &p.deployment,
+                "failed",
+                p.reason.as_str(),
+                (StatusState::Failed, "Deployment failed"),
+            ),
+            Payload::DeployRolledBack(p) => (
+                &p.deployment,
+                "rolled_back",
+                p.reason.as_str(),
+                (StatusState::Failed, "Deployment failed"),
+            ),
+            _ => return None,
+        };
+        Some(Self {
+            deployment: deployment.clone()?,
+            state,
+            reason: reason.to_owned(),
+            status,
+        })
+    }
 }

@@ -59,26 +59,48 @@ async fn wait_for(url: &str, expected: &str) -> anyhow::Result<()> {
         {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "{url} never answered {expected:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} never answered {expected:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The same Docker work without Gantry; returns the new container.
-async fn direct(repo: &Path, sha: &str, image: &str, old: Option<&str>, page: &str) -> anyhow::Result<String> {
+async fn direct(
+    repo: &Path,
+    sha: &str,
+    image: &str,
+    old: Option<&str>,
+    page: &str,
+) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
     let work = dir.path().join("src");
-    run(Command::new("git").args(["clone", "-q", "--no-checkout"]).arg(repo).arg(&work))?;
-    run(Command::new("git").arg("-C").arg(&work).args(["checkout", "-q", sha]))?;
+    run(Command::new("git")
+        .args(["clone", "-q", "--no-checkout"])
+        .arg(repo)
+        .arg(&work))?;
+    run(Command::new("git")
+        .arg("-C")
+        .arg(&work)
+        .args(["checkout", "-q", sha]))?;
     let tag = format!("{image}:{sha}");
     docker(&["build", "-q", "-t", &tag, &work.display().to_string()])?;
-    for step in [
-        "grep -q hello /www/index.html",
-        "test \"$(id -u)\" = 65534",
-    ] {
+    for step in ["grep -q hello /www/index.html", "test \"$(id -u)\" = 65534"] {
         docker(&[
-            "run", "--rm", "--user", "65534:65534", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges", &tag, "sh", "-c", step,
+            "run",
+            "--rm",
+            "--user",
+            "65534:65534",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            &tag,
+            "sh",
+            "-c",
+            step,
         ])?;
     }
     docker(&["push", "-q", &tag])?;
