@@ -30,11 +30,13 @@ if [ -z "${GANTRY_CONFIG:-}" ]; then
   fi
 fi
 export GANTRY_CONFIG
+# The notifier links to build logs it reads from the builder.
+export GANTRY_BUILDER_URL=${GANTRY_BUILDER_URL:-http://127.0.0.1:9091}
 
 profile_flag=()
 bin=target/debug
 if [ "${GANTRY_RELEASE:-}" = 1 ]; then profile_flag=(--release); bin=target/release; fi
-cargo build "${profile_flag[@]}" --bins -p webhook-ingest -p builder -p registry-publisher -p deployer -p notifier
+cargo build "${profile_flag[@]}" --bins -p webhook-ingest -p builder -p registry-publisher -p deployer -p notifier -p gantry-cli
 
 mkdir -p .gantry/logs
 pids=()
@@ -57,5 +59,5 @@ for port in 8080 8081 8082 8083 8084; do
     sleep 0.2
   done
 done
-echo "gantry: up — webhooks at http://127.0.0.1:8080/hooks/gitlab and /hooks/github; Ctrl-C stops" >&2
+echo "gantry: up — webhooks at http://127.0.0.1:8080/hooks/gitlab and /hooks/github; $bin/gantry pipelines; Ctrl-C stops" >&2
 wait -n "${pids[@]}"
