@@ -55,3 +55,13 @@ pub fn ip(container: &str) -> String {
 pub fn running(container: &str) -> bool {
     docker(&["inspect", "-f", "{{.State.Running}}", container]) == "true"
 }
+
+/// Removes an image with all its tags.
+pub fn remove_image(image: &str) {
+    docker(&["rmi", "-f", image]);
+}
+
+/// The id of a local image.
+pub fn image_id(reference: &str) -> String {
+    docker(&["image", "inspect", "-f", "{{.Id}}", reference])
+}

@@ -222,3 +222,60 @@ async fn a_deployment_cut_by_a_deployer_crash_is_taken_over() {
         .count();
     assert_eq!(attempts, 2);
 }
+
+#[tokio::test]
+async fn a_pull_that_fails_does_not_block_the_image() {
+    let repo = SampleRepo::new();
+    let env = EnvSpec::new("web");
+    let (stack, project) = stack(&repo, &env, 60).await;
+    // The image is published while no deployer runs, then vanishes from the
+    // registry and the engine before the deployer pulls it.
+    stack.kill("deployer");
+    let sha = repo.head();
+    let p1 = stack.push(&project, "refs/heads/main", &sha).await;
+    let seen = stack.wait_event(&p1, "image.published", TIMEOUT).await;
+    let Some(gantry_proto::v1::event::Payload::ImagePublished(published)) = &seen.event.payload
+    else {
+        panic!("expected image.published, got {seen:?}");
+    };
+    let deleted = gantry_tests::http()
+        .delete(format!(
+            "http://{}/v2/{}/manifests/{}",
+            project.registry, project.image_path, published.digest
+        ))
+        .send()
+        .await
+        .expect("registry answers");
+    assert_eq!(deleted.status(), 202, "manifest deleted");
+    let built = docker::image_id(&format!("{}:{sha}", project.image()));
+    docker::remove_image(&built);
+    stack.start_service("deployer");
+    stack.wait_ready("deployer").await;
+
+    let failed = stack.wait_event(&p1, "deploy.failed", TIMEOUT).await;
+    let Some(gantry_proto::v1::event::Payload::DeployFailed(f)) = &failed.event.payload else {
+        panic!("expected deploy.failed, got {failed:?}");
+    };
+    assert!(f.reason.contains("4 pulls failed"), "{}", f.reason);
+    assert_eq!(position(&stack, &p1, "deploy.rolled_back"), None);
+
+    // Not the image's fault: once it is back, it is deployed automatically.
+    let body = gantry_tests::forge::gitlab_push(&project.gitlab, "refs/heads/main", &sha, "main");
+    let p2 = gantry_tests::accepted_pipeline(
+        stack
+            .post_gitlab(
+                &body,
+                Some(gantry_tests::stack::SECRET),
+                "Push Hook",
+                Some("again"),
+            )
+            .await,
+    )
+    .await;
+    stack.wait_event(&p2, "deploy.succeeded", TIMEOUT).await;
+    assert_eq!(body_of(&env).await.as_deref(), Some("hello v1\n"));
+}
+
+async fn body_of(env: &EnvSpec) -> Option<String> {
+    body(&env.endpoint_url()).await
+}

@@ -36,7 +36,7 @@ pub mod labels {
 /// How long an image without health check must keep running to count as up.
 const SETTLE: Duration = Duration::from_secs(3);
 /// Pause between two health observations.
-const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long one HTTP probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time the old version keeps serving connections it already has once the new
@@ -85,8 +85,8 @@ impl DockerTarget {
         gantry_runtime::remove_containers(&self.docker, &label, keep).await;
     }
 
-    /// Creates and starts the new version; returns its container id.
-    pub async fn start(&self, env: &Environment, row: &Row) -> anyhow::Result<String> {
+    /// Creates the new version's container; returns its id.
+    pub async fn create(&self, env: &Environment, row: &Row) -> anyhow::Result<String> {
         let rev = row.revision();
         let short = &row.id.simple().to_string()[..12];
         let name = format!("gantry-{}-{}", env.name, short);
@@ -127,11 +127,15 @@ impl DockerTarget {
             )
             .await
             .map_err(|e| anyhow::anyhow!("creating container {name}: {}", error(&e)))?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
-            self.remove(&created.id).await;
-            anyhow::bail!("starting container {name}: {}", error(&e));
-        }
         Ok(created.id)
+    }
+
+    /// Starts a created container.
+    pub async fn start(&self, container: &str) -> anyhow::Result<()> {
+        self.docker
+            .start_container(container, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the new container: {}", error(&e)))
     }
 
     /// Waits until the container is healthy: the HTTP probe of the

@@ -341,15 +341,18 @@ pub async fn succeed(
     Ok(())
 }
 
-/// The new version did not become healthy and was removed. When another
-/// version was running it keeps running (rolled back); either way the digest
-/// is not deployed to this environment again automatically.
+/// The deployment failed. With `block` (the new version itself failed: it
+/// did not start or never became healthy) the digest is not deployed to this
+/// environment again automatically; a failure that is not the image's (the
+/// registry or the engine was away) leaves it free. `rolled_back` says that a
+/// version started and was removed while the previous one kept running.
 pub async fn fail(
     pool: &PgPool,
     row: &Row,
     owner: &str,
     reason: &str,
     rolled_back: bool,
+    block_digest: bool,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let state = if rolled_back { "rolled_back" } else { "failed" };
@@ -368,7 +371,9 @@ pub async fn fail(
         "deployment {} is no longer ours",
         row.id
     );
-    block(&mut tx, &row.environment, &row.digest, reason).await?;
+    if block_digest {
+        block(&mut tx, &row.environment, &row.digest, reason).await?;
+    }
     let failed = row.event(Payload::DeployFailed(DeployFailed {
         deployment: Some(row.message()),
         reason: reason.to_owned(),

@@ -20,6 +20,8 @@ use crate::queue::{self, Row};
 /// How often the queue is looked at without a wake-up (another replica's
 /// work, expired leases).
 const POLL: Duration = Duration::from_secs(2);
+/// Pulls of an image (with backoff: 1, 2, 4 s) before the deployment fails.
+const PULL_ATTEMPTS: u32 = 4;
 /// How long recording a deployment's end is retried while the database is away.
 const RECORD_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -118,7 +120,7 @@ impl Worker {
 
     async fn execute(&self, row: &Row) {
         let Some(env) = self.config.environment(&row.environment).cloned() else {
-            self.record_failure(row, "the environment is no longer configured", false)
+            self.record_failure(row, "the environment is no longer configured", false, false)
                 .await;
             return;
         };
@@ -133,16 +135,23 @@ impl Worker {
         let keep = live.as_ref().map(|l| l.container_id.as_str());
         self.target.remove_leftovers(row, keep).await;
         tracing::info!(previous = ?live.as_ref().map(|l| &l.digest), "deploying");
+        // Err((error, the image's own fault)).
         let outcome = async {
-            self.target
-                .pull(row, &self.config.registry_for(&row.repository))
-                .await?;
-            let id = self.target.start(&env, row).await?;
-            match self.target.wait_healthy(&env, &id).await {
+            self.pull(row).await.map_err(|e| (e, false))?;
+            let id = self
+                .target
+                .create(&env, row)
+                .await
+                .map_err(|e| (e, false))?;
+            let started = match self.target.start(&id).await {
+                Ok(()) => self.target.wait_healthy(&env, &id).await,
+                Err(e) => Err(e),
+            };
+            match started {
                 Ok(addr) => Ok((id, addr)),
                 Err(e) => {
                     self.target.remove(&id).await;
-                    Err(e)
+                    Err((e, true))
                 }
             }
         }
@@ -176,17 +185,38 @@ impl Worker {
                     self.target.retire(&old.container_id).await;
                 }
             }
-            Err(e) => {
+            Err((e, image_fault)) => {
                 let reason = format!("{e:#}");
-                tracing::warn!(reason, rolled_back = live.is_some(), "deployment failed");
-                self.record_failure(row, &reason, live.is_some()).await;
+                let rolled_back = image_fault && live.is_some();
+                tracing::warn!(reason, rolled_back, "deployment failed");
+                self.record_failure(row, &reason, rolled_back, image_fault)
+                    .await;
             }
         }
     }
 
-    async fn record_failure(&self, row: &Row, reason: &str, rolled_back: bool) {
+    /// Pulls the image, retrying while the registry is away.
+    async fn pull(&self, row: &Row) -> anyhow::Result<()> {
+        let registry = self.config.registry_for(&row.repository);
+        let mut pause = Duration::from_secs(1);
+        let mut attempt = 1;
+        loop {
+            match self.target.pull(row, &registry).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < PULL_ATTEMPTS => {
+                    tracing::warn!(error = format!("{e:#}"), attempt, "pull failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.context(format!("{attempt} pulls failed"))),
+            }
+        }
+    }
+
+    async fn record_failure(&self, row: &Row, reason: &str, rolled_back: bool, block: bool) {
         if self
-            .record(|| queue::fail(&self.pool, row, &self.owner, reason, rolled_back))
+            .record(|| queue::fail(&self.pool, row, &self.owner, reason, rolled_back, block))
             .await
         {
             self.relay_wake.notify_one();
