@@ -19,6 +19,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v git >/dev/null || need+=(git)
 command -v curl >/dev/null || need+=(curl)
 command -v iptables >/dev/null || need+=(iptables)
+command -v openssl >/dev/null || need+=(openssl)        # certificates for the TLS test
 command -v htpasswd >/dev/null || need+=(apache2-utils)  # bcrypt htpasswd for the registry-auth test
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
@@ -38,6 +39,25 @@ if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
   nohup dockerd >"$STATE/dockerd.log" 2>&1 &
   wait_for "dockerd" docker info
+fi
+
+# Image builds and test steps that ask for the network join the builder's
+# bridge "gantry-steps" (GANTRY_STEP_NETWORK): they reach the internet, never
+# this host's own services (RabbitMQ, Postgres, Gantry's ports: INPUT) nor
+# private, link-local (cloud metadata) or shared addresses, which also covers
+# other containers and ports published by Docker (FORWARD, DOCKER-USER).
+for ipt in iptables ip6tables; do
+  command -v "$ipt" >/dev/null || continue
+  "$ipt" -C INPUT -i gantry-steps -j REJECT 2>/dev/null ||
+    "$ipt" -I INPUT -i gantry-steps -j REJECT 2>/dev/null ||
+    log "cannot add the $ipt INPUT rule that keeps test steps from this host"
+done
+if iptables -L DOCKER-USER -n >/dev/null 2>&1; then
+  for net in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10; do
+    iptables -C DOCKER-USER -i gantry-steps -d "$net" -j REJECT 2>/dev/null ||
+      iptables -I DOCKER-USER -i gantry-steps -d "$net" -j REJECT ||
+      log "cannot add the DOCKER-USER rule for $net"
+  done
 fi
 
 # Registry on loopback

@@ -24,9 +24,25 @@ if [ -z "${GANTRY_CONFIG:-}" ]; then
   if [ -f gantry.yml ]; then
     GANTRY_CONFIG=$ROOT/gantry.yml
   else
-    GANTRY_CONFIG=$ROOT/deploy/gantry.example.yml
+    # The example configuration, with an admin token for the gantry command
+    # and a read token for the notifier, both made here once (0600).
+    umask 077
     [ -f .gantry/webhook-secret ] || head -c 24 /dev/urandom | base64 > .gantry/webhook-secret
-    echo "gantry: using the example configuration; webhook secret in .gantry/webhook-secret" >&2
+    for t in token notifier-token; do
+      [ -s ".gantry/$t" ] || printf 'gty_%s' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > ".gantry/$t"
+    done
+    hash() { tr -d '\n' < "$1" | sha256sum | cut -d' ' -f1; }
+    {
+      cat deploy/gantry.example.yml
+      echo
+      echo "tokens:"
+      echo "  - {name: local-admin, sha256: $(hash .gantry/token), scopes: [admin]}"
+      echo "  - {name: notifier, sha256: $(hash .gantry/notifier-token), scopes: [read]}"
+    } > .gantry/gantry.yml
+    umask 022
+    GANTRY_CONFIG=$ROOT/.gantry/gantry.yml
+    echo "gantry: using the example configuration; webhook secret in .gantry/webhook-secret," >&2
+    echo "gantry: API token in .gantry/token: export GANTRY_TOKEN=\$(cat .gantry/token)" >&2
   fi
 fi
 export GANTRY_CONFIG
@@ -48,7 +64,12 @@ stop() {
 trap stop INT TERM EXIT
 i=0
 for svc in webhook-ingest builder registry-publisher deployer notifier; do
-  GANTRY_HTTP_ADDR=127.0.0.1:$((8080 + i)) GANTRY_GRPC_ADDR=127.0.0.1:$((9090 + i)) \
+  extra=()
+  # Only the notifier holds its token (it reads build logs from the builder).
+  if [ "$svc" = notifier ] && [ -s .gantry/notifier-token ] && [ -z "${GANTRY_BUILDER_TOKEN:-}" ]; then
+    extra=(GANTRY_BUILDER_TOKEN="$(cat .gantry/notifier-token)")
+  fi
+  env "${extra[@]}" GANTRY_HTTP_ADDR=127.0.0.1:$((8080 + i)) GANTRY_GRPC_ADDR=127.0.0.1:$((9090 + i)) \
     "$bin/$svc" > >(sed -u "s/^/[$svc] /" | tee -a ".gantry/logs/$svc.log") 2>&1 &
   pids+=($!)
   i=$((i + 1))

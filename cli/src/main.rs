@@ -1,13 +1,17 @@
 //! `gantry`: the command line of Gantry. It talks gRPC to the services —
 //! the notifier for pipelines, the builder for logs, webhook-ingest for
 //! triggers, the deployer for environments — and prints for humans, or JSON
-//! with `--json`.
+//! with `--json`. Every call carries the bearer token of `--token` /
+//! `GANTRY_TOKEN`; `https://` URLs use TLS (`--ca-cert` for a private CA).
+//! `gantry token new` and `gantry token hash` make tokens and the hashes the
+//! configuration holds.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use gantry_proto::client::{Authed, Bearer};
 use gantry_proto::v1::builds_client::BuildsClient;
 use gantry_proto::v1::deployments_client::DeploymentsClient;
 use gantry_proto::v1::ingest_client::IngestClient;
@@ -17,7 +21,6 @@ use gantry_proto::v1::{
     PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest, WatchPipelinesRequest,
 };
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 /// How long a finished pipeline is still watched for deployments that follow it.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -60,11 +63,17 @@ struct Cli {
         default_value = "http://127.0.0.1:9093"
     )]
     deployer: String,
+    /// API token (its scopes decide what it may do).
+    #[arg(long, global = true, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM certificate of a CA to trust for https:// URLs (besides the system's).
+    #[arg(long, global = true, env = "GANTRY_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Recent pipelines with their state.
     Pipelines {
@@ -92,14 +101,72 @@ enum Command {
     Deploy { environment: String, image: String },
     /// Takes an environment back to the version before the current one.
     Rollback { environment: String },
+    /// API tokens: make one, or hash one for the configuration.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
-async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(url.to_owned())?
+#[derive(Subcommand, Debug, Clone)]
+enum TokenCommand {
+    /// Prints a new random token and the line to paste under `tokens:`.
+    New {
+        /// Name of the token in the configuration.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Scopes: read, trigger, deploy, admin.
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+    },
+    /// Prints the SHA-256 of a token (given, or read from stdin) for `tokens:`.
+    Hash { token: Option<String> },
+}
+
+async fn channel(cli: &Cli, url: &str) -> anyhow::Result<Authed> {
+    let ca = match &cli.ca_cert {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let channel = gantry_proto::client::endpoint(url, ca.as_deref())
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+    let bearer = Bearer::new(cli.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    Ok(gantry_proto::client::authed(channel, bearer))
+}
+
+fn token_command(command: &TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::New { name, scopes } => {
+            let mut bytes = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let token = format!("gty_{token}");
+            println!("token:  {token}");
+            println!(
+                "config: - {{name: {name}, sha256: {}, scopes: [{}]}}",
+                gantry_config::token_hash(&token),
+                scopes.join(", ")
+            );
+        }
+        TokenCommand::Hash { token } => {
+            let token = match token {
+                Some(t) => t.clone(),
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line
+                }
+            };
+            anyhow::ensure!(!token.trim().is_empty(), "no token given");
+            println!("{}", gantry_config::token_hash(&token));
+        }
+    }
+    Ok(())
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
@@ -172,9 +239,10 @@ fn finished(p: &PipelineSummary) -> bool {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match cli.command.clone() {
+        Command::Token(t) => token_command(&t)?,
         Command::Pipelines { project, limit } => {
-            let mut client = PipelinesClient::new(channel(&cli.notifier).await?);
+            let mut client = PipelinesClient::new(channel(&cli, &cli.notifier).await?);
             let list = client
                 .list(ListPipelinesRequest {
                     project: project.unwrap_or_default(),
@@ -194,7 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Watch { pipeline } => {
-            let mut client = PipelinesClient::new(channel(&cli.notifier).await?);
+            let mut client = PipelinesClient::new(channel(&cli, &cli.notifier).await?);
             let one = pipeline.clone();
             let mut stream = client
                 .watch(WatchPipelinesRequest {
@@ -230,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Logs { id, follow } => {
-            let mut client = BuildsClient::new(channel(&cli.builder).await?);
+            let mut client = BuildsClient::new(channel(&cli, &cli.builder).await?);
             let by_build = client
                 .stream_logs(StreamLogsRequest {
                     build_id: id.clone(),
@@ -266,7 +334,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Trigger { project, git_ref } => {
-            let mut client = IngestClient::new(channel(&cli.ingest).await?);
+            let mut client = IngestClient::new(channel(&cli, &cli.ingest).await?);
             let r = client
                 .trigger(TriggerRequest {
                     project,
@@ -288,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Envs => {
-            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
             let envs = client
                 .list_environments(ListEnvironmentsRequest {})
                 .await?
@@ -336,7 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Deploy { environment, image } => {
-            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
             let d = client
                 .deploy(DeployRequest { environment, image })
                 .await?
@@ -346,7 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             report_queued(cli.json, &d);
         }
         Command::Rollback { environment } => {
-            let mut client = DeploymentsClient::new(channel(&cli.deployer).await?);
+            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
             let d = client
                 .rollback(RollbackRequest { environment })
                 .await?
@@ -376,11 +444,15 @@ fn report_queued(json: bool, d: &DeploymentInfo) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
+                Some(s) if s.code() == tonic::Code::Unauthenticated => {
+                    eprintln!("gantry: {} (set GANTRY_TOKEN or pass --token)", s.message())
+                }
                 Some(s) => eprintln!("gantry: {}", s.message()),
                 None => eprintln!("gantry: {e:#}"),
             }

@@ -65,3 +65,11 @@ pub fn remove_image(image: &str) {
 pub fn image_id(reference: &str) -> String {
     docker(&["image", "inspect", "-f", "{{.Id}}", reference])
 }
+
+/// Ids of the local images carrying `label` (`key=value`).
+pub fn images_labelled(label: &str) -> Vec<String> {
+    docker(&["images", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}

@@ -9,8 +9,10 @@
 //! a small service repository (a `FROM scratch` image with static busybox),
 //! and [`forge`] builds GitLab and GitHub push deliveries as the forges send them.
 
+pub mod auth_registry;
 pub mod docker;
 pub mod forge;
+pub mod git_http;
 pub mod recorder;
 pub mod repo;
 pub mod stack;

@@ -78,7 +78,25 @@ impl SampleRepo {
         self.commit(message)
     }
 
-    fn commit(&self, message: &str) -> String {
+    /// Makes `link` a symbolic link to `target` (replacing what was there).
+    pub fn symlink(&self, target: &str, link: &str) {
+        let path = self.path.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(target, &path).expect("symlink");
+    }
+
+    /// Writes `content` to `file` (creating its directories) without committing.
+    pub fn write(&self, file: &str, content: &str) {
+        let path = self.path.join(file);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(path, content).expect("write file");
+    }
+
+    /// Commits everything in the work tree; returns the commit sha.
+    pub fn commit(&self, message: &str) -> String {
         git(&self.path, &["add", "-A"]);
         git(&self.path, &["commit", "-q", "-m", message]);
         self.head()
@@ -96,6 +114,11 @@ impl SampleRepo {
     /// Creates and switches to a branch.
     pub fn branch(&self, name: &str) {
         git(&self.path, &["checkout", "-q", "-b", name]);
+    }
+
+    /// Switches to an existing branch.
+    pub fn switch(&self, name: &str) {
+        git(&self.path, &["checkout", "-q", name]);
     }
 }
 

@@ -27,6 +27,25 @@ pub const SERVICES: [&str; 5] = [
 /// The webhook secret of every test project.
 pub const SECRET: &str = "It's a Secret to Everybody";
 
+/// The forge API tokens of stacks with a forge.
+pub const GITLAB_TOKEN: &str = "glpat-e2e-4f0c9d2b7a61";
+pub const GITHUB_TOKEN: &str = "ghp_e2e5b3a8c1d6f2e9";
+
+/// API tokens every stack configures, one per scope.
+pub mod tokens {
+    pub const ADMIN: &str = "gty_e2e-admin-7c1f0a";
+    pub const READ: &str = "gty_e2e-read-5b9e22";
+    pub const TRIGGER: &str = "gty_e2e-trigger-0d4a61";
+    pub const DEPLOY: &str = "gty_e2e-deploy-93c7f8";
+    /// (name, token, scopes) as configured.
+    pub const ALL: [(&str, &str, &str); 4] = [
+        ("admin", ADMIN, "admin"),
+        ("reader", READ, "read"),
+        ("trigger", TRIGGER, "trigger"),
+        ("deployer", DEPLOY, "deploy"),
+    ];
+}
+
 /// One project of a stack's configuration.
 #[derive(Clone, Debug)]
 pub struct ProjectSpec {
@@ -112,6 +131,12 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// Registries that need a login (host, username, password).
     pub logins: Vec<(String, String, String)>,
+    /// Serve every listener over TLS with a certificate made for the stack.
+    pub tls: bool,
+    /// The notifier's pages answer without a token.
+    pub public_pages: bool,
+    /// More YAML of each project (indented under the project), e.g. `limits`.
+    pub project_extra: String,
 }
 
 /// An event as it crossed the broker.
@@ -153,6 +178,42 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost: `tls.crt`, `tls.key` in `dir`.
+fn make_certificate(dir: &Path) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=gantry-e2e",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            // A server certificate, not a CA (rustls refuses a CA as the peer).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+        ])
+        .arg(dir.join("tls.key"))
+        .arg("-out")
+        .arg(dir.join("tls.crt"))
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Where cargo put the service binaries (next to this test's `deps/`).
@@ -232,6 +293,7 @@ impl Stack {
                 secret_path.display(),
                 p.image()
             ));
+            config.push_str(&options.project_extra);
         }
         config.push_str(&format!(
             "registries:\n  - host: {}\n",
@@ -262,7 +324,7 @@ impl Stack {
         }
         if let Some(forge) = &options.forge {
             config.push_str(&format!(
-                "forges:\n  gitlab: {{url: {forge}, token: {{value: gitlab-token}}}}\n  github: {{url: {forge}, token: {{value: github-token}}}}\n"
+                "forges:\n  gitlab: {{url: {forge}, token: {{value: {GITLAB_TOKEN}}}}}\n  github: {{url: {forge}, token: {{value: {GITHUB_TOKEN}}}}}\n"
             ));
         }
         if !options.chat.is_empty() {
@@ -277,10 +339,24 @@ impl Stack {
             .iter()
             .map(|s| (s.to_string(), (free_port(), free_port())))
             .collect();
+        let scheme = if options.tls { "https" } else { "http" };
         config.push_str(&format!(
-            "public_url: http://127.0.0.1:{}\n",
+            "public_url: {scheme}://127.0.0.1:{}\n",
             ports["notifier"].0
         ));
+        config.push_str("tokens:\n");
+        for (name, token, scope) in tokens::ALL {
+            config.push_str(&format!(
+                "  - {{name: {name}, sha256: {}, scopes: [{scope}]}}\n",
+                gantry_config::token_hash(token)
+            ));
+        }
+        if options.public_pages {
+            config.push_str("pages: {public: true}\n");
+        }
+        if options.tls {
+            make_certificate(dir.path());
+        }
         let config_path = dir.path().join("gantry.yml");
         std::fs::write(&config_path, config).expect("write config");
 
@@ -437,7 +513,18 @@ impl Stack {
             .open(self.log_path(name))
             .expect("service log");
         let (http, grpc) = self.ports_of(name);
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if service == "notifier" {
+            // Reads build logs from the builder with a read-only token.
+            command.env("GANTRY_BUILDER_TOKEN", tokens::READ);
+        }
+        if self.options.tls {
+            command
+                .env("GANTRY_TLS_CERT", self.dir.path().join("tls.crt"))
+                .env("GANTRY_TLS_KEY", self.dir.path().join("tls.key"))
+                .env("GANTRY_CA_CERT", self.dir.path().join("tls.crt"));
+        }
+        let child = command
             .env("DATABASE_URL", &self.database_url)
             .env("AMQP_URL", &self.amqp_url)
             .env("GANTRY_CONFIG", &self.config_path)
@@ -467,7 +554,11 @@ impl Stack {
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "GANTRY_BUILDER_URL",
-                format!("http://127.0.0.1:{}", self.grpc_port("builder")),
+                format!(
+                    "{}://127.0.0.1:{}",
+                    self.scheme(),
+                    self.grpc_port("builder")
+                ),
             )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -499,10 +590,42 @@ impl Stack {
         }
     }
 
+    /// `https` when the stack serves TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.options.tls { "https" } else { "http" }
+    }
+
+    /// The stack's certificate (PEM), when it serves TLS.
+    pub fn ca_pem(&self) -> Option<Vec<u8>> {
+        self.options
+            .tls
+            .then(|| std::fs::read(self.dir.path().join("tls.crt")).expect("certificate"))
+    }
+
+    /// An HTTP client that trusts the stack's certificate.
+    pub fn http_client(&self) -> reqwest::Client {
+        crate::init();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(pem) = self.ca_pem() {
+            builder = builder
+                .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("certificate")]);
+        }
+        builder.build().expect("http client")
+    }
+
+    /// URL of a path on a service's HTTP listener.
+    pub fn http_url(&self, service: &str, path: &str) -> String {
+        format!(
+            "{}://127.0.0.1:{}{path}",
+            self.scheme(),
+            self.http_port(service)
+        )
+    }
+
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self, name: &str) {
-        let url = format!("http://127.0.0.1:{}/ready", self.http_port(name));
-        let client = crate::http();
+        let url = self.http_url(name, "/ready");
+        let client = self.http_client();
         for _ in 0..600 {
             if let Ok(r) = client.get(&url).send().await
                 && r.status().is_success()
@@ -527,10 +650,7 @@ impl Stack {
     }
 
     pub fn ingest_url(&self, path: &str) -> String {
-        format!(
-            "http://127.0.0.1:{}{path}",
-            self.http_port("webhook-ingest")
-        )
+        self.http_url("webhook-ingest", path)
     }
 
     /// POSTs a GitLab delivery.
@@ -541,7 +661,8 @@ impl Stack {
         event: &str,
         uuid: Option<&str>,
     ) -> reqwest::Response {
-        let mut req = crate::http()
+        let mut req = self
+            .http_client()
             .post(self.ingest_url("/hooks/gitlab"))
             .header("content-type", "application/json")
             .header("x-gitlab-event", event)
@@ -591,7 +712,8 @@ impl Stack {
         event: &str,
         delivery: &str,
     ) -> reqwest::Response {
-        let mut req = crate::http()
+        let mut req = self
+            .http_client()
             .post(self.ingest_url("/hooks/github"))
             .header("content-type", "application/json")
             .header("x-github-event", event)
@@ -675,16 +797,30 @@ impl Stack {
             .expect("stack database")
     }
 
-    /// A gRPC channel to a service.
-    pub async fn grpc(&self, service: &str) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!(
-            "http://127.0.0.1:{}",
-            self.grpc_port(service)
-        ))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("gRPC connects")
+    /// A gRPC channel to a service that calls with the admin token.
+    pub async fn grpc(&self, service: &str) -> gantry_proto::client::Authed {
+        self.grpc_as(service, Some(tokens::ADMIN)).await
+    }
+
+    /// A gRPC channel to a service that calls with `token` (none: no token).
+    pub async fn grpc_as(
+        &self,
+        service: &str,
+        token: Option<&str>,
+    ) -> gantry_proto::client::Authed {
+        let channel = self.grpc_channel(service).await;
+        let bearer = gantry_proto::client::Bearer::new(token).expect("token");
+        gantry_proto::client::authed(channel, bearer)
+    }
+
+    /// The bare channel to a service's gRPC listener.
+    pub async fn grpc_channel(&self, service: &str) -> tonic::transport::Channel {
+        let url = format!("{}://127.0.0.1:{}", self.scheme(), self.grpc_port(service));
+        gantry_proto::client::endpoint(&url, self.ca_pem().as_deref())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connects")
     }
 
     pub fn dir(&self) -> &Path {

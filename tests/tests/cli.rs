@@ -16,6 +16,7 @@ fn gantry(stack: &Stack, args: &[&str]) -> Output {
         .env("GANTRY_BUILDER_URL", url("builder"))
         .env("GANTRY_INGEST_URL", url("webhook-ingest"))
         .env("GANTRY_DEPLOYER_URL", url("deployer"))
+        .env("GANTRY_TOKEN", gantry_tests::stack::tokens::ADMIN)
         .output()
         .expect("gantry runs")
 }
@@ -98,6 +99,41 @@ async fn the_cli_drives_a_pipeline_from_trigger_to_deployment() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no published image"));
     let out = gantry(&stack, &["deploy", "nowhere", "main"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no environment"));
+    // A prefix is taken literally: LIKE's wildcards match no commit.
+    for wildcard in ["%%%%%%%", "_______", &format!("{}%", &sha[..7])] {
+        let out = gantry(&stack, &["deploy", &env.name, wildcard]);
+        assert!(!out.status.success(), "{wildcard} matched an image");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no published image"));
+    }
+    assert!(
+        gantry(&stack, &["deploy", &env.name, &sha[..7]])
+            .status
+            .success()
+    );
+
+    // The token the configuration holds is the SHA-256 of the token.
+    let hashed = ok(&gantry(&stack, &["token", "hash", "abc"]));
+    assert_eq!(
+        hashed.trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let made = ok(&gantry(
+        &stack,
+        &["token", "new", "--name", "ci", "--scopes", "read,trigger"],
+    ));
+    let token = made
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .expect("token line")
+        .trim()
+        .to_owned();
+    assert!(
+        made.contains(&format!(
+            "sha256: {}, scopes: [read, trigger]",
+            gantry_config::token_hash(&token)
+        )),
+        "{made}"
+    );
 
     // deploy by tag queues the same image again.
     let queued = json(&gantry(&stack, &["deploy", &env.name, "main", "--json"]));

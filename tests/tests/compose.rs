@@ -136,8 +136,10 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
     std::fs::write(
         &config,
         format!(
-            "projects:\n  - name: hello\n    clone_url: file:///repos/sample\n    gitlab: team/hello\n    webhook_secret: {{env: GANTRY_WEBHOOK_SECRET}}\n    image: {registry}/team/hello\nregistries:\n  - host: {registry}\n    api: http://registry:5000\nenvironments:\n  - name: {environment}\n    project: hello\n    rules: [{{branch: main}}]\n    port: 8080\n    endpoint: 0.0.0.0:18080\n    network: {network}\n    health: {{http: /, timeout_secs: 60}}\npublic_url: http://127.0.0.1:{}\n",
-            port("GANTRY_NOTIFIER_PORT")
+            "projects:\n  - name: hello\n    clone_url: file:///repos/sample\n    gitlab: team/hello\n    webhook_secret: {{env: GANTRY_WEBHOOK_SECRET}}\n    image: {registry}/team/hello\nregistries:\n  - host: {registry}\n    api: http://registry:5000\nenvironments:\n  - name: {environment}\n    project: hello\n    rules: [{{branch: main}}]\n    port: 8080\n    endpoint: 0.0.0.0:18080\n    network: {network}\n    health: {{http: /, timeout_secs: 60}}\npublic_url: http://127.0.0.1:{}\ntokens:\n  - {{name: e2e, sha256: {}, scopes: [read]}}\n  - {{name: notifier, sha256: {}, scopes: [read]}}\n",
+            port("GANTRY_NOTIFIER_PORT"),
+            gantry_config::token_hash("compose-token"),
+            gantry_config::token_hash("gantry-local-notifier"),
         ),
     )
     .expect("config");
@@ -250,6 +252,49 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
     assert_eq!(deployed.len(), 1, "{deployed:?}");
     assert_eq!(docker::label(&deployed[0], "io.gantry.commit"), sha);
 
+    // The deployed app shares no network with Postgres or RabbitMQ, and
+    // every published port is on loopback only.
+    let networks = |id: &str| -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+                id,
+            ])
+            .output()
+            .expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let app_networks = networks(&deployed[0]);
+    assert_eq!(app_networks, vec![network.clone()]);
+    for data in ["postgres", "rabbitmq"] {
+        let theirs = networks(&compose.container(data));
+        assert!(
+            !theirs.iter().any(|n| app_networks.contains(n)),
+            "{data} on {theirs:?}, the app on {app_networks:?}"
+        );
+    }
+    for service in SERVICES.iter().chain(&["registry"]) {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{range $p, $b := .NetworkSettings.Ports}}{{range $b}}{{.HostIp}} {{end}}{{end}}",
+                &compose.container(service),
+            ])
+            .output()
+            .expect("docker inspect");
+        let ips = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            ips.split_whitespace().all(|ip| ip == "127.0.0.1"),
+            "{service} publishes on {ips}"
+        );
+    }
+
     // The CLI reads the same pipeline from the notifier.
     let out = Command::new(gantry_tests::stack::bin_dir().join("gantry"))
         .args(["pipelines", "--json"])
@@ -257,6 +302,7 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
             "GANTRY_NOTIFIER_URL",
             format!("http://127.0.0.1:{}", port("GANTRY_NOTIFIER_GRPC_PORT")),
         )
+        .env("GANTRY_TOKEN", "compose-token")
         .output()
         .expect("gantry runs");
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");

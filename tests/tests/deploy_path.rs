@@ -311,7 +311,7 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
         .find(|t| t.contains("failed at step"))
         .expect("failure message");
     assert!(
-        failure.contains("Ada Lovelace <ada@example.com>"),
+        failure.contains("Ada Lovelace &lt;ada@example.com&gt;"),
         "{failure}"
     );
     assert!(
@@ -346,7 +346,10 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
         .as_str()
         .expect("log url")
         .to_owned();
-    let log = reqwest::get(&log_url)
+    let log = gantry_tests::http()
+        .get(&log_url)
+        .bearer_auth(gantry_tests::stack::tokens::READ)
+        .send()
         .await
         .expect("log page")
         .text()
@@ -381,7 +384,7 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
             .headers
             .get("private-token")
             .map(|v| v.to_str().unwrap_or_default()),
-        Some("gitlab-token")
+        Some(gantry_tests::stack::GITLAB_TOKEN)
     );
     assert!(
         first.body["target_url"]

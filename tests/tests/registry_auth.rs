@@ -3,69 +3,12 @@
 //! `image.publish_failed`. The registry is a real docker-registry with
 //! htpasswd authentication, started on a free loopback port for this test.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
+use gantry_tests::auth_registry::{AuthRegistry, start_registry};
 use gantry_tests::stack::{ProjectSpec, SECRET};
 use gantry_tests::{SampleRepo, Stack, StackOptions, forge};
-
-struct AuthRegistry {
-    child: Child,
-    host: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for AuthRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_registry(user: &str, password: &str) -> AuthRegistry {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", user, password])
-        .output()
-        .expect("htpasswd (apache2-utils)");
-    assert!(out.status.success());
-    std::fs::write(dir.path().join("htpasswd"), out.stdout).expect("write htpasswd");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let config = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {dir}/data\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: gantry-test\n    path: {dir}/htpasswd\n",
-        dir = dir.path().display()
-    );
-    std::fs::write(dir.path().join("config.yml"), config).expect("write config");
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(dir.path().join("config.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry starts");
-    let host = format!("127.0.0.1:{port}");
-    let registry = AuthRegistry {
-        child,
-        host,
-        _dir: dir,
-    };
-    for _ in 0..100 {
-        if let Ok(r) = gantry_tests::http()
-            .get(format!("http://{}/v2/", registry.host))
-            .send()
-            .await
-        {
-            assert_eq!(r.status(), 401, "the registry must ask for a login");
-            return registry;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("docker-registry did not start");
-}
 
 async fn publish(registry: &AuthRegistry, password: &str) -> (ProjectSpec, Payload) {
     let repo = SampleRepo::new();

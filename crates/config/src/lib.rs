@@ -6,10 +6,18 @@
 //!   validated at start ([`GantryConfig::load`]); every problem names the file,
 //!   line and column, and the service exits non-zero before binding anything.
 //! - [`Infra`]: infrastructure URLs from the environment (`DATABASE_URL`,
-//!   `AMQP_URL`), shared by the services' command lines.
+//!   `AMQP_URL`) and the optional TLS certificate of every listener, shared
+//!   by the services' command lines.
+//! - Secrets are resolved only for the kinds a service uses
+//!   ([`SecretKind`], [`GantryConfig::load_for`]): the builder, which runs
+//!   untrusted code, never reads a forge token, a chat URL or a webhook secret.
+//! - [`ApiToken`]s: the bearer tokens of the gRPC API and the pages, kept as
+//!   SHA-256 hashes with their [`Scope`]s.
 //! - [`yaml`]: YAML parsing with located, user-facing errors, also used for
 //!   `.gantry.yml` pipeline files.
 
+pub mod git;
+pub mod tokens;
 pub mod yaml;
 
 use std::collections::HashSet;
@@ -18,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use git::GitCredentials;
+pub use tokens::{ApiToken, Scope, token_hash};
 pub use yaml::LocatedError;
 
 /// Infrastructure settings every service needs, from flags or the environment.
@@ -32,6 +42,19 @@ pub struct Infra {
     /// The Gantry configuration file (projects, registries).
     #[arg(long, env = "GANTRY_CONFIG")]
     pub config: PathBuf,
+    #[command(flatten)]
+    pub tls: Tls,
+}
+
+/// TLS of a service's HTTP and gRPC listeners (both or neither of the files).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM certificate chain; with it, HTTP and gRPC are served over TLS.
+    #[arg(long = "tls-cert", env = "GANTRY_TLS_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[arg(long = "tls-key", env = "GANTRY_TLS_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 /// A secret value; never printed.
@@ -44,6 +67,12 @@ impl Secret {
     }
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -63,6 +92,33 @@ pub enum SecretSource {
     File(PathBuf),
     /// The value itself (for development only).
     Value(String),
+}
+
+/// The kinds of secrets in the configuration. A service resolves only the
+/// kinds it uses ([`GantryConfig::load_for`]); the others stay unread, so a
+/// service cannot leak what it never held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    /// Projects' webhook secrets (webhook-ingest).
+    Webhook,
+    /// Credentials in or beside projects' clone URLs (webhook-ingest, builder).
+    Clone,
+    /// Registry passwords (builder, registry-publisher, deployer).
+    Registry,
+    /// Forge API tokens (notifier).
+    Forge,
+    /// Chat webhook URLs (notifier).
+    Chat,
+}
+
+impl SecretKind {
+    pub const ALL: [SecretKind; 5] = [
+        SecretKind::Webhook,
+        SecretKind::Clone,
+        SecretKind::Registry,
+        SecretKind::Forge,
+        SecretKind::Chat,
+    ];
 }
 
 impl SecretSource {
@@ -94,6 +150,18 @@ struct RawConfig {
     chat: Vec<RawChat>,
     #[serde(default)]
     public_url: Option<String>,
+    #[serde(default)]
+    tokens: Vec<tokens::RawToken>,
+    #[serde(default)]
+    pages: RawPages,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPages {
+    /// Whether the notifier's pages answer without a token.
+    #[serde(default)]
+    public: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +237,99 @@ struct RawProject {
     default_branch: Option<String>,
     webhook_secret: SecretSource,
     image: String,
+    #[serde(default)]
+    clone_credentials: Option<RawCloneCredentials>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloneCredentials {
+    username: String,
+    password: SecretSource,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    memory_mb: Option<u64>,
+    #[serde(default)]
+    pids: Option<i64>,
+    #[serde(default)]
+    cpus: Option<f64>,
+    #[serde(default)]
+    allow_network: Option<bool>,
+    #[serde(default)]
+    build_timeout_secs: Option<u64>,
+    #[serde(default)]
+    log_kib: Option<u64>,
+}
+
+/// What a project's builds may use. Every test step runs under these limits;
+/// the image build gets the timeout and the memory limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Memory of one test step (and of each image build container), in MiB; no swap beyond it.
+    pub memory_mb: u64,
+    /// Processes and threads of one test step (a fork bomb stops there).
+    pub pids: i64,
+    /// CPUs one test step may use (fractions allowed).
+    pub cpus: f64,
+    /// Whether a test step may ask for `network: true`; steps have no network otherwise.
+    pub allow_network: bool,
+    /// How long the image build may take.
+    pub build_timeout: std::time::Duration,
+    /// Bytes of build log kept per build; the rest is cut (the exit code still decides).
+    pub log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mb: 2048,
+            pids: 512,
+            cpus: 2.0,
+            allow_network: true,
+            build_timeout: std::time::Duration::from_secs(30 * 60),
+            log_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl RawLimits {
+    fn validate(self, at: &str, problems: &mut Vec<String>) -> Limits {
+        let d = Limits::default();
+        let limits = Limits {
+            memory_mb: self.memory_mb.unwrap_or(d.memory_mb),
+            pids: self.pids.unwrap_or(d.pids),
+            cpus: self.cpus.unwrap_or(d.cpus),
+            allow_network: self.allow_network.unwrap_or(d.allow_network),
+            build_timeout: self
+                .build_timeout_secs
+                .map_or(d.build_timeout, std::time::Duration::from_secs),
+            log_bytes: self
+                .log_kib
+                .map_or(d.log_bytes, |k| (k as usize).saturating_mul(1024)),
+        };
+        if limits.memory_mb < 16 {
+            problems.push(format!("{at}: limits.memory_mb must be at least 16"));
+        }
+        if limits.pids < 8 {
+            problems.push(format!("{at}: limits.pids must be at least 8"));
+        }
+        if !(limits.cpus > 0.0 && limits.cpus <= 1024.0) {
+            problems.push(format!("{at}: limits.cpus must be above 0"));
+        }
+        if limits.build_timeout.is_zero() {
+            problems.push(format!("{at}: limits.build_timeout_secs must be positive"));
+        }
+        if limits.log_bytes == 0 {
+            problems.push(format!("{at}: limits.log_kib must be positive"));
+        }
+        limits
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,16 +348,22 @@ struct RawRegistry {
 #[derive(Debug, Clone)]
 pub struct Project {
     pub name: String,
+    /// Where git fetches from, without credentials (safe to show and to put in events).
     pub clone_url: String,
+    /// Credentials for the clone URL, from `clone_credentials` or the URL's
+    /// user info; the password only in services that resolve [`SecretKind::Clone`].
+    pub clone_credentials: Option<GitCredentials>,
     /// Path of the project on GitLab (`path_with_namespace`).
     pub gitlab: Option<String>,
     /// Full name of the repository on GitHub (`owner/repo`).
     pub github: Option<String>,
     /// Default branch when the forge does not say (manual triggers); `main` if unset.
     pub default_branch: String,
-    pub webhook_secret: Secret,
+    /// Only in services that resolve [`SecretKind::Webhook`].
+    pub webhook_secret: Option<Secret>,
     /// Registry repository, e.g. `registry.example.com:5000/team/service`.
     pub image: String,
+    pub limits: Limits,
 }
 
 /// Credentials for one registry host.
@@ -304,7 +471,8 @@ pub struct Forge {
     /// Base URL: `https://gitlab.example.com` (the API is under `/api/v4`),
     /// or `https://api.github.com`.
     pub url: String,
-    pub token: Secret,
+    /// Only in services that resolve [`SecretKind::Forge`].
+    pub token: Option<Secret>,
 }
 
 /// What kind of chat webhook a channel is.
@@ -322,7 +490,9 @@ pub enum ChatKind {
 pub struct Chat {
     pub name: String,
     pub kind: ChatKind,
-    pub url: Secret,
+    /// The webhook URL (it holds the channel's credential); only in services
+    /// that resolve [`SecretKind::Chat`].
+    pub url: Option<Secret>,
     /// Only these projects (all when empty).
     pub projects: Vec<String>,
 }
@@ -345,6 +515,10 @@ pub struct GantryConfig {
     /// Base of the links Gantry sends out (the notifier's HTTP address as
     /// users reach it), e.g. `https://gantry.example.com`.
     pub public_url: Option<String>,
+    /// Bearer tokens of the gRPC API and the notifier's pages.
+    pub tokens: Vec<ApiToken>,
+    /// Whether the notifier's pages answer without a `read` token.
+    pub public_pages: bool,
 }
 
 /// Everything wrong with a configuration file.
@@ -361,18 +535,49 @@ pub enum ConfigError {
     Invalid { file: String, problems: Vec<String> },
 }
 
+/// Resolves `source` when `wanted`, recording a problem when it cannot be.
+fn resolve_if(
+    wanted: bool,
+    source: &SecretSource,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    if !wanted {
+        return None;
+    }
+    match source.resolve() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            problems.push(format!("{at}: {e}"));
+            None
+        }
+    }
+}
+
 impl GantryConfig {
-    /// Reads, parses and validates the file at `path`.
+    /// Reads, parses and validates the file at `path`, resolving every secret.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_for(path, &SecretKind::ALL)
+    }
+
+    /// Reads, parses and validates the file at `path`, resolving only the
+    /// secrets of the `kinds` the caller uses.
+    pub fn load_for(path: &Path, kinds: &[SecretKind]) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&path.display().to_string(), &text)
+        Self::parse_for(&path.display().to_string(), &text, kinds)
     }
 
-    /// Parses and validates `text`; `file` names it in errors.
+    /// Parses and validates `text`, resolving every secret; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_for(file, text, &SecretKind::ALL)
+    }
+
+    /// Parses and validates `text`, resolving only the secrets of `kinds`.
+    pub fn parse_for(file: &str, text: &str, kinds: &[SecretKind]) -> Result<Self, ConfigError> {
+        let uses = |k: SecretKind| kinds.contains(&k);
         let raw: RawConfig = yaml::from_str(file, text)?;
         let mut problems = Vec::new();
         let mut names = HashSet::new();
@@ -398,25 +603,51 @@ impl GantryConfig {
             if let Err(e) = validate_repository(&p.image) {
                 problems.push(format!("{at}: image: {e}"));
             }
-            let secret = match p.webhook_secret.resolve() {
-                Ok(s) if s.0.is_empty() => {
-                    problems.push(format!("{at}: webhook_secret is empty"));
-                    s
+            let secret = resolve_if(
+                uses(SecretKind::Webhook),
+                &p.webhook_secret,
+                &format!("{at}: webhook_secret"),
+                &mut problems,
+            );
+            if secret.as_ref().is_some_and(|s| s.0.is_empty()) {
+                problems.push(format!("{at}: webhook_secret is empty"));
+            }
+            let (clone_url, in_url) = git::split_credentials(&p.clone_url);
+            let clone_credentials = match (in_url, p.clone_credentials) {
+                (Some(_), Some(_)) => {
+                    problems.push(format!(
+                        "{at}: give the clone credentials in clone_url or in clone_credentials, not both"
+                    ));
+                    None
                 }
-                Ok(s) => s,
-                Err(e) => {
-                    problems.push(format!("{at}: webhook_secret: {e}"));
-                    Secret(String::new())
-                }
+                (Some((username, password)), None) => Some(GitCredentials {
+                    username,
+                    password: password
+                        .filter(|_| uses(SecretKind::Clone))
+                        .map(Secret::new),
+                }),
+                (None, Some(c)) => Some(GitCredentials {
+                    username: c.username,
+                    password: resolve_if(
+                        uses(SecretKind::Clone),
+                        &c.password,
+                        &format!("{at}: clone_credentials.password"),
+                        &mut problems,
+                    ),
+                }),
+                (None, None) => None,
             };
+            let limits = p.limits.validate(&at, &mut problems);
             projects.push(Project {
                 name: p.name,
-                clone_url: p.clone_url,
+                clone_url,
+                clone_credentials,
                 gitlab: p.gitlab,
                 github: p.github,
                 default_branch: p.default_branch.unwrap_or_else(|| "main".to_owned()),
                 webhook_secret: secret,
                 image: p.image,
+                limits,
             });
         }
         let mut registries = Vec::new();
@@ -425,15 +656,15 @@ impl GantryConfig {
             if r.host.is_empty() || r.host.contains('/') {
                 problems.push(format!("{at}: host must be a host[:port] without a path"));
             }
-            let password = match r.password.as_ref().map(SecretSource::resolve) {
-                None => None,
-                Some(Ok(s)) => Some(s),
-                Some(Err(e)) => {
-                    problems.push(format!("{at}: password: {e}"));
-                    None
-                }
-            };
-            if r.username.is_some() != password.is_some() {
+            let password = r.password.as_ref().and_then(|source| {
+                resolve_if(
+                    uses(SecretKind::Registry),
+                    source,
+                    &format!("{at}: password"),
+                    &mut problems,
+                )
+            });
+            if r.username.is_some() != r.password.is_some() {
                 problems.push(format!("{at}: username and password go together"));
             }
             if let Some(api) = &r.api
@@ -514,16 +745,16 @@ impl GantryConfig {
             if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
                 problems.push(format!("forges.{name}: url must be http(s)://"));
             }
-            match raw.token.resolve() {
-                Ok(token) => Some(Forge {
-                    url: raw.url.trim_end_matches('/').to_owned(),
-                    token,
-                }),
-                Err(e) => {
-                    problems.push(format!("forges.{name}: token: {e}"));
-                    None
-                }
-            }
+            let token = resolve_if(
+                uses(SecretKind::Forge),
+                &raw.token,
+                &format!("forges.{name}: token"),
+                &mut problems,
+            );
+            Some(Forge {
+                url: raw.url.trim_end_matches('/').to_owned(),
+                token,
+            })
         };
         let gitlab = forge("gitlab", raw.forges.gitlab);
         let github = forge("github", raw.forges.github);
@@ -535,18 +766,25 @@ impl GantryConfig {
                     problems.push(format!("{at}: project {p:?} is not configured"));
                 }
             }
-            match c.url.resolve() {
-                Ok(url) if url.0.starts_with("http://") || url.0.starts_with("https://") => chat
-                    .push(Chat {
-                        name: c.name,
-                        kind: c.kind,
-                        url,
-                        projects: c.projects,
-                    }),
-                Ok(_) => problems.push(format!("{at}: url must be http(s)://")),
-                Err(e) => problems.push(format!("{at}: url: {e}")),
+            let url = resolve_if(
+                uses(SecretKind::Chat),
+                &c.url,
+                &format!("{at}: url"),
+                &mut problems,
+            );
+            if let Some(u) = &url
+                && !(u.0.starts_with("http://") || u.0.starts_with("https://"))
+            {
+                problems.push(format!("{at}: url must be http(s)://"));
             }
+            chat.push(Chat {
+                name: c.name,
+                kind: c.kind,
+                url,
+                projects: c.projects,
+            });
         }
+        let tokens = tokens::validate(raw.tokens, &mut problems);
         if problems.is_empty() {
             Ok(Self {
                 projects,
@@ -556,6 +794,8 @@ impl GantryConfig {
                 github,
                 chat,
                 public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
+                tokens,
+                public_pages: raw.pages.public,
             })
         } else {
             Err(ConfigError::Invalid {
@@ -563,6 +803,11 @@ impl GantryConfig {
                 problems,
             })
         }
+    }
+
+    /// The configured API token `presented` is, if any (see [`tokens::find`]).
+    pub fn token(&self, presented: &str) -> Option<&ApiToken> {
+        tokens::find(&self.tokens, presented)
     }
 
     pub fn environment(&self, name: &str) -> Option<&Environment> {
@@ -647,7 +892,10 @@ mod tests {
             "projects:\n  - name: hello\n    clone_url: file:///tmp/hello\n    gitlab: team/hello\n    webhook_secret: {value: s3cret}\n    image: 127.0.0.1:5000/team/hello\nregistries:\n  - host: 127.0.0.1:5000\n",
         )
         .expect("valid");
-        assert_eq!(cfg.projects[0].webhook_secret.expose(), "s3cret");
+        assert_eq!(
+            cfg.projects[0].webhook_secret.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
         assert_eq!(
             cfg.project_by_gitlab("Team/Hello").map(|p| p.name.as_str()),
             Some("hello")

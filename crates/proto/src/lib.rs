@@ -61,3 +61,66 @@ impl v1::Event {
         self.payload.as_ref().map(routing_key)
     }
 }
+
+/// Connecting to Gantry's gRPC API as a client: TLS for `https://` URLs
+/// (the system's roots, plus a CA certificate if given) and the bearer token
+/// on every call.
+pub mod client {
+    use tonic::metadata::{Ascii, MetadataValue};
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    /// Adds `authorization: Bearer <token>` to every request.
+    #[derive(Clone, Default)]
+    pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+    impl Bearer {
+        /// `None` sends no token. A token that is not printable ASCII is an error.
+        pub fn new(token: Option<&str>) -> Result<Self, String> {
+            match token.map(str::trim).filter(|t| !t.is_empty()) {
+                None => Ok(Self(None)),
+                Some(t) => format!("Bearer {t}")
+                    .parse()
+                    .map(|v| Self(Some(v)))
+                    .map_err(|_| "the token must be printable ASCII".to_owned()),
+            }
+        }
+    }
+
+    impl tonic::service::Interceptor for Bearer {
+        fn call(
+            &mut self,
+            mut request: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            if let Some(v) = &self.0 {
+                request.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(request)
+        }
+    }
+
+    /// A channel that sends the token with every call.
+    pub type Authed = InterceptedService<Channel, Bearer>;
+
+    /// An endpoint for `url`, with TLS when it is `https://`; `ca_pem` adds a
+    /// trusted CA (e.g. of a self-signed certificate).
+    pub fn endpoint(
+        url: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<tonic::transport::Endpoint, Box<dyn std::error::Error + Send + Sync>> {
+        let mut endpoint = Channel::from_shared(url.to_owned())?;
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Wraps a connected channel so that every call carries the token.
+    pub fn authed(channel: Channel, bearer: Bearer) -> Authed {
+        InterceptedService::new(channel, bearer)
+    }
+}

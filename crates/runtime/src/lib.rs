@@ -4,9 +4,13 @@
 //!   SIGINT, handed to every server and consumer loop;
 //! - [`Readiness`]: named checks (broker, database, Docker) behind `/ready`,
 //!   and `/live` which only says the process answers ([`health_routes`]);
-//! - [`serve_http`] and [`serve_grpc`]: servers with graceful shutdown; the
-//!   gRPC one always adds `grpc.health.v1` (kept in step with readiness) and
-//!   reflection for `gantry.v1`.
+//! - [`serve_http`] and [`serve_grpc`]: servers with graceful shutdown and
+//!   optional TLS ([`tls`]); the gRPC one always adds `grpc.health.v1` (kept
+//!   in step with readiness) and reflection for `gantry.v1`, and checks every
+//!   call's bearer token ([`auth`]).
+
+pub mod auth;
+pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,11 +30,13 @@ pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
 const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 
 /// The whole life of a service binary: installs the TLS crypto provider and
-/// telemetry, loads and validates the configuration file (exit code 2 with a
-/// clear message when it is wrong), then runs `run` until SIGTERM/SIGINT.
+/// telemetry, loads and validates the configuration file, resolving only the
+/// secrets of `secrets` (exit code 2 with a clear message when it is wrong),
+/// then runs `run` until SIGTERM/SIGINT.
 pub async fn main<F, Fut>(
     name: &'static str,
     config_path: &std::path::Path,
+    secrets: &[gantry_config::SecretKind],
     run: F,
 ) -> std::process::ExitCode
 where
@@ -46,7 +52,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let config = match gantry_config::GantryConfig::load(config_path) {
+    let config = match gantry_config::GantryConfig::load_for(config_path, secrets) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{name}: invalid configuration: {e}");
@@ -181,12 +187,17 @@ pub fn health_routes(readiness: Readiness) -> axum::Router {
         )
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains for at most [`GRACE_PERIOD`].
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`,
+/// then drains for at most [`GRACE_PERIOD`].
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
+    tls: Option<&tls::TlsFiles>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(tls) = tls {
+        return tls::serve_https(listener, router, tls.acceptor()?, shutdown, GRACE_PERIOD).await;
+    }
     let drain = shutdown.clone();
     let server = axum::serve(listener, router)
         .with_graceful_shutdown(async move { drain.cancelled().await });
@@ -244,11 +255,20 @@ impl Grpc {
     }
 }
 
-/// Serves `grpc` plus `grpc.health.v1` and reflection on `listener` until `shutdown`.
+/// How a gRPC listener is guarded: the tokens it accepts, and its TLS.
+#[derive(Clone, Default)]
+pub struct Guard {
+    pub tokens: Vec<gantry_config::ApiToken>,
+    pub tls: Option<tls::TlsFiles>,
+}
+
+/// Serves `grpc` plus `grpc.health.v1` and reflection on `listener` until
+/// `shutdown`; every call but health needs a token of `guard` with its scope.
 pub async fn serve_grpc(
     listener: TcpListener,
     grpc: Grpc,
     readiness: Readiness,
+    guard: Guard,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -280,7 +300,12 @@ pub async fn serve_grpc(
         }
     });
     let drain = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &guard.tls {
+        builder = builder.tls_config(tls.grpc())?;
+    }
+    let server = builder
+        .layer(auth::AuthLayer::new(guard.tokens))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -297,12 +322,19 @@ pub async fn serve(
     grpc_listener: TcpListener,
     grpc: Grpc,
     readiness: Readiness,
+    guard: Guard,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = extra.merge(health_routes(readiness.clone()));
     let (h, g) = tokio::join!(
-        serve_http(http, router, shutdown.clone()),
-        serve_grpc(grpc_listener, grpc, readiness, shutdown.clone()),
+        serve_http(http, router, guard.tls.as_ref(), shutdown.clone()),
+        serve_grpc(
+            grpc_listener,
+            grpc,
+            readiness,
+            guard.clone(),
+            shutdown.clone()
+        ),
     );
     shutdown.cancel();
     h.and(g)
@@ -319,19 +351,33 @@ pub struct Base {
     grpc: TcpListener,
     tasks: tokio::task::JoinSet<()>,
     links: Vec<gantry_bus::Link>,
+    /// API tokens and TLS of the listeners.
+    pub guard: Guard,
 }
 
 impl Base {
-    /// Connects to the database (creating `schema`, running `migrator`) and binds both listeners.
+    /// Connects to the database (creating `schema`, running `migrator`) and
+    /// binds both listeners, guarded by the tokens of `config` and the TLS of `infra`.
     pub async fn connect(
         infra: &gantry_config::Infra,
+        config: &gantry_config::GantryConfig,
         schema: &str,
         migrator: &sqlx::migrate::Migrator,
         http_addr: &str,
         grpc_addr: &str,
     ) -> anyhow::Result<Self> {
+        let guard = Guard {
+            tokens: config.tokens.clone(),
+            tls: tls::TlsFiles::load(&infra.tls)?,
+        };
+        if guard.tokens.is_empty() {
+            tracing::warn!(
+                "no API tokens are configured: every gRPC call but health is refused (see `tokens:` in the configuration)"
+            );
+        }
         let pool = gantry_store::connect(&infra.database_url, schema, migrator).await?;
         Ok(Self {
+            guard,
             amqp_url: infra.amqp_url.clone(),
             pool,
             relay_wake: Default::default(),
@@ -416,6 +462,7 @@ impl Base {
             self.grpc,
             grpc,
             readiness,
+            self.guard.clone(),
             shutdown.clone(),
         )
         .await;
@@ -456,36 +503,67 @@ pub fn docker_error(e: &bollard::errors::Error) -> String {
     }
 }
 
-/// Force-removes every container carrying `label` (`key=value`), except
-/// `keep`: what an interrupted build or deployment left behind.
-pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Option<&str>) {
-    use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
+/// Every container (running or not) carrying `label` (`key=value`); none
+/// when the engine cannot be asked.
+pub async fn labelled_containers(
+    docker: &bollard::Docker,
+    label: &str,
+) -> Vec<bollard::models::ContainerSummary> {
+    use bollard::query_parameters::ListContainersOptions;
     let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
-    let Ok(list) = docker
+    docker
         .list_containers(Some(ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         }))
         .await
-    else {
-        return;
-    };
-    for id in list.into_iter().filter_map(|c| c.id) {
-        if Some(id.as_str()) == keep {
-            continue;
-        }
-        if let Err(e) = docker
+        .unwrap_or_default()
+}
+
+/// Force-removes a container (name or id) with its anonymous volumes (an
+/// image's `VOLUME`s), retrying a few times while the engine is busy with
+/// it; a container that is already gone is fine.
+pub async fn remove_container(docker: &bollard::Docker, container: &str) {
+    use bollard::query_parameters::RemoveContainerOptions;
+    for attempt in 1..=4u64 {
+        match docker
             .remove_container(
-                &id,
+                container,
                 Some(RemoveContainerOptions {
                     force: true,
+                    v: true,
                     ..Default::default()
                 }),
             )
             .await
         {
-            tracing::warn!(container = %id, error = %docker_error(&e), "cannot remove container");
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return,
+            Err(e) if attempt < 4 => {
+                tracing::debug!(container, error = %docker_error(&e), "cannot remove a container yet");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => {
+                tracing::warn!(container, error = %docker_error(&e), "cannot remove container")
+            }
+        }
+    }
+}
+
+/// Force-removes every container carrying `label` (`key=value`), except
+/// `keep`, with its anonymous volumes: what an interrupted build or
+/// deployment left behind.
+pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Option<&str>) {
+    for id in labelled_containers(docker, label)
+        .await
+        .into_iter()
+        .filter_map(|c| c.id)
+    {
+        if Some(id.as_str()) != keep {
+            remove_container(docker, &id).await;
         }
     }
 }

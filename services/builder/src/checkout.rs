@@ -1,15 +1,36 @@
 //! Fetching the exact commit of a pipeline with the `git` command, so any URL
-//! git understands works (https, ssh, git, file).
+//! git understands works (https, ssh, git, file). Credentials reach git
+//! through a credential helper in its environment only (see
+//! [`gantry_config::git`]): never on a command line, in the checkout's
+//! `.git/config` (which a `COPY . .` would put in the image) or in the log.
 
 use std::path::Path;
 use std::time::Duration;
+
+use gantry_config::GitCredentials;
 
 use crate::logs::LogSink;
 
 /// How long fetching a repository may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-async fn git(dir: &Path, args: &[&str], log: &LogSink) -> anyhow::Result<()> {
+/// Where and how git fetches.
+struct Remote<'a> {
+    url: &'a str,
+    credentials: Option<&'a GitCredentials>,
+}
+
+impl Remote<'_> {
+    fn scrub(&self, bytes: &[u8]) -> String {
+        let text = String::from_utf8_lossy(bytes);
+        match self.credentials {
+            Some(c) => c.scrub(&text),
+            None => text.into_owned(),
+        }
+    }
+}
+
+async fn git(dir: &Path, args: &[&str], remote: &Remote<'_>, log: &LogSink) -> anyhow::Result<()> {
     let out = tokio::time::timeout(
         FETCH_TIMEOUT,
         tokio::process::Command::new("git")
@@ -17,37 +38,57 @@ async fn git(dir: &Path, args: &[&str], log: &LogSink) -> anyhow::Result<()> {
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "true")
+            .envs(
+                remote
+                    .credentials
+                    .map(|c| c.helper_env(remote.url))
+                    .unwrap_or_default(),
+            )
             .kill_on_drop(true)
             .output(),
     )
     .await
     .map_err(|_| anyhow::anyhow!("git {} timed out", args[0]))??;
-    log.write("checkout", "stdout", &out.stdout).await;
-    log.write("checkout", "stderr", &out.stderr).await;
+    let (stdout, stderr) = (remote.scrub(&out.stdout), remote.scrub(&out.stderr));
+    log.write("checkout", "stdout", stdout.as_bytes()).await;
+    log.write("checkout", "stderr", stderr.as_bytes()).await;
     anyhow::ensure!(
         out.status.success(),
         "git {} failed ({}): {}",
         args[0],
         out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
+        stderr.trim()
     );
     Ok(())
 }
 
-/// Checks out `sha` of `url` into the empty directory `dir`. Tries a shallow
-/// fetch of the commit first; servers that refuse fetching by sha get a full fetch.
-pub async fn checkout(url: &str, sha: &str, dir: &Path, log: &LogSink) -> anyhow::Result<()> {
+/// Checks out `sha` of `url` (with `credentials`, if the project has some)
+/// into the empty directory `dir`. Tries a shallow fetch of the commit
+/// first; servers that refuse fetching by sha get a full fetch.
+pub async fn checkout(
+    url: &str,
+    credentials: Option<&GitCredentials>,
+    sha: &str,
+    dir: &Path,
+    log: &LogSink,
+) -> anyhow::Result<()> {
+    let remote = Remote { url, credentials };
     anyhow::ensure!(
         sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
         "{sha:?} is not a full commit sha"
     );
     log.system("checkout", format!("fetching {sha} from {url}"))
         .await;
-    git(dir, &["init", "-q"], log).await?;
-    git(dir, &["remote", "add", "origin", url], log).await?;
-    if git(dir, &["fetch", "-q", "--depth=1", "origin", sha], log)
-        .await
-        .is_err()
+    git(dir, &["init", "-q"], &remote, log).await?;
+    git(dir, &["remote", "add", "origin", url], &remote, log).await?;
+    if git(
+        dir,
+        &["fetch", "-q", "--depth=1", "origin", sha],
+        &remote,
+        log,
+    )
+    .await
+    .is_err()
     {
         log.system(
             "checkout",
@@ -63,6 +104,7 @@ pub async fn checkout(url: &str, sha: &str, dir: &Path, log: &LogSink) -> anyhow
                 "origin",
                 "+refs/heads/*:refs/remotes/origin/*",
             ],
+            &remote,
             log,
         )
         .await?;
@@ -77,6 +119,7 @@ pub async fn checkout(url: &str, sha: &str, dir: &Path, log: &LogSink) -> anyhow
             "--detach",
             sha,
         ],
+        &remote,
         log,
     )
     .await?;

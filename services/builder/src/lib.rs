@@ -4,9 +4,11 @@
 //!   `builder` queue and stores each as a queued build (then acks: the database owns the work, so
 //!   no broker consumer timeout can cut a long build);
 //! - `worker`: claims builds under a renewable lease and runs them —
-//!   `checkout` (git at the exact commit), `pipeline_file` (`.gantry.yml`),
-//!   `docker` (image build and unprivileged test containers), `push` (the
-//!   tested image to the registry under its commit sha), `logs`;
+//!   `checkout` (git at the exact commit), `context` (what is read from the
+//!   hostile checkout, confined to it), `pipeline_file` (`.gantry.yml`),
+//!   `docker` (image build and sandboxed test containers), `push` (the
+//!   tested image to the registry under its commit sha), `logs` (batched,
+//!   capped);
 //! - `jobs`: the `builds` table and the verdict events (`build.started`,
 //!   `build.succeeded`, `build.failed`) written through the outbox;
 //! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds).
@@ -14,6 +16,7 @@
 //! Schema `builder`: `builds`, `build_logs`, `outbox`, `processed_events`.
 
 pub mod checkout;
+pub mod context;
 pub mod docker;
 pub mod grpc;
 pub mod jobs;
@@ -64,6 +67,11 @@ pub struct Settings {
     /// Pushes of a tested image (with backoff) before its build fails at step "push".
     #[arg(long, env = "GANTRY_PUSH_ATTEMPTS", default_value_t = 5)]
     pub push_attempts: u32,
+    /// The Docker network of test steps that ask for one (`network: true`):
+    /// a bridge made by the builder, whose interface has this name so the
+    /// host's firewall can keep it from the host (see scripts/infra.sh).
+    #[arg(long, env = "GANTRY_STEP_NETWORK", default_value = "gantry-steps")]
+    pub step_network: String,
 }
 
 /// Stores each `pipeline.requested` as a queued build.
@@ -122,6 +130,7 @@ impl Service {
         );
         let base = Base::connect(
             &settings.infra,
+            &config,
             SCHEMA,
             &MIGRATOR,
             &settings.http_addr,
@@ -162,6 +171,7 @@ impl Service {
             relay_wake: self.base.relay_wake.clone(),
             config: self.config.clone(),
             push_attempts: s.push_attempts.max(1),
+            step_network: s.step_network.clone(),
         };
         let pool = self.base.pool.clone();
         self.base.consume(

@@ -5,11 +5,19 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let settings = builder::Settings::parse();
     let path = settings.infra.config.clone();
-    gantry_runtime::main("builder", &path, |config, shutdown| async move {
-        builder::Service::build(settings, config)
-            .await?
-            .run_until_stopped(shutdown)
-            .await
-    })
+    gantry_runtime::main(
+        "builder",
+        &path,
+        &[
+            gantry_config::SecretKind::Clone,
+            gantry_config::SecretKind::Registry,
+        ],
+        |config, shutdown| async move {
+            builder::Service::build(settings, config)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
+        },
+    )
     .await
 }

@@ -10,7 +10,12 @@
 //!   - name: unit
 //!     run: ./run-tests.sh       # a shell command (sh -c), or a list for exec form
 //!     timeout: 600              # seconds (default 1800)
+//!     network: true             # the step needs the network (default: none)
 //! ```
+//!
+//! Steps run without any network unless they ask for it, and a project's
+//! configuration can forbid that (`limits.allow_network: false`; see
+//! [`PipelineFile::check_limits`]).
 //!
 //! Every problem is a [`LocatedError`] naming the file, line, column and what
 //! was expected.
@@ -92,6 +97,8 @@ struct RawStep {
     run: Spanned<Command>,
     #[serde(default)]
     timeout: Option<Spanned<u64>>,
+    #[serde(default)]
+    network: Option<Spanned<bool>>,
 }
 
 /// A validated pipeline file.
@@ -117,6 +124,10 @@ pub struct TestStep {
     /// The container command (`["sh", "-c", run]` for a shell command).
     pub cmd: Vec<String>,
     pub timeout: Duration,
+    /// Whether the step runs with a network (on the builder's step network).
+    pub network: bool,
+    /// Where `network: true` was written (line, column), for errors.
+    pub network_at: Option<(u64, u64)>,
 }
 
 /// A relative path that stays inside the repository.
@@ -223,13 +234,43 @@ impl PipelineFile {
                 Some(t) => Duration::from_secs(t.value),
                 None => DEFAULT_STEP_TIMEOUT,
             };
+            let network = step.network.as_ref().is_some_and(|n| n.value);
             test.push(TestStep {
                 name: name.to_owned(),
                 cmd,
                 timeout,
+                network,
+                network_at: step
+                    .network
+                    .as_ref()
+                    .filter(|n| n.value)
+                    .map(|n| (n.defined.line(), n.defined.column())),
             });
         }
         Ok(Self { image, test })
+    }
+
+    /// Checks the file against what the project allows: a step may ask for
+    /// the network only where the project's configuration allows it.
+    pub fn check_limits(&self, limits: &gantry_config::Limits) -> Result<(), LocatedError> {
+        if limits.allow_network {
+            return Ok(());
+        }
+        match self.test.iter().find(|s| s.network) {
+            Some(step) => {
+                let (line, column) = step.network_at.unwrap_or((0, 0));
+                Err(LocatedError::new(
+                    FILE,
+                    line,
+                    column,
+                    format!(
+                        "test step {:?} asks for the network, which this project's configuration forbids (limits.allow_network: false)",
+                        step.name
+                    ),
+                ))
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -249,6 +290,24 @@ mod tests {
         assert_eq!(f.test[0].cmd, ["sh", "-c", "./t.sh"]);
         assert_eq!(f.test[1].cmd, ["lint", "--strict"]);
         assert_eq!(f.test[1].timeout, Duration::from_secs(5));
+        assert!(!f.test[0].network);
+    }
+
+    #[test]
+    fn network_is_asked_for_and_can_be_forbidden() {
+        let f = PipelineFile::parse(
+            "test:\n  - name: offline\n    run: make\n  - name: fetch\n    run: make deps\n    network: true\n",
+        )
+        .expect("valid");
+        assert!(!f.test[0].network && f.test[1].network);
+        assert!(f.check_limits(&gantry_config::Limits::default()).is_ok());
+        let forbid = gantry_config::Limits {
+            allow_network: false,
+            ..Default::default()
+        };
+        let e = f.check_limits(&forbid).expect_err("forbidden");
+        assert_eq!((e.line, e.column), (6, 14), "{e}");
+        assert!(e.message.contains("\"fetch\""), "{e}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The build worker: claims builds from the `builds` table, keeps their lease
 //! alive while it works, runs checkout → `.gantry.yml` → image build → test
-//! steps, and records the verdict with its event. Several replicas (and
-//! several builds per replica) share the table safely.
+//! steps → push, and records the verdict with its event. Several replicas
+//! (and several builds per replica) share the table safely. What a build
+//! leaves in the engine is removed: its step containers whatever the outcome
+//! (and, every [`SWEEP_EVERY`], those of builds no worker holds any more),
+//! its image once pushed or failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +17,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::docker::{self, BUILD_LABEL, StepEnd};
+use crate::context::{self, Context};
+use crate::docker::{self, ATTEMPT_LABEL, BUILD_LABEL, Sandbox, StepEnd};
 use crate::jobs::{self, Claimed, Verdict};
 use crate::logs::LogSink;
 use crate::pipeline_file::{self, PipelineFile};
@@ -25,6 +29,9 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const FINISH_TRIES: u32 = 12;
 /// A build taken over this many times fails instead of running again.
 const MAX_ATTEMPTS: i32 = 3;
+/// How often the engine is swept for step containers of builds that no
+/// worker holds (left by a builder that was killed).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What a worker needs.
 #[derive(Clone)]
@@ -45,6 +52,8 @@ pub struct Worker {
     pub config: Arc<gantry_config::GantryConfig>,
     /// Pushes of a tested image before the build fails at step "push".
     pub push_attempts: u32,
+    /// The Docker network of test steps that ask for one.
+    pub step_network: String,
 }
 
 impl Worker {
@@ -52,6 +61,18 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut running = tokio::task::JoinSet::new();
+        let sweeper = {
+            let (me, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => me.sweep().await,
+                    }
+                }
+            })
+        };
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -80,6 +101,7 @@ impl Worker {
             while running.try_join_next().is_some() {}
         }
         while running.join_next().await.is_some() {}
+        sweeper.abort();
     }
 
     /// Runs one claimed build while renewing its lease; stops the work if the
@@ -123,7 +145,11 @@ impl Worker {
                 }
             };
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
-            let Some(verdict) = verdict else { return };
+            let Some(verdict) = verdict else {
+                // Cut off: the engine keeps nothing of this attempt.
+                docker::untag(&self.docker, &self.image_tags(&build)).await;
+                return;
+            };
             let ok = matches!(verdict, Verdict::Succeeded { .. });
             // The database may be restarting: retry recording the verdict a
             // while (safe: `finish` writes only while this worker holds the build).
@@ -152,8 +178,79 @@ impl Worker {
         .await
     }
 
+    /// Removes step containers of builds this database knows that no
+    /// attempt uses any more: the build is finished, or the container is of
+    /// an earlier attempt than the build's. (A build whose lease ran out is
+    /// cleaned by the worker that takes it over.) Containers of builds it
+    /// does not know belong to another Gantry and are left alone.
+    async fn sweep(&self) {
+        let list = gantry_runtime::labelled_containers(&self.docker, BUILD_LABEL).await;
+        // (container id, build id, attempt of the container)
+        let found: Vec<(String, uuid::Uuid, i32)> = list
+            .iter()
+            .filter_map(|c| {
+                let labels = c.labels.as_ref()?;
+                Some((
+                    c.id.clone()?,
+                    labels.get(BUILD_LABEL)?.parse().ok()?,
+                    labels.get(ATTEMPT_LABEL)?.parse().ok()?,
+                ))
+            })
+            .collect();
+        if found.is_empty() {
+            return;
+        }
+        let ids: Vec<uuid::Uuid> = found.iter().map(|(_, b, _)| *b).collect();
+        let builds: Vec<(uuid::Uuid, i32, bool)> = match sqlx::query_as(
+            "SELECT id, attempt, state IN ('succeeded', 'failed') FROM builds WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot sweep step containers now");
+                return;
+            }
+        };
+        for (container, build, attempt) in found {
+            let stale = builds
+                .iter()
+                .any(|(id, current, finished)| *id == build && (*finished || attempt < *current));
+            if stale {
+                tracing::info!(build_id = %build, attempt, "removing a step container no build uses");
+                docker::remove_container(&self.docker, &container).await;
+            }
+        }
+    }
+
     async fn execute(&self, build: &Claimed) -> Verdict {
-        let log = LogSink::new(self.pool.clone(), build.id, build.attempt);
+        let Some(project) = self.config.project(&build.project) else {
+            return fail(
+                "checkout",
+                0,
+                format!("project {} is not configured", build.project),
+                Vec::new(),
+            );
+        };
+        let log = LogSink::new(
+            self.pool.clone(),
+            build.id,
+            build.attempt,
+            project.limits.log_bytes,
+        );
+        let verdict = self.run_build(build, project, &log).await;
+        log.close().await;
+        verdict
+    }
+
+    async fn run_build(
+        &self,
+        build: &Claimed,
+        project: &gantry_config::Project,
+        log: &LogSink,
+    ) -> Verdict {
         let mut steps = Vec::new();
         if build.attempt > MAX_ATTEMPTS {
             return fail(
@@ -187,18 +284,26 @@ impl Worker {
             }
         };
         let started = Instant::now();
-        if let Err(e) =
-            crate::checkout::checkout(&revision.clone_url, &revision.commit_sha, dir.path(), &log)
-                .await
+        // The configuration, not the event, says where the project lives.
+        if let Err(e) = crate::checkout::checkout(
+            &project.clone_url,
+            project.clone_credentials.as_ref(),
+            &revision.commit_sha,
+            dir.path(),
+            log,
+        )
+        .await
         {
             log.system("checkout", format!("{e:#}")).await;
             return fail("checkout", 0, format!("{e:#}"), steps);
         }
         steps.push(result("checkout", 0, started));
 
-        let text = match std::fs::read_to_string(dir.path().join(pipeline_file::FILE)) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let root = dir.path().to_owned();
+        let read = tokio::task::spawn_blocking(move || context::read_pipeline_file(&root)).await;
+        let text = match read.unwrap_or_else(|e| Err(context::Refused(format!("{e}")))) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
                 let reason = format!(
                     "{}:1:1: not found at commit {}; expected a {} at the repository root",
                     pipeline_file::FILE,
@@ -208,16 +313,14 @@ impl Worker {
                 log.system("config", &reason).await;
                 return fail("config", 0, reason, steps);
             }
-            Err(e) => {
-                return fail(
-                    "config",
-                    0,
-                    format!("{}: cannot read: {e}", pipeline_file::FILE),
-                    steps,
-                );
+            Err(refused) => {
+                log.system("config", refused.to_string()).await;
+                return fail("config", 0, refused.to_string(), steps);
             }
         };
-        let file = match PipelineFile::parse(&text) {
+        let file = match PipelineFile::parse(&text)
+            .and_then(|f| f.check_limits(&project.limits).map(|()| f))
+        {
             Ok(f) => f,
             Err(e) => {
                 log.system("config", e.to_string()).await;
@@ -234,20 +337,28 @@ impl Worker {
         ]);
         let mut labels = image_labels.clone();
         labels.insert(BUILD_LABEL.to_owned(), build_id.clone());
+        labels.insert(ATTEMPT_LABEL.to_owned(), build.attempt.to_string());
         labels.insert("io.gantry.pipeline".to_owned(), build.pipeline_id.clone());
         let started = Instant::now();
-        let tag = format!(
-            "gantry-build/{}:{}",
-            build.project.to_ascii_lowercase(),
-            build_id
-        );
+        let [tag, pushed_tag] = self.image_tags(build);
+        let (root, spec) = (dir.path().to_owned(), file.image.clone());
+        let resolved = tokio::task::spawn_blocking(move || Context::resolve(&root, &spec)).await;
+        let context = match resolved.unwrap_or_else(|e| Err(context::Refused(format!("{e}")))) {
+            Ok(c) => c,
+            Err(refused) => {
+                log.system("build", refused.to_string()).await;
+                return fail("build", 0, refused.to_string(), steps);
+            }
+        };
         let image_id = match docker::build_image(
             &self.docker,
-            dir.path(),
+            context,
             &file.image,
             &tag,
             image_labels,
-            &log,
+            &project.limits,
+            &self.step_network,
+            log,
         )
         .await
         {
@@ -263,26 +374,22 @@ impl Worker {
         drop(dir);
 
         if let Err(failed) = self
-            .run_tests(build, &file, &image_id, &labels, &log, &mut steps)
+            .run_tests(build, project, &file, &image_id, &labels, log, &mut steps)
             .await
         {
             // A failed image is never published: untag it so the engine can prune it.
-            let _ = self
-                .docker
-                .remove_image(
-                    &tag,
-                    None::<bollard::query_parameters::RemoveImageOptions>,
-                    None,
-                )
-                .await;
+            docker::untag(&self.docker, std::slice::from_ref(&tag)).await;
             return failed;
         }
 
         let started = Instant::now();
-        match self
-            .push(build, &image_id, &revision.commit_sha, &log)
-            .await
-        {
+        let pushed = self
+            .push(project, &image_id, &revision.commit_sha, log)
+            .await;
+        // The registry holds the image now (or it failed): the engine keeps
+        // nothing of it, so builds do not fill it up.
+        docker::untag(&self.docker, &[tag, pushed_tag]).await;
+        match pushed {
             Ok((repository, digest)) => {
                 steps.push(result("push", 0, started));
                 Verdict::Succeeded {
@@ -299,19 +406,39 @@ impl Worker {
         }
     }
 
+    /// The engine's tags of a build's image: the builder's own, and the one
+    /// it pushes (`<project image>:<commit sha>`).
+    fn image_tags(&self, build: &Claimed) -> [String; 2] {
+        let sha = build
+            .request
+            .revision
+            .as_ref()
+            .map(|r| r.commit_sha.as_str())
+            .unwrap_or_default();
+        let repository = self
+            .config
+            .project(&build.project)
+            .map(|p| p.image.clone())
+            .unwrap_or_default();
+        [
+            format!(
+                "gantry-build/{}:{}",
+                build.project.to_ascii_lowercase(),
+                build.id
+            ),
+            format!("{repository}:{sha}"),
+        ]
+    }
+
     /// Pushes the tested image as `<project image>:<commit sha>`, retrying
     /// with backoff; returns the repository and the manifest digest.
     async fn push(
         &self,
-        build: &Claimed,
+        project: &gantry_config::Project,
         image_id: &str,
         sha: &str,
         log: &LogSink,
     ) -> anyhow::Result<(String, String)> {
-        let project = self
-            .config
-            .project(&build.project)
-            .ok_or_else(|| anyhow::anyhow!("project {} is not configured", build.project))?;
         let registry = self.config.registry_for(&project.image);
         let tags = [sha.to_owned()];
         let mut pause = Duration::from_secs(1);
@@ -342,10 +469,12 @@ impl Worker {
 }
 
 impl Worker {
-    /// Runs the test steps in order; the first failure ends the build.
+    /// Runs the test steps in order, sandboxed; the first failure ends the build.
+    #[allow(clippy::too_many_arguments)]
     async fn run_tests(
         &self,
         build: &Claimed,
+        project: &gantry_config::Project,
         file: &PipelineFile,
         image_id: &str,
         labels: &HashMap<String, String>,
@@ -353,6 +482,38 @@ impl Worker {
         steps: &mut Vec<StepResult>,
     ) -> Result<(), Verdict> {
         let build_id = build.id.to_string();
+        if file.test.is_empty() {
+            return Ok(());
+        }
+        let setup = async {
+            let user = docker::step_user(
+                &self.docker,
+                image_id,
+                &format!("gantry-{build_id}-{}-user", build.attempt),
+                labels,
+            )
+            .await?;
+            if file.test.iter().any(|s| s.network) {
+                docker::ensure_step_network(&self.docker, &self.step_network).await?;
+            }
+            anyhow::Ok(user)
+        };
+        let user = match setup.await {
+            Ok(u) => u,
+            Err(e) => {
+                let reason = format!("cannot prepare the test steps: {e:#}");
+                log.system("build", &reason).await;
+                return Err(fail("build", 0, reason, steps.clone()));
+            }
+        };
+        if let Some(note) = &user.note {
+            log.system("build", note).await;
+        }
+        let sandbox = Sandbox {
+            user: &user,
+            limits: &project.limits,
+            step_network: &self.step_network,
+        };
         for (i, step) in file.test.iter().enumerate() {
             let started = Instant::now();
             log.system(&step.name, format!("$ {}", step.cmd.join(" ")))
@@ -364,6 +525,7 @@ impl Worker {
                 step,
                 &container,
                 labels.clone(),
+                &sandbox,
                 log,
             )
             .await

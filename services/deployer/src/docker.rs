@@ -12,8 +12,7 @@ use bollard::models::{
     ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions,
-    StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, LogsOptions, StopContainerOptions,
 };
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
@@ -260,18 +259,6 @@ impl DockerTarget {
 
     /// Removes a container at once (a failed new version).
     pub async fn remove(&self, container: &str) {
-        if let Err(e) = self
-            .docker
-            .remove_container(
-                container,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            tracing::warn!(container, error = %error(&e), "cannot remove container");
-        }
+        gantry_runtime::remove_container(&self.docker, container).await;
     }
 }

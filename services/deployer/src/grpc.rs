@@ -179,12 +179,24 @@ impl Deployments for DeploymentsService {
         let image: Option<ImageRow> = sqlx::query_as(
             "SELECT pipeline_id, project, repository, digest, revision FROM images
              WHERE project = $1
+               AND repository = $3
                AND (digest = $2 OR digest = 'sha256:' || $2 OR $2 = ANY(tags) OR pipeline_id = $2
-                    OR (length($2) >= 7 AND commit_sha LIKE $2 || '%'))
-             ORDER BY published_at DESC LIMIT 1",
+                    OR (length($2) >= 7 AND $2 ~ '^[0-9a-f]+$' AND starts_with(commit_sha, $2)))
+             ORDER BY CASE WHEN digest = $2 OR digest = 'sha256:' || $2 THEN 0
+                           WHEN pipeline_id = $2 THEN 1
+                           WHEN starts_with(commit_sha, $2) THEN 2
+                           ELSE 3 END,
+                      published_at DESC
+             LIMIT 1",
         )
         .bind(&env.project)
         .bind(wanted)
+        .bind(
+            self.config
+                .project(&env.project)
+                .map(|p| p.image.as_str())
+                .unwrap_or_default(),
+        )
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;

@@ -71,6 +71,21 @@ impl Handler for Published {
                 event.routing_key()
             ));
         };
+        // An event names a repository; only the one configured for its
+        // project is taken, so no event can make the deployer run an image
+        // from elsewhere.
+        let expected = self
+            .config
+            .project(&event.project)
+            .map(|p| p.image.as_str());
+        if expected != Some(published.repository.as_str()) {
+            return Outcome::Reject(anyhow::anyhow!(
+                "image.published of project {:?} names repository {:?}, not the project's {:?}",
+                event.project,
+                published.repository,
+                expected.unwrap_or("(unknown project)")
+            ));
+        }
         let rev = published.revision.clone().unwrap_or_default();
         let image = Image {
             pipeline_id: event.pipeline_id.clone(),
@@ -104,9 +119,9 @@ impl Handler for Published {
                     .iter()
                     .filter(|e| e.project == event.project && e.matches(&rev.branch, &rev.tag))
                 {
-                    if queue::is_blocked(&mut tx, &env.name, &image.digest).await? {
+                    if queue::is_blocked(&mut tx, &env.name, &image).await? {
                         tracing::info!(environment = %env.name, digest = %image.digest,
-                            "not deployed: this image failed in the environment before");
+                            "not deployed: this image (or its commit) failed in the environment before");
                         continue;
                     }
                     queue::enqueue(&mut tx, &env.name, &image, Trigger::Auto).await?;
@@ -141,6 +156,7 @@ impl Service {
     pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         let base = Base::connect(
             &settings.infra,
+            &config,
             SCHEMA,
             &MIGRATOR,
             &settings.http_addr,

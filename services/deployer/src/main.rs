@@ -5,11 +5,16 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let settings = deployer::Settings::parse();
     let path = settings.infra.config.clone();
-    gantry_runtime::main("deployer", &path, |config, shutdown| async move {
-        deployer::Service::build(settings, config)
-            .await?
-            .run_until_stopped(shutdown)
-            .await
-    })
+    gantry_runtime::main(
+        "deployer",
+        &path,
+        &[gantry_config::SecretKind::Registry],
+        |config, shutdown| async move {
+            deployer::Service::build(settings, config)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
+        },
+    )
     .await
 }

@@ -126,17 +126,24 @@ pub async fn sync_environments(pool: &PgPool, names: &[String]) -> sqlx::Result<
     Ok(())
 }
 
-/// Whether `digest` failed in `environment` before (and so is not deployed there automatically).
+/// Whether `image` failed in `environment` before (and so is not deployed
+/// there automatically): its digest, or another image of the same commit of
+/// the same project. The builder keeps no image once pushed, so a rebuild of
+/// a commit has a new digest, but it is the same code.
 pub async fn is_blocked(
     tx: &mut Transaction<'_, Postgres>,
     environment: &str,
-    digest: &str,
+    image: &Image,
 ) -> sqlx::Result<bool> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM blocked WHERE environment = $1 AND digest = $2)",
+        "SELECT EXISTS (SELECT 1 FROM blocked b WHERE b.environment = $1
+            AND (b.digest = $2 OR ($3 <> '' AND b.digest IN (
+                 SELECT digest FROM images WHERE project = $4 AND commit_sha = $3))))",
     )
     .bind(environment)
-    .bind(digest)
+    .bind(&image.digest)
+    .bind(&image.revision.commit_sha)
+    .bind(&image.project)
     .fetch_one(&mut **tx)
     .await
 }

@@ -124,6 +124,24 @@ impl Worker {
                 .await;
             return;
         };
+        // Whatever queued it, only the project's own repository is deployed.
+        let own = self
+            .config
+            .project(&env.project)
+            .is_some_and(|p| p.image == row.repository);
+        if !own {
+            self.record_failure(
+                row,
+                &format!(
+                    "{} is not the image repository of project {}; refused",
+                    row.repository, env.project
+                ),
+                false,
+                false,
+            )
+            .await;
+            return;
+        }
         let live = match queue::live(&self.pool, &env.name).await {
             Ok(l) => l,
             Err(e) => {

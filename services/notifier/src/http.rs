@@ -2,6 +2,10 @@
 //! `GET /pipelines/{id}` (the pipeline and its timeline, as JSON) and
 //! `GET /pipelines/{id}/log` (the build log as text, read from the builder
 //! over gRPC).
+//!
+//! They need a token with the `read` scope (`Authorization: Bearer`, or as
+//! the password of Basic authentication so that a browser can ask for it),
+//! unless the configuration makes them public (`pages: {public: true}`).
 
 use std::sync::Arc;
 
@@ -20,13 +24,50 @@ pub struct Pages {
     pub config: Arc<GantryConfig>,
     /// The builder's gRPC address, for logs.
     pub builder: Option<String>,
+    /// How the notifier calls the builder: its token and the CA of its certificate.
+    pub builder_token: gantry_proto::client::Bearer,
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 pub fn routes(pages: Pages) -> axum::Router {
     axum::Router::new()
         .route("/pipelines/{id}", get(pipeline))
         .route("/pipelines/{id}/log", get(log))
+        .layer(axum::middleware::from_fn_with_state(
+            pages.config.clone(),
+            require_read,
+        ))
         .with_state(pages)
+}
+
+/// Lets a request through with a `read` token, or any when pages are public.
+async fn require_read(
+    State(config): State<Arc<GantryConfig>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if config.public_pages {
+        return next.run(request).await;
+    }
+    match gantry_runtime::auth::authorize(
+        &config.tokens,
+        request.headers(),
+        gantry_config::Scope::Read,
+    ) {
+        Ok(_) => next.run(request).await,
+        Err(denied) => {
+            let status = match denied {
+                gantry_runtime::auth::Denied::Scope { .. } => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let mut response = problem(status, &denied.to_string());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Basic realm=\"gantry\", charset=\"UTF-8\""),
+            );
+            response
+        }
+    }
 }
 
 fn problem(status: StatusCode, message: &str) -> Response {
@@ -82,7 +123,14 @@ async fn log(State(pages): State<Pages>, Path(id): Path<String>) -> Response {
         );
     };
     let fetch = async {
-        let mut client = BuildsClient::connect(builder).await?;
+        let channel = gantry_proto::client::endpoint(&builder, pages.ca_pem.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .connect()
+            .await?;
+        let mut client = BuildsClient::new(gantry_proto::client::authed(
+            channel,
+            pages.builder_token.clone(),
+        ));
         let mut stream = client
             .stream_logs(StreamLogsRequest {
                 pipeline_id: id.clone(),

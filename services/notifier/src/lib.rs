@@ -41,6 +41,12 @@ pub struct Settings {
     /// The builder's gRPC URL, for the build logs that links point at.
     #[arg(long, env = "GANTRY_BUILDER_URL")]
     pub builder_url: Option<String>,
+    /// A token with the `read` scope, for reading logs from the builder.
+    #[arg(long, env = "GANTRY_BUILDER_TOKEN", hide_env_values = true)]
+    pub builder_token: Option<String>,
+    /// A PEM CA certificate to trust when the builder's URL is https://.
+    #[arg(long, env = "GANTRY_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// One line saying what an event means for its pipeline.
@@ -165,22 +171,35 @@ pub struct Service {
     base: Base,
     config: Arc<GantryConfig>,
     builder_url: Option<String>,
+    builder_token: gantry_proto::client::Bearer,
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl Service {
     pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         let base = Base::connect(
             &settings.infra,
+            &config,
             SCHEMA,
             &MIGRATOR,
             &settings.http_addr,
             &settings.grpc_addr,
         )
         .await?;
+        let builder_token = gantry_proto::client::Bearer::new(settings.builder_token.as_deref())
+            .map_err(|e| anyhow::anyhow!("GANTRY_BUILDER_TOKEN: {e}"))?;
+        let ca_pem = match &settings.ca_cert {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read GANTRY_CA_CERT {}: {e}", path.display())
+            })?),
+            None => None,
+        };
         Ok(Self {
             base,
             config: Arc::new(config),
             builder_url: settings.builder_url,
+            builder_token,
+            ca_pem,
         })
     }
 
@@ -208,6 +227,8 @@ impl Service {
             pool: pool.clone(),
             config: self.config.clone(),
             builder: self.builder_url.clone(),
+            builder_token: self.builder_token.clone(),
+            ca_pem: self.ca_pem.clone(),
         });
         let grpc = grpc::PipelinesService {
             pool,

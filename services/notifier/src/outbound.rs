@@ -95,19 +95,6 @@ pub struct Status {
     pub target_url: Option<String>,
 }
 
-/// Percent-encodes a path segment (GitLab accepts `group%2Fproject` as `:id`).
-fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn insert(
     tx: &mut Transaction<'_, Postgres>,
     key: &str,
@@ -160,7 +147,7 @@ pub async fn queue_status(
         }
         let api = format!(
             "/api/v4/projects/{}/statuses/{}",
-            encode_segment(path),
+            gantry_config::git::percent_encode(path),
             rev.commit_sha
         );
         let key = format!("gitlab:{path}:{}:{}", rev.commit_sha, status.context);
@@ -220,6 +207,57 @@ fn short(s: &str) -> &str {
     &s[..s.len().min(12)]
 }
 
+/// Longest text of one chat message, in characters.
+pub const MAX_TEXT: usize = 2000;
+/// Longest value taken from a push or a failure into a message.
+const MAX_FIELD: usize = 300;
+
+/// A value from outside (an author name, a ref, a failure reason) made safe
+/// for a chat message: cut to [`MAX_FIELD`] characters, Slack's control
+/// characters escaped (`<!channel>` pings nobody, `<url|label>` links
+/// nothing), `@` mentions and Markdown links (`[label](url)`) broken
+/// (Mattermost and Rocket.Chat ping on a plain `@channel` and link on
+/// Markdown).
+pub fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(MAX_FIELD) + 8);
+    let mut previous = ' ';
+    for (i, c) in value.chars().enumerate() {
+        if i == MAX_FIELD {
+            out.push('…');
+            break;
+        }
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            // A word joiner after an `@` that starts a word keeps the text
+            // readable but makes no mention (an e-mail address is kept).
+            '@' if !previous.is_alphanumeric() => out.push_str("@\u{2060}"),
+            // `[label](url)` is a link in Mattermost's and Rocket.Chat's Markdown.
+            '(' if previous == ']' => out.push_str("\u{2060}("),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+        previous = c;
+    }
+    out
+}
+
+/// A raw value of the generic webhook, cut to [`MAX_FIELD`] characters.
+fn clip(value: &str) -> String {
+    value.chars().take(MAX_FIELD).collect()
+}
+
+/// Cuts `text` to [`MAX_TEXT`] characters.
+fn cap(text: String) -> String {
+    if text.chars().count() <= MAX_TEXT {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_TEXT - 1).collect();
+    cut.push('…');
+    cut
+}
+
 impl Chat {
     fn git_ref(&self) -> &str {
         let r = &self.revision;
@@ -232,12 +270,17 @@ impl Chat {
         }
     }
 
+    /// The commit's author, escaped for a message.
     fn author(&self) -> String {
         let r = &self.revision;
         match (r.author_name.is_empty(), r.author_email.is_empty()) {
-            (false, false) => format!("{} <{}>", r.author_name, r.author_email),
-            (false, true) => r.author_name.clone(),
-            (true, false) => r.author_email.clone(),
+            (false, false) => format!(
+                "{} &lt;{}&gt;",
+                escape(&r.author_name),
+                escape(&r.author_email)
+            ),
+            (false, true) => escape(&r.author_name),
+            (true, false) => escape(&r.author_email),
             (true, true) => "unknown author".into(),
         }
     }
@@ -253,13 +296,18 @@ impl Chat {
         }
     }
 
-    /// The message as one line of text (Slack markdown links).
+    /// The message as one line of text (Slack markdown links), every value
+    /// from outside escaped, at most [`MAX_TEXT`] characters.
     pub fn text(&self) -> String {
+        cap(self.raw_text())
+    }
+
+    fn raw_text(&self) -> String {
         let at = format!(
             "{} `{}` at {}",
-            self.project,
-            self.git_ref(),
-            short(&self.revision.commit_sha)
+            escape(&self.project),
+            escape(self.git_ref()),
+            escape(short(&self.revision.commit_sha))
         );
         let link = |label: &str, url: &Option<String>| match url {
             Some(u) => format!(" <{u}|{label}>"),
@@ -267,8 +315,10 @@ impl Chat {
         };
         match &self.what {
             ChatEvent::Failed { step, reason } => format!(
-                ":red_circle: {at} failed at step *{step}* (commit by {}): {reason}.{}",
+                ":red_circle: {at} failed at step *{}* (commit by {}): {}.{}",
+                escape(step),
                 self.author(),
+                escape(reason),
                 link("log", &self.links.log)
             ),
             ChatEvent::Recovered => format!(
@@ -280,11 +330,12 @@ impl Chat {
                 environment,
                 endpoint,
             } => format!(
-                ":rocket: {at} now runs in *{environment}*{}.{}",
+                ":rocket: {at} now runs in *{}*{}.{}",
+                escape(environment),
                 if endpoint.is_empty() {
                     String::new()
                 } else {
-                    format!(" ({endpoint})")
+                    format!(" ({})", escape(endpoint))
                 },
                 link("pipeline", &self.links.pipeline)
             ),
@@ -292,7 +343,9 @@ impl Chat {
                 environment,
                 reason,
             } => format!(
-                ":red_circle: deploying {at} to *{environment}* failed: {reason}.{}",
+                ":red_circle: deploying {at} to *{}* failed: {}.{}",
+                escape(environment),
+                escape(reason),
                 link("pipeline", &self.links.pipeline)
             ),
             ChatEvent::RolledBack {
@@ -300,8 +353,10 @@ impl Chat {
                 reason,
                 kept,
             } => format!(
-                ":leftwards_arrow_with_hook: {at} was rolled back in *{environment}*: {reason}; {} keeps running.{}",
-                short(kept),
+                ":leftwards_arrow_with_hook: {at} was rolled back in *{}*: {}; {} keeps running.{}",
+                escape(environment),
+                escape(reason),
+                escape(short(kept)),
                 link("pipeline", &self.links.pipeline)
             ),
         }
@@ -318,15 +373,15 @@ impl Chat {
                     "pipeline_id": self.pipeline_id,
                     "ref": self.git_ref(),
                     "commit": self.revision.commit_sha,
-                    "author": self.revision.author_name,
-                    "author_email": self.revision.author_email,
+                    "author": clip(&self.revision.author_name),
+                    "author_email": clip(&self.revision.author_email),
                     "text": self.text(),
                     "url": self.links.pipeline,
                 });
                 match &self.what {
                     ChatEvent::Failed { step, reason } => {
-                        body["step"] = json!(step);
-                        body["reason"] = json!(reason);
+                        body["step"] = json!(clip(step));
+                        body["reason"] = json!(clip(reason));
                         body["log_url"] = json!(self.links.log);
                     }
                     ChatEvent::Deployed {
@@ -346,7 +401,7 @@ impl Chat {
                         ..
                     } => {
                         body["environment"] = json!(environment);
-                        body["reason"] = json!(reason);
+                        body["reason"] = json!(clip(reason));
                     }
                     ChatEvent::Recovered => {}
                 }
@@ -486,6 +541,19 @@ async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig,
     }
 }
 
+/// The base URL and token of a configured forge.
+fn forge<'a>(
+    forge: Option<&'a gantry_config::Forge>,
+    name: &str,
+) -> Result<(&'a str, &'a str), CallError> {
+    let forge = forge.ok_or_else(|| permanent(format!("forges.{name} is no longer configured")))?;
+    let token = forge
+        .token
+        .as_ref()
+        .ok_or_else(|| permanent(format!("forges.{name}.token is not resolved")))?;
+    Ok((&forge.url, token.expose()))
+}
+
 /// Why a call failed, and whether trying again can help.
 #[derive(Debug)]
 struct CallError {
@@ -515,39 +583,39 @@ async fn send(
 ) -> Result<(), CallError> {
     let request = match call.destination.as_str() {
         "gitlab" => {
-            let forge = config
-                .gitlab
-                .as_ref()
-                .ok_or_else(|| permanent("forges.gitlab is no longer configured".into()))?;
+            let (url, token) = forge(config.gitlab.as_ref(), "gitlab")?;
             client
-                .post(format!("{}{}", forge.url, call.path))
-                .header("PRIVATE-TOKEN", forge.token.expose())
+                .post(format!("{url}{}", call.path))
+                .header("PRIVATE-TOKEN", token)
         }
         "github" => {
-            let forge = config
-                .github
-                .as_ref()
-                .ok_or_else(|| permanent("forges.github is no longer configured".into()))?;
+            let (url, token) = forge(config.github.as_ref(), "github")?;
             client
-                .post(format!("{}{}", forge.url, call.path))
-                .bearer_auth(forge.token.expose())
+                .post(format!("{url}{}", call.path))
+                .bearer_auth(token)
                 .header("Accept", "application/vnd.github+json")
                 .header("X-GitHub-Api-Version", "2022-11-28")
         }
         other => {
             let name = other.strip_prefix("chat:").unwrap_or(other);
-            let channel = config.chat.iter().find(|c| c.name == name).ok_or_else(|| {
-                permanent(format!("chat channel {name:?} is no longer configured"))
-            })?;
-            client.post(channel.url.expose())
+            let url = config
+                .chat
+                .iter()
+                .find(|c| c.name == name)
+                .and_then(|c| c.url.as_ref())
+                .ok_or_else(|| {
+                    permanent(format!("chat channel {name:?} is no longer configured"))
+                })?;
+            client.post(url.expose())
         }
     };
+    // A chat URL is a credential: errors are recorded and logged without it.
     let response = request
         .json(&call.body)
         .send()
         .await
         .map_err(|e| CallError {
-            message: e.to_string(),
+            message: e.without_url().to_string(),
             permanent: false,
         })?;
     let status = response.status();
@@ -575,7 +643,11 @@ mod tests {
 
     #[test]
     fn gitlab_project_ids_are_encoded() {
-        assert_eq!(encode_segment("team/hello-world"), "team%2Fhello-world");
+        // GitLab accepts `group%2Fproject` as `:id`.
+        assert_eq!(
+            gantry_config::git::percent_encode("team/hello-world"),
+            "team%2Fhello-world"
+        );
     }
 
     #[test]
@@ -601,7 +673,7 @@ mod tests {
         };
         let text = chat.text();
         for needle in [
-            "Ada <ada@example.com>",
+            "Ada &lt;ada@example.com&gt;",
             "*smoke*",
             "http://g/pipelines/p1/log",
             "0123456789ab",
@@ -610,7 +682,35 @@ mod tests {
         }
         let body = chat.body(ChatKind::Webhook);
         assert_eq!(body["event"], "pipeline.failed");
+        assert_eq!(body["author_email"], "ada@example.com");
         assert_eq!(body["step"], "smoke");
         assert_eq!(body["log_url"], "http://g/pipelines/p1/log");
+    }
+
+    #[test]
+    fn outside_values_cannot_ping_link_or_flood() {
+        let chat = Chat {
+            project: "hello".into(),
+            pipeline_id: "p1".into(),
+            revision: Revision {
+                commit_sha: "0123456789abcdef".into(),
+                branch: "<!here>".into(),
+                author_name: "<!channel> @all".into(),
+                ..Default::default()
+            },
+            links: Links::default(),
+            what: ChatEvent::Failed {
+                step: "<http://evil.example|click> [here](http://evil.example)".into(),
+                reason: "x".repeat(10_000),
+            },
+        };
+        let text = chat.text();
+        for bad in ["<!channel>", "<!here>", "<http://evil", "@all", "](http"] {
+            assert!(!text.contains(bad), "{bad} in {text}");
+        }
+        assert!(text.contains("&lt;!channel&gt;"), "{text}");
+        assert!(text.chars().count() <= MAX_TEXT, "{}", text.len());
+        let body = chat.body(ChatKind::Webhook);
+        assert!(body["reason"].as_str().map_or(0, |r| r.chars().count()) <= 300);
     }
 }

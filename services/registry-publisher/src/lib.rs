@@ -210,6 +210,7 @@ impl Service {
     pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
         let base = Base::connect(
             &settings.infra,
+            &config,
             SCHEMA,
             &MIGRATOR,
             &settings.http_addr,

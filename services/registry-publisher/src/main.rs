@@ -5,11 +5,16 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let settings = registry_publisher::Settings::parse();
     let path = settings.infra.config.clone();
-    gantry_runtime::main("registry-publisher", &path, |config, shutdown| async move {
-        registry_publisher::Service::build(settings, config)
-            .await?
-            .run_until_stopped(shutdown)
-            .await
-    })
+    gantry_runtime::main(
+        "registry-publisher",
+        &path,
+        &[gantry_config::SecretKind::Registry],
+        |config, shutdown| async move {
+            registry_publisher::Service::build(settings, config)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
+        },
+    )
     .await
 }

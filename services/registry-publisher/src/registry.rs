@@ -125,7 +125,7 @@ impl RegistryApi {
             let (user, pass) = basic();
             request = request.basic_auth(user, Some(pass));
         }
-        let response = request.send().await?;
+        let response = request.send().await.map_err(reqwest::Error::without_url)?;
         anyhow::ensure!(
             response.status().is_success(),
             "token service answered {}",
@@ -150,7 +150,10 @@ impl RegistryApi {
             Some(v) => make().header(AUTHORIZATION, v),
             None => make(),
         };
-        let response = with(auth).send().await?;
+        let response = with(auth)
+            .send()
+            .await
+            .map_err(reqwest::Error::without_url)?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -161,7 +164,10 @@ impl RegistryApi {
             .unwrap_or("Basic")
             .to_owned();
         *auth = Some(self.authorize(registry, &challenge).await?);
-        let response = with(auth).send().await?;
+        let response = with(auth)
+            .send()
+            .await
+            .map_err(reqwest::Error::without_url)?;
         anyhow::ensure!(
             response.status() != StatusCode::UNAUTHORIZED,
             "the registry refused the credentials (401)"

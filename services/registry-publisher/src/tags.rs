@@ -1,7 +1,11 @@
 //! The tag policy: which tags an image of a revision gets.
 //!
 //! - the full commit sha, always;
-//! - the branch name, sanitised into a valid Docker tag;
+//! - the branch name, sanitised into a valid Docker tag; a branch whose tag
+//!   would look like one of the others (`latest`, a commit sha or a prefix
+//!   of one — 7 or more hex digits —, a version `1.2.3`, anything starting
+//!   with a digit, `mr-*` kept for merge requests) gets the prefix
+//!   `branch-`, so that no branch can overwrite them;
 //! - the semver of a `v*` git tag (`v1.2.3` → `1.2.3`, pre-releases included);
 //! - `latest` for the repository's default branch.
 
@@ -30,6 +34,23 @@ pub fn sanitize(name: &str) -> String {
     out
 }
 
+/// The tag of a branch: its sanitised name, prefixed with `branch-` when it
+/// could be mistaken for a tag of another kind.
+pub fn branch_tag(branch: &str) -> String {
+    let tag = sanitize(branch);
+    let reserved = tag.eq_ignore_ascii_case("latest")
+        // A commit sha, or what `Deploy` would take for a prefix of one.
+        || (tag.len() >= 7 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+        || tag.starts_with(|c: char| c.is_ascii_digit())
+        || tag.to_ascii_lowercase().starts_with("mr-")
+        || tag.to_ascii_lowercase().starts_with("branch-");
+    if reserved {
+        sanitize(&format!("branch-{tag}"))
+    } else {
+        tag
+    }
+}
+
 /// The semver of a release tag: `v1.2.3` or `1.2.3` (with pre-release/build) → `1.2.3`.
 pub fn semver_of(tag: &str) -> Option<String> {
     let v = tag.strip_prefix('v')?;
@@ -47,7 +68,7 @@ pub fn tags_for(rev: &Revision) -> Vec<String> {
         }
     };
     if !rev.branch.is_empty() {
-        add(sanitize(&rev.branch));
+        add(branch_tag(&rev.branch));
         if rev.branch == rev.default_branch {
             add("latest".to_owned());
         }
@@ -99,6 +120,28 @@ mod tests {
             vec!["a".repeat(40)]
         );
         assert_eq!(tags_for(&rev("", "v1.2", "main")), vec!["a".repeat(40)]);
+    }
+
+    #[test]
+    fn branches_cannot_take_the_other_tags() {
+        let sha = "a".repeat(40);
+        for (branch, tag) in [
+            ("latest", "branch-latest"),
+            ("LATEST", "branch-LATEST"),
+            (sha.as_str(), format!("branch-{sha}").as_str()),
+            ("1.2.3", "branch-1.2.3"),
+            ("2024-fix", "branch-2024-fix"),
+            ("mr-7", "branch-mr-7"),
+            ("deadbeef", "branch-deadbeef"),
+            ("cafe", "cafe"),
+            ("branch-x", "branch-branch-x"),
+            ("main", "main"),
+        ] {
+            assert_eq!(branch_tag(branch), tag, "{branch}");
+        }
+        let tags = tags_for(&rev("latest", "", "main"));
+        assert_eq!(tags, vec![sha.clone(), "branch-latest".into()]);
+        assert_eq!(branch_tag(&"b".repeat(200)).len(), 128);
     }
 
     #[test]

@@ -19,8 +19,13 @@ pub struct IngestService {
     pub state: Arc<AppState>,
 }
 
-/// Resolves `wanted` (a branch, a tag, or a full ref) at `url` to `(full ref, sha)`.
-pub async fn resolve_ref(url: &str, wanted: &str) -> anyhow::Result<Option<(String, String)>> {
+/// Resolves `wanted` (a branch, a tag, or a full ref) at `url` to `(full
+/// ref, sha)`, with the project's clone `credentials` if it has any.
+pub async fn resolve_ref(
+    url: &str,
+    credentials: Option<&gantry_config::GitCredentials>,
+    wanted: &str,
+) -> anyhow::Result<Option<(String, String)>> {
     let candidates: Vec<String> = if wanted.starts_with("refs/") {
         vec![wanted.to_owned()]
     } else {
@@ -37,15 +42,19 @@ pub async fn resolve_ref(url: &str, wanted: &str) -> anyhow::Result<Option<(Stri
             .arg(url)
             .args(&candidates)
             .env("GIT_TERMINAL_PROMPT", "0")
+            .envs(credentials.map(|c| c.helper_env(url)).unwrap_or_default())
             .kill_on_drop(true)
             .output(),
     )
     .await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "git ls-remote failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = match credentials {
+            Some(c) => c.scrub(&stderr),
+            None => stderr.into_owned(),
+        };
+        anyhow::bail!("git ls-remote failed: {}", stderr.trim());
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let refs: Vec<(&str, &str)> = text
         .lines()
@@ -94,17 +103,19 @@ impl Ingest for IngestService {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("ref is empty"));
         }
-        let (full_ref, sha) = resolve_ref(&project.clone_url, &req.r#ref)
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!("cannot read refs of {}: {e:#}", project.name))
-            })?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no branch or tag {:?} in {}",
-                    req.r#ref, project.name
-                ))
-            })?;
+        let (full_ref, sha) = resolve_ref(
+            &project.clone_url,
+            project.clone_credentials.as_ref(),
+            &req.r#ref,
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read refs of {}: {e:#}", project.name)))?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no branch or tag {:?} in {}",
+                req.r#ref, project.name
+            ))
+        })?;
         let mut revision = revision_for_ref(&full_ref, &sha);
         revision.clone_url = project.clone_url.clone();
         revision.default_branch = project.default_branch.clone();

@@ -1,16 +1,23 @@
-//! The webhook endpoints: `POST /hooks/gitlab` and `POST /hooks/github`.
+//! The webhook endpoints: `POST /hooks/gitlab` and `POST /hooks/github`, and
+//! per project `POST /hooks/gitlab/{project}` and `/hooks/github/{project}`.
 //!
-//! Order of checks: body size (413), JSON (400), project (404), secret (401),
-//! event type (202 "ignored"), payload shape (400 naming the field), then the
-//! delivery is stored with its event in the outbox and answered 202 with the
-//! pipeline id (200 "duplicate" for a delivery seen before).
+//! Order of checks: declared body size (413, before the body is read), body
+//! size (413), the secret (401), JSON (400), the project the payload names
+//! (401), event type (202 "ignored"), payload shape (400 naming the field),
+//! then the delivery is stored with its event in the outbox and answered 202
+//! with the pipeline id (200 "duplicate" for a delivery seen before).
+//!
+//! The secret is checked before the body is parsed: GitLab's token against
+//! every project's secret, GitHub's HMAC over the raw body likewise (each
+//! comparison in constant time). An unknown project and a wrong secret get
+//! the same 401, so nobody learns which projects exist.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -28,8 +35,6 @@ use crate::pipelines::{self, Delivery, Started};
 pub enum HookError {
     #[error("{0}")]
     BadPayload(String),
-    #[error("unknown project {0:?}")]
-    UnknownProject(String),
     #[error("missing or wrong webhook secret")]
     Unauthorized,
     #[error("ignored: {0}")]
@@ -44,9 +49,6 @@ impl IntoResponse for HookError {
     fn into_response(self) -> Response {
         let (status, body) = match &self {
             HookError::BadPayload(m) => (StatusCode::BAD_REQUEST, json!({ "error": m })),
-            HookError::UnknownProject(_) => {
-                (StatusCode::NOT_FOUND, json!({ "error": self.to_string() }))
-            }
             HookError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({ "error": self.to_string() }),
@@ -96,9 +98,60 @@ pub fn routes(state: Arc<AppState>, body_limit: usize) -> axum::Router {
     });
     axum::Router::new()
         .route("/hooks/gitlab", post(gitlab))
+        .route("/hooks/gitlab/{project}", post(gitlab))
         .route("/hooks/github", post(github))
+        .route("/hooks/github/{project}", post(github))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            refuse_declared_oversize,
+        ))
         .with_state(state)
+}
+
+/// Answers 413 at once to a request whose `Content-Length` is over the
+/// limit, without reading its body.
+async fn refuse_declared_oversize(
+    State(limit): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return HookError::TooLarge(limit).into_response();
+    }
+    next.run(request).await
+}
+
+/// The projects that may have sent a delivery: those on the forge (`on`),
+/// only `only` when the URL names one, whose secret `matches`. Every
+/// candidate's secret is checked, whatever the outcome.
+fn authenticated<'a>(
+    state: &'a AppState,
+    only: Option<&str>,
+    on: impl Fn(&Project) -> bool,
+    matches: impl Fn(&str) -> bool,
+) -> Result<Vec<&'a Project>, HookError> {
+    let candidates: Vec<&Project> = state
+        .config
+        .projects
+        .iter()
+        .filter(|p| on(p) && only.is_none_or(|name| p.name == name))
+        .filter(|p| {
+            p.webhook_secret
+                .as_ref()
+                .is_some_and(|s| matches(s.expose()))
+        })
+        .collect();
+    if candidates.is_empty() {
+        Err(HookError::Unauthorized)
+    } else {
+        Ok(candidates)
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -173,30 +226,42 @@ async fn accept(
     })
 }
 
+/// `POST /hooks/gitlab` and `/hooks/gitlab/{project}`.
 #[tracing::instrument(name = "webhook.gitlab", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
 async fn gitlab(
     State(hooks): State<Arc<Hooks>>,
+    only: Option<UrlPath<String>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HookError> {
-    record_parent(&headers);
+    let only = only.map(|UrlPath(p)| p);
+    let only = only.as_deref();
+    let headers = &headers;
+    record_parent(headers);
     let body = body_or_error(&hooks, body)?;
     let state = &hooks.app;
-    let value = parse_json(&body)?;
-    let path = str_at(&value, "/project/path_with_namespace")?;
-    let project = state
-        .config
-        .project_by_gitlab(path)
-        .ok_or_else(|| HookError::UnknownProject(path.to_owned()))?;
-    tracing::Span::current().record("project", project.name.as_str());
     let token = headers
         .get("x-gitlab-token")
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !forge::gitlab_token_matches(token, project.webhook_secret.expose()) {
-        return Err(HookError::Unauthorized);
-    }
-    let event = header(&headers, "x-gitlab-event")
+    let candidates = authenticated(
+        state,
+        only,
+        |p| p.gitlab.is_some(),
+        |secret| forge::gitlab_token_matches(token, secret),
+    )?;
+    let value = parse_json(&body)?;
+    let path = str_at(&value, "/project/path_with_namespace")?;
+    let project = candidates
+        .into_iter()
+        .find(|p| {
+            p.gitlab
+                .as_deref()
+                .is_some_and(|g| g.eq_ignore_ascii_case(path))
+        })
+        .ok_or(HookError::Unauthorized)?;
+    tracing::Span::current().record("project", project.name.as_str());
+    let event = header(headers, "x-gitlab-event")
         .unwrap_or_default()
         .to_owned();
     if event != "Push Hook" && event != "Tag Push Hook" {
@@ -212,7 +277,7 @@ async fn gitlab(
         )));
     }
     let outcome = push.outcome().map_err(HookError::BadPayload)?;
-    let key = delivery_key(&headers, "x-gitlab-event-uuid", &body);
+    let key = delivery_key(headers, "x-gitlab-event-uuid", &body);
     let delivery = Delivery {
         source: "gitlab",
         key: &key,
@@ -222,30 +287,43 @@ async fn gitlab(
     accept(state, project, outcome, delivery).await
 }
 
+/// `POST /hooks/github` and `/hooks/github/{project}`.
 #[tracing::instrument(name = "webhook.github", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
 async fn github(
     State(hooks): State<Arc<Hooks>>,
+    only: Option<UrlPath<String>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HookError> {
-    record_parent(&headers);
+    let only = only.map(|UrlPath(p)| p);
+    let only = only.as_deref();
+    let headers = &headers;
+    record_parent(headers);
     let body = body_or_error(&hooks, body)?;
     let state = &hooks.app;
-    let value = parse_json(&body)?;
-    let name = str_at(&value, "/repository/full_name")?;
-    let project = state
-        .config
-        .project_by_github(name)
-        .ok_or_else(|| HookError::UnknownProject(name.to_owned()))?;
-    tracing::Span::current().record("project", project.name.as_str());
     let signature = headers
         .get("x-hub-signature-256")
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !forge::github_signature_matches(signature, &body, project.webhook_secret.expose()) {
-        return Err(HookError::Unauthorized);
-    }
-    let event = header(&headers, "x-github-event")
+    // The HMAC covers the raw body: nothing is parsed before it checks out.
+    let candidates = authenticated(
+        state,
+        only,
+        |p| p.github.is_some(),
+        |secret| forge::github_signature_matches(signature, &body, secret),
+    )?;
+    let value = parse_json(&body)?;
+    let name = str_at(&value, "/repository/full_name")?;
+    let project = candidates
+        .into_iter()
+        .find(|p| {
+            p.github
+                .as_deref()
+                .is_some_and(|g| g.eq_ignore_ascii_case(name))
+        })
+        .ok_or(HookError::Unauthorized)?;
+    tracing::Span::current().record("project", project.name.as_str());
+    let event = header(headers, "x-github-event")
         .unwrap_or_default()
         .to_owned();
     if event != "push" {
@@ -255,7 +333,7 @@ async fn github(
     }
     let push: forge::GithubPush = typed(value, "GitHub push")?;
     let outcome = push.outcome().map_err(HookError::BadPayload)?;
-    let key = delivery_key(&headers, "x-github-delivery", &body);
+    let key = delivery_key(headers, "x-github-delivery", &body);
     let delivery = Delivery {
         source: "github",
         key: &key,

@@ -24,7 +24,8 @@ impl Started {
     }
 }
 
-/// What identifies a delivery for deduplication.
+/// What identifies a delivery for deduplication (within its project: two
+/// projects may use the same key).
 pub struct Delivery<'a> {
     pub source: &'a str,
     pub key: &'a str,
@@ -67,8 +68,9 @@ pub async fn start(
     if inserted.rows_affected() == 0 {
         tx.rollback().await?;
         let (existing,): (Uuid,) = sqlx::query_as(
-            "SELECT pipeline_id FROM deliveries WHERE source = $1 AND delivery_key = $2",
+            "SELECT pipeline_id FROM deliveries WHERE project = $1 AND source = $2 AND delivery_key = $3",
         )
+        .bind(project)
         .bind(delivery.source)
         .bind(delivery.key)
         .fetch_one(pool)

@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
             database_url: stack.database_url.clone(),
             amqp_url: stack.amqp_url.clone(),
             config: stack.config_path.clone(),
+            tls: Default::default(),
         },
         http_addr: "127.0.0.1:0".into(),
         grpc_addr: "127.0.0.1:0".into(),
