@@ -450,7 +450,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
-                Some(s) if s.code() == tonic::Code::Unauthenticated => {
+                Some(s)
+                    if s.code() == tonic::Code::Unauthenticated
+                        && !s.message().contains("GANTRY_TOKEN") =>
+                {
                     eprintln!("gantry: {} (set GANTRY_TOKEN or pass --token)", s.message())
                 }
                 Some(s) => eprintln!("gantry: {}", s.message()),
