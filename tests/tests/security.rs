@@ -447,3 +447,98 @@ async fn webhooks_reveal_no_project_and_keep_keys_per_project() {
         "latest still points at main's image"
     );
 }
+
+#[tokio::test]
+async fn an_event_naming_another_repository_deploys_nothing() {
+    use gantry_proto::v1::event::Payload;
+    use gantry_proto::v1::{Event, ImagePublished, Revision};
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+    use prost::Message as _;
+    use sqlx::Row as _;
+
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("web", &repo.url());
+    let env = gantry_tests::EnvSpec::new("web");
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        environments: vec![env.clone()],
+        lease_secs: 60,
+        ..Default::default()
+    })
+    .await;
+
+    // A well-formed event for the project, but with someone else's image.
+    let event = Event::new(
+        "forged-pipeline",
+        "web",
+        Payload::ImagePublished(ImagePublished {
+            revision: Some(Revision {
+                commit_sha: repo.head(),
+                git_ref: "refs/heads/main".into(),
+                branch: "main".into(),
+                ..Default::default()
+            }),
+            build_id: "forged".into(),
+            repository: format!("{}/evil/miner", gantry_tests::infra::registry()),
+            tags: vec!["main".into()],
+            digest: format!("sha256:{}", "e".repeat(64)),
+        }),
+    );
+    let conn = lapin::Connection::connect(&stack.amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        gantry_bus::EXCHANGE.into(),
+        "image.published".into(),
+        BasicPublishOptions::default(),
+        &event.encode_to_vec(),
+        lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(event.id.clone().into()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+
+    // The deployer refuses it: it ends in the dead-letter queue...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(msg) = ch
+            .basic_get(
+                gantry_bus::DEAD_LETTER_QUEUE.into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+            && Event::decode(msg.delivery.data.as_slice()).is_ok_and(|e| e.id == event.id)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forged event was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and neither the catalogue nor the environment took it.
+    let mut db = stack.db().await;
+    let images: i64 = sqlx::query("SELECT count(*) AS n FROM deployer.images")
+        .fetch_one(&mut db)
+        .await
+        .expect("images")
+        .get("n");
+    let deployments: i64 = sqlx::query("SELECT count(*) AS n FROM deployer.deployments")
+        .fetch_one(&mut db)
+        .await
+        .expect("deployments")
+        .get("n");
+    assert_eq!((images, deployments), (0, 0));
+    assert!(
+        gantry_tests::docker::labelled(&format!("io.gantry.environment={}", env.name)).is_empty()
+    );
+}
