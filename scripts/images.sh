@@ -51,13 +51,14 @@ done
 services=(webhook-ingest builder registry-publisher deployer notifier)
 bin=${GANTRY_BIN_DIR:-}
 if [ -z "$bin" ]; then
-  cargo build --release --bins -p webhook-ingest -p builder -p registry-publisher -p deployer -p notifier
+  cargo build --release --bins -p webhook-ingest -p builder -p registry-publisher -p deployer -p notifier -p gantry-cli
   bin=$ROOT/target/release
 fi
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
-for svc in "${services[@]}"; do
-  # Debug information is not needed in the image.
+# Debug information is not needed in the image. Every image also has the
+# gantry command (docker-compose.yml's `demo` runs it).
+for svc in "${services[@]}" gantry; do
   objcopy --strip-debug "$bin/$svc" "$context/$svc" 2>/dev/null || cp "$bin/$svc" "$context/$svc"
 done
 for svc in "${services[@]}"; do

@@ -25,9 +25,11 @@ use serde_json::{Value, json};
 /// How long a finished pipeline is still watched for deployments that follow it.
 const SETTLE: Duration = Duration::from_secs(3);
 
+mod demo;
+
 #[derive(Parser, Debug)]
 #[command(name = "gantry", version, about = "Gantry from the command line")]
-struct Cli {
+pub(crate) struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -104,6 +106,9 @@ enum Command {
     /// API tokens: make one, or hash one for the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The demo project: set it up, and push new versions of it.
+    #[command(subcommand)]
+    Demo(demo::DemoCommand),
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -121,7 +126,7 @@ enum TokenCommand {
     Hash { token: Option<String> },
 }
 
-async fn channel(cli: &Cli, url: &str) -> anyhow::Result<Authed> {
+pub(crate) async fn channel(cli: &Cli, url: &str) -> anyhow::Result<Authed> {
     let ca = match &cli.ca_cert {
         Some(path) => Some(
             std::fs::read(path)
@@ -238,6 +243,43 @@ fn finished(p: &PipelineSummary) -> bool {
         || (p.state == "success" && !p.deployments.iter().any(|d| d.ends_with("=running")))
 }
 
+/// Prints a pipeline (or every pipeline) each time it changes; a single
+/// pipeline until it and its deployments are done. Returns its last state.
+pub(crate) async fn watch(
+    cli: &Cli,
+    pipeline: Option<String>,
+) -> anyhow::Result<Option<PipelineSummary>> {
+    let mut client = PipelinesClient::new(channel(cli, &cli.notifier).await?);
+    let one = pipeline.is_some();
+    let mut stream = client
+        .watch(WatchPipelinesRequest {
+            pipeline_id: pipeline.unwrap_or_default(),
+            project: String::new(),
+        })
+        .await?
+        .into_inner();
+    let mut last: Option<PipelineSummary> = None;
+    loop {
+        let wait = match &last {
+            Some(p) if one && finished(p) => SETTLE,
+            _ => Duration::from_secs(24 * 3600),
+        };
+        let next = match tokio::time::timeout(wait, stream.message()).await {
+            Err(_) => break,
+            Ok(next) => next?,
+        };
+        let Some(p) = next else { break };
+        if cli.json {
+            print_json(&pipeline_json(&p));
+        } else {
+            println!("{}", pipeline_line(&p));
+        }
+        let _ = std::io::stdout().flush();
+        last = Some(p);
+    }
+    Ok(last)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.clone() {
         Command::Token(t) => token_command(&t)?,
@@ -262,41 +304,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Watch { pipeline } => {
-            let mut client = PipelinesClient::new(channel(&cli, &cli.notifier).await?);
-            let one = pipeline.clone();
-            let mut stream = client
-                .watch(WatchPipelinesRequest {
-                    pipeline_id: pipeline.unwrap_or_default(),
-                    project: String::new(),
-                })
-                .await?
-                .into_inner();
-            let mut last: Option<PipelineSummary> = None;
-            loop {
-                let wait = match &last {
-                    Some(p) if one.is_some() && finished(p) => SETTLE,
-                    _ => Duration::from_secs(24 * 3600),
-                };
-                let next = match tokio::time::timeout(wait, stream.message()).await {
-                    Err(_) => break,
-                    Ok(next) => next?,
-                };
-                let Some(p) = next else { break };
-                if cli.json {
-                    print_json(&pipeline_json(&p));
-                } else {
-                    println!("{}", pipeline_line(&p));
-                }
-                let _ = std::io::stdout().flush();
-                last = Some(p);
-            }
-            if let Some(p) = last
+            let one = pipeline.is_some();
+            if let Some(p) = watch(&cli, pipeline).await?
                 && p.state == "failed"
-                && one.is_some()
+                && one
             {
                 anyhow::bail!("pipeline {} failed", p.pipeline_id);
             }
         }
+        Command::Demo(d) => demo::run(&cli, d).await?,
         Command::Logs { id, follow } => {
             let mut client = BuildsClient::new(channel(&cli, &cli.builder).await?);
             let by_build = client

@@ -427,9 +427,20 @@ async fn unreachable_registry_fails_the_build_at_its_push_step() {
     let stack = Stack::start(StackOptions {
         projects: vec![project.clone()],
         lease_secs: 60,
+        expect_unready: vec!["registry-publisher"],
         ..Default::default()
     })
     .await;
+    // The publisher says it cannot work without its registry.
+    let ready = stack
+        .http_client()
+        .get(stack.http_url("registry-publisher", "/ready"))
+        .send()
+        .await
+        .expect("ready answers");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["checks"]["registry"], false, "{body}");
     let pipeline = stack.push(&project, "refs/heads/main", &repo.head()).await;
     let seen = stack.wait_outcome(&pipeline, PIPELINE_TIMEOUT).await;
     let Some(Payload::BuildFailed(failed)) = &seen.event.payload else {

@@ -1,13 +1,14 @@
 //! Gantry as users run it: `docker-compose up` of docker-compose.yml with the
-//! images scripts/images.sh makes here (no pulls), then one webhook through
-//! the whole path to a deployed container answering on its endpoint.
+//! images scripts/images.sh makes here (no pulls) and its demo configuration,
+//! then the demo pushes of the README: a new version answering on staging, a
+//! broken one rolled back.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use gantry_tests::docker;
 use gantry_tests::stack::free_port;
-use gantry_tests::{SampleRepo, docker, forge};
 
 const SERVICES: [&str; 5] = [
     "webhook-ingest",
@@ -89,7 +90,7 @@ fn image_exists(name: &str) -> bool {
 }
 
 #[tokio::test]
-async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
+async fn docker_compose_up_runs_the_demo_from_push_to_rollback() {
     for image in [
         "gantry-local/postgres:15",
         "gantry-local/rabbitmq:3",
@@ -106,10 +107,14 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
         );
     }
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let dir = tempfile::tempdir().expect("tempdir");
-    let repo = SampleRepo::new();
+    // The demo's home (its repository), instead of the checkout's .gantry.
+    let home = tempfile::tempdir().expect("tempdir");
+    // The registry keeps its documented port: the demo configuration names it.
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:5001").is_ok(),
+        "127.0.0.1:5001 is taken"
+    );
     let ports: Vec<(&str, u16)> = [
-        "GANTRY_REGISTRY_PORT",
         "GANTRY_WEBHOOK_PORT",
         "GANTRY_INGEST_GRPC_PORT",
         "GANTRY_BUILDER_GRPC_PORT",
@@ -129,30 +134,8 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
             .map(|(_, p)| *p)
             .expect("port")
     };
-    let network = format!("gantry-e2e-{id}");
-    let environment = format!("staging-{id}");
-    let registry = format!("127.0.0.1:{}", port("GANTRY_REGISTRY_PORT"));
-    let config = dir.path().join("gantry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "projects:\n  - name: hello\n    clone_url: file:///repos/sample\n    gitlab: team/hello\n    webhook_secret: {{env: GANTRY_WEBHOOK_SECRET}}\n    image: {registry}/team/hello\nregistries:\n  - host: {registry}\n    api: http://registry:5000\nenvironments:\n  - name: {environment}\n    project: hello\n    rules: [{{branch: main}}]\n    port: 8080\n    endpoint: 0.0.0.0:18080\n    network: {network}\n    health: {{http: /, timeout_secs: 60}}\npublic_url: http://127.0.0.1:{}\ntokens:\n  - {{name: e2e, sha256: {}, scopes: [read]}}\n  - {{name: notifier, sha256: {}, scopes: [read]}}\n",
-            port("GANTRY_NOTIFIER_PORT"),
-            gantry_config::token_hash("compose-token"),
-            gantry_config::token_hash("gantry-local-notifier"),
-        ),
-    )
-    .expect("config");
-    // The builder clones the sample from a mounted directory.
-    let overrides = dir.path().join("override.yml");
-    std::fs::write(
-        &overrides,
-        format!(
-            "version: \"2.4\"\nservices:\n  builder:\n    volumes:\n      - {}:/repos/sample:ro\n",
-            repo.path().display()
-        ),
-    )
-    .expect("override");
+    let network = "gantry".to_owned();
+    let environment = "staging".to_owned();
     let mut env: Vec<(String, String)> = ports
         .iter()
         .map(|(k, p)| (k.to_string(), p.to_string()))
@@ -170,14 +153,13 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
             "GANTRY_REGISTRY_IMAGE".into(),
             "gantry-local/registry:2".into(),
         ),
-        ("GANTRY_CONFIG_FILE".into(), config.display().to_string()),
-        ("GANTRY_NETWORK".into(), network.clone()),
+        ("GANTRY_HOME".into(), home.path().display().to_string()),
         ("GANTRY_WEBHOOK_SECRET".into(), "compose-secret".into()),
     ]);
     let compose = Compose {
         project: format!("gantrye2e{id}"),
         env,
-        files: vec![root().join("docker-compose.yml"), overrides],
+        files: vec![root().join("docker-compose.yml")],
         environment: environment.clone(),
     };
 
@@ -199,6 +181,16 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The one-shot demo service made the demo repository.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !home.path().join("demo/repo/.git").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the demo repository was not made: {}",
+            compose.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Only the builder and the deployer hold the Docker socket.
     for service in SERVICES {
@@ -219,38 +211,47 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
         );
     }
 
-    let sha = repo.head();
-    let body = forge::gitlab_push("team/hello", "refs/heads/main", &sha, "main");
-    let response = gantry_tests::http()
-        .post(format!(
-            "http://127.0.0.1:{}/hooks/gitlab",
-            port("GANTRY_WEBHOOK_PORT")
-        ))
-        .header("x-gitlab-event", "Push Hook")
-        .header("x-gitlab-token", "compose-secret")
-        .json(&body)
+    // The demo push, as the README says: version 2 answers on staging.
+    let push = compose.command(&["run", "-T", "--rm", "demo", "push"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&push.stdout),
+        String::from_utf8_lossy(&push.stderr)
+    );
+    assert!(push.status.success(), "demo push: {said}");
+    assert!(said.contains("version 2 runs in staging"), "{said}");
+    let endpoint = format!("http://127.0.0.1:{}/", port("GANTRY_STAGING_PORT"));
+    let page = gantry_tests::http()
+        .get(&endpoint)
         .send()
         .await
-        .expect("webhook-ingest answers");
-    assert_eq!(response.status(), 202);
-
-    let endpoint = format!("http://127.0.0.1:{}/", port("GANTRY_STAGING_PORT"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    loop {
-        if let Ok(r) = gantry_tests::http().get(&endpoint).send().await
-            && r.text().await.ok().as_deref() == Some("hello v1\n")
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the deployed service never answered on {endpoint}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        .expect("staging answers")
+        .text()
+        .await
+        .expect("page");
+    assert!(page.contains("version 2<"), "{page}");
     let deployed = docker::labelled(&format!("io.gantry.environment={environment}"));
     assert_eq!(deployed.len(), 1, "{deployed:?}");
-    assert_eq!(docker::label(&deployed[0], "io.gantry.commit"), sha);
+    assert_eq!(docker::label(&deployed[0], "io.gantry.project"), "demo");
+
+    // A broken version is rolled back: version 2 keeps answering.
+    let broken = compose.command(&["run", "-T", "--rm", "demo", "push", "--break"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&broken.stdout),
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    assert!(!broken.status.success(), "{said}");
+    assert!(said.contains("rolled_back"), "{said}");
+    let page = gantry_tests::http()
+        .get(&endpoint)
+        .send()
+        .await
+        .expect("staging answers")
+        .text()
+        .await
+        .expect("page");
+    assert!(page.contains("version 2<"), "{page}");
 
     // The deployed app shares no network with Postgres or RabbitMQ, and
     // every published port is on loopback only.
@@ -295,17 +296,17 @@ async fn docker_compose_up_runs_gantry_from_webhook_to_deployment() {
         );
     }
 
-    // The CLI reads the same pipeline from the notifier.
+    // The CLI reads both pipelines from the notifier, with the local token.
     let out = Command::new(gantry_tests::stack::bin_dir().join("gantry"))
         .args(["pipelines", "--json"])
         .env(
             "GANTRY_NOTIFIER_URL",
             format!("http://127.0.0.1:{}", port("GANTRY_NOTIFIER_GRPC_PORT")),
         )
-        .env("GANTRY_TOKEN", "compose-token")
+        .env("GANTRY_TOKEN", "gantry-local-dev")
         .output()
         .expect("gantry runs");
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(list[0]["commit"], sha.as_str());
-    assert_eq!(list[0]["state"], "success");
+    assert_eq!(list[0]["deployments"][0], "staging=rolled_back", "{list}");
+    assert_eq!(list[1]["deployments"][0], "staging=succeeded", "{list}");
 }

@@ -233,6 +233,19 @@ impl Service {
     }
 
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Ready only while every registry the projects push to answers its
+        // API (any HTTP answer, a 401 included): without it nothing is tagged.
+        let mut apis: Vec<String> = self
+            .config
+            .projects
+            .iter()
+            .map(|p| registry::base_url(&self.config.registry_for(&p.image)))
+            .collect();
+        apis.sort();
+        apis.dedup();
+        let probe = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()?;
         let publisher = Publisher {
             config: self.config,
             max_attempts: self.max_attempts,
@@ -247,7 +260,17 @@ impl Service {
             &shutdown,
         );
         self.base.relay(&shutdown);
-        let readiness = self.base.readiness();
+        let readiness = self.base.readiness().check("registry", move || {
+            let (apis, probe) = (apis.clone(), probe.clone());
+            async move {
+                for api in apis {
+                    if probe.get(format!("{api}/v2/")).send().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        });
         self.base
             .serve(
                 "registry-publisher",
