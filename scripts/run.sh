@@ -36,7 +36,7 @@ if [ ${#busy[@]} -gt 0 ]; then
       holders+=$'\n'
     done
   fi
-  say "ports ${busy[*]} are already taken; Gantry needs them."
+  say "Gantry needs these ports, which are already taken: ${busy[*]}"
   if [ -n "$(echo "$holders" | tr -d '[:space:]')" ]; then
     say "they are published by these containers:"
     echo "$holders" | sort -u | sed '/^$/d; s/^/    /' >&2
