@@ -27,6 +27,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use gantry_proto::v1::Event;
+use gantry_retry::Policy;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -52,8 +53,6 @@ pub const DEAD_LETTER_QUEUE: &str = "gantry.dead-letter";
 pub const DELIVERY_LIMIT: i64 = 10;
 /// How long a connection attempt may take (lapin can hang when the broker is down).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a loop checks that its connection is still up, even when idle.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 /// How often the relay looks at the outbox without being woken.
@@ -218,14 +217,14 @@ pub async fn declare(ch: &lapin::Channel) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `f` again and again with capped exponential backoff until shutdown.
-/// `f` returns `Ok(())` only when it stopped because of shutdown.
+/// Runs `f` again and again, waiting as [`Policy::Reconnect`] says, until
+/// shutdown. `f` returns `Ok(())` only when it stopped because of shutdown.
 async fn supervise<F, Fut>(what: &str, link: &Link, shutdown: &CancellationToken, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut delays = Policy::Reconnect.delays();
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
         let result = f().await;
@@ -235,8 +234,9 @@ where
             Err(e) => {
                 // A connection that lived a while was healthy: start over quickly.
                 if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
+                    delays = Policy::Reconnect.delays();
                 }
+                let backoff = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(
                     loop_name = what,
                     error = format!("{e:#}"),
@@ -247,7 +247,6 @@ where
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -380,27 +379,26 @@ async fn handle_delivery<H: Handler>(handler: Arc<H>, delivery: lapin::message::
     settle.instrument(span).await;
 }
 
-/// How long one delivery is retried in place (a database restart, say)
-/// before it goes back to the queue, where each return counts toward
-/// [`DELIVERY_LIMIT`]. Well under RabbitMQ's default 30-minute consumer timeout.
-const RETRY_IN_PLACE: Duration = Duration::from_secs(300);
-
-/// Runs the handler, retrying passing failures with capped exponential
-/// backoff for up to [`RETRY_IN_PLACE`].
+/// Runs the handler, retrying passing failures in place as
+/// [`Policy::InPlace`] says (about 5 minutes: a database restart, say)
+/// before the delivery goes back to the queue, where each return counts
+/// toward [`DELIVERY_LIMIT`]. Well under RabbitMQ's default 30-minute
+/// consumer timeout.
 async fn handle_with_retries<H: Handler>(handler: &H, event: Event) -> Outcome {
-    let started = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(200);
+    let mut delays = Policy::InPlace.delays();
     loop {
         match handler.handle(event.clone()).await {
-            Outcome::Retry(e) if started.elapsed() + backoff < RETRY_IN_PLACE => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "event handling failed; retrying"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(15));
-            }
+            Outcome::Retry(e) => match delays.next() {
+                Some(backoff) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "event handling failed; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                }
+                None => return Outcome::Retry(e),
+            },
             other => return other,
         }
     }

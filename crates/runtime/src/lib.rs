@@ -10,7 +10,10 @@
 //!   call's bearer token ([`auth`]).
 
 pub mod auth;
+pub mod service;
 pub mod tls;
+
+pub use service::{Built, Common, Parts, Service, main};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,11 +32,11 @@ pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// How often gRPC health mirrors readiness.
 const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 
-/// The whole life of a service binary: installs the TLS crypto provider and
-/// telemetry, loads and validates the configuration file, resolving only the
-/// secrets of `secrets` (exit code 2 with a clear message when it is wrong),
-/// then runs `run` until SIGTERM/SIGINT.
-pub async fn main<F, Fut>(
+/// The life of a service process ([`main`] calls it): installs the TLS
+/// crypto provider and telemetry, loads and validates the configuration file,
+/// resolving only the secrets of `secrets` (exit code 2 with a clear message
+/// when it is wrong), then runs `run` until SIGTERM/SIGINT.
+pub async fn run_process<F, Fut>(
     name: &'static str,
     config_path: &std::path::Path,
     secrets: &[gantry_config::SecretKind],
@@ -139,16 +142,10 @@ impl Readiness {
         })
     }
 
-    /// Ready only while the Docker engine answers.
-    pub fn docker(self, docker: bollard::Docker) -> Self {
-        self.check("docker", move || {
-            let docker = docker.clone();
-            async move {
-                tokio::time::timeout(Duration::from_secs(2), docker.ping())
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-            }
-        })
+    /// These checks and `other`'s.
+    pub fn and(mut self, other: Readiness) -> Self {
+        self.checks.extend(other.checks);
+        self
     }
 
     /// Runs every check; ready only if all pass.
@@ -477,93 +474,4 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-}
-
-/// Credentials the Docker engine uses for `registry` (none when it needs no login).
-pub fn docker_credentials(
-    registry: &gantry_config::Registry,
-) -> Option<bollard::auth::DockerCredentials> {
-    registry
-        .username
-        .as_ref()
-        .map(|u| bollard::auth::DockerCredentials {
-            username: Some(u.clone()),
-            password: registry.password.as_ref().map(|p| p.expose().to_owned()),
-            serveraddress: Some(registry.host.clone()),
-            ..Default::default()
-        })
-}
-
-/// The message of a Docker engine error without bollard's wrapping.
-pub fn docker_error(e: &bollard::errors::Error) -> String {
-    match e {
-        bollard::errors::Error::DockerStreamError { error } => error.clone(),
-        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Every container (running or not) carrying `label` (`key=value`); none
-/// when the engine cannot be asked.
-pub async fn labelled_containers(
-    docker: &bollard::Docker,
-    label: &str,
-) -> Vec<bollard::models::ContainerSummary> {
-    use bollard::query_parameters::ListContainersOptions;
-    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
-    docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_default()
-}
-
-/// Force-removes a container (name or id) with its anonymous volumes (an
-/// image's `VOLUME`s), retrying a few times while the engine is busy with
-/// it; a container that is already gone is fine.
-pub async fn remove_container(docker: &bollard::Docker, container: &str) {
-    use bollard::query_parameters::RemoveContainerOptions;
-    for attempt in 1..=4u64 {
-        match docker
-            .remove_container(
-                container,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return,
-            Err(e) if attempt < 4 => {
-                tracing::debug!(container, error = %docker_error(&e), "cannot remove a container yet");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => {
-                tracing::warn!(container, error = %docker_error(&e), "cannot remove container")
-            }
-        }
-    }
-}
-
-/// Force-removes every container carrying `label` (`key=value`), except
-/// `keep`, with its anonymous volumes: what an interrupted build or
-/// deployment left behind.
-pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Option<&str>) {
-    for id in labelled_containers(docker, label)
-        .await
-        .into_iter()
-        .filter_map(|c| c.id)
-    {
-        if Some(id.as_str()) != keep {
-            remove_container(docker, &id).await;
-        }
-    }
 }

@@ -119,7 +119,7 @@ pub async fn build_image(
     }
 }
 
-pub use gantry_runtime::docker_error;
+use gantry_docker::error_text as docker_error;
 
 /// Who the test steps of an image run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,7 +415,7 @@ pub async fn run_step(
     result
 }
 
-pub use gantry_runtime::remove_container;
+pub use gantry_docker::remove_container;
 
 async fn run_created(
     docker: &Docker,
@@ -467,7 +467,7 @@ async fn run_created(
 
 /// Removes the containers an earlier attempt of `build_id` left behind.
 pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
-    gantry_runtime::remove_containers(docker, &format!("{BUILD_LABEL}={build_id}"), None).await;
+    gantry_docker::remove_containers(docker, &format!("{BUILD_LABEL}={build_id}"), None).await;
 }
 
 /// Removes the builder's own tags of a build's image; the engine deletes the

@@ -25,15 +25,14 @@ pub mod pipeline_file;
 pub mod push;
 pub mod worker;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, Infra};
+use gantry_config::{GantryConfig, SecretKind};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
-use gantry_runtime::Base;
+use gantry_runtime::{Base, Common, Parts, Readiness};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -47,13 +46,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[command(name = "builder", version, about = "Gantry builder service")]
 pub struct Settings {
     #[command(flatten)]
-    pub infra: Infra,
-    /// Address of the health HTTP server.
-    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8081")]
-    pub http_addr: String,
-    /// Address of the gRPC server (Builds, health, reflection).
-    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9091")]
-    pub grpc_addr: String,
+    pub common: Common,
     /// Builds this replica runs at once.
     #[arg(long, env = "GANTRY_BUILDER_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
@@ -110,93 +103,77 @@ impl Handler for RequestHandler {
     }
 }
 
-/// A connected, bound, not yet running builder.
-pub struct Service {
-    settings: Settings,
-    base: Base,
-    docker: bollard::Docker,
-    config: Arc<GantryConfig>,
-}
+/// The builder service.
+pub struct Service;
 
-impl Service {
-    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
+impl gantry_runtime::Service for Service {
+    type Settings = Settings;
+    const NAME: &'static str = "builder";
+    const PORTS: (u16, u16) = (8081, 9091);
+    const SCHEMA: &'static str = SCHEMA;
+    const SECRETS: &'static [SecretKind] = &[SecretKind::Clone, SecretKind::Registry];
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(settings: &Settings) -> &Common {
+        &settings.common
+    }
+
+    async fn start(
+        s: Settings,
+        config: Arc<GantryConfig>,
+        base: &mut Base,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Parts> {
         anyhow::ensure!(
-            settings.concurrency > 0,
+            s.concurrency > 0,
             "GANTRY_BUILDER_CONCURRENCY must be at least 1"
         );
         anyhow::ensure!(
-            settings.lease_secs >= 3,
+            s.lease_secs >= 3,
             "GANTRY_BUILD_LEASE_SECS must be at least 3"
         );
-        let base = Base::connect(
-            &settings.infra,
-            &config,
-            SCHEMA,
-            &MIGRATOR,
-            &settings.http_addr,
-            &settings.grpc_addr,
-        )
-        .await?;
         let docker = bollard::Docker::connect_with_defaults()?;
-        Ok(Self {
-            settings,
-            base,
-            docker,
-            config: Arc::new(config),
-        })
-    }
-
-    pub fn http_addr(&self) -> SocketAddr {
-        self.base.http_addr()
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.base.grpc_addr()
-    }
-
-    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let s = &self.settings;
         let wake = Arc::new(Notify::new());
         let name = s.worker_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())
         });
         let worker = worker::Worker {
-            pool: self.base.pool.clone(),
-            docker: self.docker.clone(),
+            pool: base.pool.clone(),
+            docker: docker.clone(),
             name,
             lease: Duration::from_secs(s.lease_secs),
             concurrency: s.concurrency,
             wake: wake.clone(),
-            relay_wake: self.base.relay_wake.clone(),
-            config: self.config.clone(),
+            relay_wake: base.relay_wake.clone(),
+            config,
             push_attempts: s.push_attempts.max(1),
             step_network: s.step_network.clone(),
         };
-        let pool = self.base.pool.clone();
-        self.base.consume(
+        let pool = base.pool.clone();
+        base.consume(
             gantry_bus::queues::BUILDER,
             16,
             RequestHandler { pool, wake },
-            &shutdown,
+            shutdown,
         );
-        self.base.relay(&shutdown);
-        self.base.spawn(worker.run(shutdown.clone()));
-        let readiness = self.base.readiness().docker(self.docker.clone());
-        let services = gantry_runtime::Grpc::one(
-            gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
-                pool: self.base.pool.clone(),
+        base.relay(shutdown);
+        base.spawn(worker.run(shutdown.clone()));
+        Ok(Parts {
+            grpc: gantry_runtime::Grpc::one(
+                gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
+                    pool: base.pool.clone(),
+                }),
+                gantry_proto::v1::builds_server::SERVICE_NAME,
+            ),
+            readiness: Readiness::new().check("docker", move || {
+                let docker = docker.clone();
+                async move { gantry_docker::answers(&docker).await }
             }),
-            gantry_proto::v1::builds_server::SERVICE_NAME,
-        );
-        self.base
-            .serve(
-                "builder",
-                axum::Router::new(),
-                services,
-                readiness,
-                shutdown,
-            )
-            .await
+            ..Parts::default()
+        })
     }
 }

@@ -125,7 +125,8 @@ impl Writer {
         }
         // The database may be restarting: a few tries, then the lines are lost
         // (never the build).
-        for attempt in 1..=5 {
+        let mut delays = gantry_retry::Policy::LogWrite.delays();
+        loop {
             let r = sqlx::query(
                 "INSERT INTO build_logs (build_id, attempt, step, stream, data)
                  SELECT $1, $2, s.step, s.stream, s.data
@@ -139,14 +140,15 @@ impl Writer {
             .bind(&data)
             .execute(&self.pool)
             .await;
-            match r {
-                Ok(_) => return,
-                Err(e) if attempt < 5 => {
+            match (r, delays.next()) {
+                (Ok(_), _) => return,
+                (Err(e), Some(pause)) => {
                     tracing::debug!(build_id = %self.build_id, error = %e, "storing log lines; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    tokio::time::sleep(pause).await;
                 }
-                Err(e) => {
-                    tracing::warn!(build_id = %self.build_id, error = %e, lines = steps.len(), "could not store log lines")
+                (Err(e), None) => {
+                    tracing::warn!(build_id = %self.build_id, error = %e, lines = steps.len(), "could not store log lines");
+                    return;
                 }
             }
         }

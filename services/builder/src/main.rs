@@ -1,23 +1,4 @@
-//! The `builder` binary: parses its settings and runs the service (see lib.rs).
-use clap::Parser;
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let settings = builder::Settings::parse();
-    let path = settings.infra.config.clone();
-    gantry_runtime::main(
-        "builder",
-        &path,
-        &[
-            gantry_config::SecretKind::Clone,
-            gantry_config::SecretKind::Registry,
-        ],
-        |config, shutdown| async move {
-            builder::Service::build(settings, config)
-                .await?
-                .run_until_stopped(shutdown)
-                .await
-        },
-    )
-    .await
+//! The `builder` binary (see lib.rs).
+fn main() -> std::process::ExitCode {
+    gantry_runtime::main::<builder::Service>()
 }

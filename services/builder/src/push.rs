@@ -26,7 +26,7 @@ pub async fn push(
     tags: &[String],
     registry: &Registry,
 ) -> anyhow::Result<String> {
-    let credentials = gantry_runtime::docker_credentials(registry);
+    let credentials = gantry_docker::credentials(registry);
     let mut digest: Option<String> = None;
     for tag in tags {
         docker

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use gantry_proto::v1::StepResult;
+use gantry_retry::Policy;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -25,8 +26,6 @@ use crate::pipeline_file::{self, PipelineFile};
 
 /// How often an idle worker looks for builds whose lease ran out.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// Tries at recording a verdict before leaving the build to be run again.
-const FINISH_TRIES: u32 = 12;
 /// A build taken over this many times fails instead of running again.
 const MAX_ATTEMPTS: i32 = 3;
 /// How often the engine is swept for step containers of builds that no
@@ -153,8 +152,8 @@ impl Worker {
             let ok = matches!(verdict, Verdict::Succeeded { .. });
             // The database may be restarting: retry recording the verdict a
             // while (safe: `finish` writes only while this worker holds the build).
-            let mut backoff = Duration::from_millis(250);
-            for attempt in 1..=FINISH_TRIES {
+            let mut delays = Policy::Record.delays();
+            loop {
                 match jobs::finish(&self.pool, &build, &self.name, verdict.clone()).await {
                     Ok(true) => {
                         self.relay_wake.notify_one();
@@ -165,12 +164,16 @@ impl Worker {
                         tracing::warn!("build finished after its lease was lost; verdict dropped");
                         return;
                     }
-                    Err(e) if attempt < FINISH_TRIES => {
-                        tracing::warn!(error = format!("{e:#}"), "cannot record the verdict yet; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "cannot record the verdict; the build will run again"),
+                    Err(e) => match delays.next() {
+                        Some(pause) => {
+                            tracing::warn!(error = format!("{e:#}"), "cannot record the verdict yet; retrying");
+                            tokio::time::sleep(pause).await;
+                        }
+                        None => {
+                            tracing::error!(error = format!("{e:#}"), "cannot record the verdict; the build will run again");
+                            return;
+                        }
+                    },
                 }
             }
         }
@@ -184,7 +187,7 @@ impl Worker {
     /// cleaned by the worker that takes it over.) Containers of builds it
     /// does not know belong to another Gantry and are left alone.
     async fn sweep(&self) {
-        let list = gantry_runtime::labelled_containers(&self.docker, BUILD_LABEL).await;
+        let list = gantry_docker::labelled_containers(&self.docker, BUILD_LABEL).await;
         // (container id, build id, attempt of the container)
         let found: Vec<(String, uuid::Uuid, i32)> = list
             .iter()
@@ -441,7 +444,7 @@ impl Worker {
     ) -> anyhow::Result<(String, String)> {
         let registry = self.config.registry_for(&project.image);
         let tags = [sha.to_owned()];
-        let mut pause = Duration::from_secs(1);
+        let mut delays = Policy::Push(self.push_attempts).delays();
         let mut attempt = 1;
         loop {
             log.system("push", format!("pushing {}:{sha}", project.image))
@@ -453,16 +456,19 @@ impl Worker {
                         .await;
                     return Ok((project.image.clone(), digest));
                 }
-                Err(e) if attempt < self.push_attempts => {
-                    log.system("push", format!("attempt {attempt} failed: {e:#}"))
-                        .await;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(30));
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(e.context(format!("{attempt} pushes to {} failed", project.image)));
-                }
+                Err(e) => match delays.next() {
+                    Some(pause) => {
+                        log.system("push", format!("attempt {attempt} failed: {e:#}"))
+                            .await;
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    None => {
+                        return Err(
+                            e.context(format!("{attempt} pushes to {} failed", project.image))
+                        );
+                    }
+                },
             }
         }
     }

@@ -17,7 +17,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
 
-use gantry_runtime::docker_error as error;
+use gantry_docker::error_text as error;
 
 use crate::queue::Row;
 
@@ -67,7 +67,7 @@ impl DockerTarget {
                 ..Default::default()
             }),
             None,
-            gantry_runtime::docker_credentials(registry),
+            gantry_docker::credentials(registry),
         );
         while let Some(item) = progress.next().await {
             let info = item.map_err(|e| anyhow::anyhow!("pulling {reference}: {}", error(&e)))?;
@@ -81,7 +81,7 @@ impl DockerTarget {
     /// Removes what an earlier attempt of this deployment left behind.
     pub async fn remove_leftovers(&self, row: &Row, keep: Option<&str>) {
         let label = format!("{}={}", labels::DEPLOYMENT, row.id);
-        gantry_runtime::remove_containers(&self.docker, &label, keep).await;
+        gantry_docker::remove_containers(&self.docker, &label, keep).await;
     }
 
     /// Creates the new version's container; returns its id.
@@ -259,6 +259,6 @@ impl DockerTarget {
 
     /// Removes a container at once (a failed new version).
     pub async fn remove(&self, container: &str) {
-        gantry_runtime::remove_container(&self.docker, container).await;
+        gantry_docker::remove_container(&self.docker, container).await;
     }
 }

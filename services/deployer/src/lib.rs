@@ -24,10 +24,10 @@ pub mod worker;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, Infra};
+use gantry_config::{GantryConfig, SecretKind};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
-use gantry_runtime::Base;
+use gantry_runtime::{Base, Common, Parts, Readiness};
 use prost::Message as _;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -43,11 +43,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[command(name = "deployer", version, about = "Gantry deployer service")]
 pub struct Settings {
     #[command(flatten)]
-    pub infra: Infra,
-    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8083")]
-    pub http_addr: String,
-    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9093")]
-    pub grpc_addr: String,
+    pub common: Common,
     /// Deployments of different environments run at once.
     #[arg(long, env = "GANTRY_DEPLOY_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
@@ -143,99 +139,84 @@ impl Handler for Published {
     }
 }
 
-/// A connected, bound, not yet running deployer.
-pub struct Service {
-    base: Base,
-    settings: Settings,
-    config: Arc<GantryConfig>,
-    docker: bollard::Docker,
-    endpoints: Vec<(String, tokio::net::TcpListener)>,
-}
+/// The deployer service.
+pub struct Service;
 
-impl Service {
-    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let base = Base::connect(
-            &settings.infra,
-            &config,
-            SCHEMA,
-            &MIGRATOR,
-            &settings.http_addr,
-            &settings.grpc_addr,
-        )
-        .await?;
-        let names: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
-        queue::sync_environments(&base.pool, &names).await?;
-        let mut endpoints = Vec::new();
-        for env in &config.environments {
-            if let Some(endpoint) = &env.endpoint {
-                endpoints.push((env.name.clone(), edge::bind(&env.name, endpoint).await?));
-            }
-        }
-        let docker = bollard::Docker::connect_with_defaults()?;
-        Ok(Self {
-            base,
-            settings,
-            config: Arc::new(config),
-            docker,
-            endpoints,
-        })
+impl gantry_runtime::Service for Service {
+    type Settings = Settings;
+    const NAME: &'static str = "deployer";
+    const PORTS: (u16, u16) = (8083, 9093);
+    const SCHEMA: &'static str = SCHEMA;
+    const SECRETS: &'static [SecretKind] = &[SecretKind::Registry];
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
     }
 
-    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let pool = self.base.pool.clone();
+    fn common(settings: &Settings) -> &Common {
+        &settings.common
+    }
+
+    async fn start(
+        s: Settings,
+        config: Arc<GantryConfig>,
+        base: &mut Base,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Parts> {
+        let pool = base.pool.clone();
+        let names: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
+        queue::sync_environments(&pool, &names).await?;
+        let docker = bollard::Docker::connect_with_defaults()?;
         let wake = Arc::new(Notify::new());
         let backends = edge::Backends::default();
         for (env, address) in queue::live_addresses(&pool).await? {
             backends.set(&env, address.and_then(|a| a.parse().ok()));
         }
-        for (env, listener) in std::mem::take(&mut self.endpoints) {
-            self.base.spawn(edge::serve(
-                env,
-                listener,
-                backends.clone(),
-                shutdown.clone(),
-            ));
+        for env in &config.environments {
+            if let Some(endpoint) = &env.endpoint {
+                let listener = edge::bind(&env.name, endpoint).await?;
+                base.spawn(edge::serve(
+                    env.name.clone(),
+                    listener,
+                    backends.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
-        self.base.relay(&shutdown);
-        self.base.consume(
+        base.relay(shutdown);
+        base.consume(
             gantry_bus::queues::DEPLOYER,
             8,
             Published {
                 pool: pool.clone(),
-                config: self.config.clone(),
+                config: config.clone(),
                 wake: wake.clone(),
             },
-            &shutdown,
+            shutdown,
         );
         let worker = Arc::new(worker::Worker {
             pool: pool.clone(),
-            target: docker::DockerTarget::new(self.docker.clone())?,
-            config: self.config.clone(),
+            target: docker::DockerTarget::new(docker.clone())?,
+            config: config.clone(),
             backends,
             owner: format!("deployer-{}", uuid::Uuid::new_v4().simple()),
             wake: wake.clone(),
-            relay_wake: self.base.relay_wake.clone(),
-            concurrency: self.settings.concurrency.max(1),
-            lease: std::time::Duration::from_secs(self.settings.lease_secs.max(4)),
+            relay_wake: base.relay_wake.clone(),
+            concurrency: s.concurrency.max(1),
+            lease: std::time::Duration::from_secs(s.lease_secs.max(4)),
         });
-        self.base.spawn(worker.run(shutdown.clone()));
-        let grpc = grpc::DeploymentsService {
-            pool,
-            config: self.config.clone(),
-            wake,
-        };
-        let readiness = self.base.readiness().docker(self.docker.clone());
-        self.base
-            .serve(
-                "deployer",
-                axum::Router::new(),
-                gantry_runtime::Grpc::one(
-                    gantry_proto::v1::deployments_server::DeploymentsServer::new(grpc),
-                    gantry_proto::v1::deployments_server::SERVICE_NAME,
-                ),
-                readiness,
-                shutdown,
-            )
-            .await
+        base.spawn(worker.run(shutdown.clone()));
+        let grpc = grpc::DeploymentsService { pool, config, wake };
+        Ok(Parts {
+            grpc: gantry_runtime::Grpc::one(
+                gantry_proto::v1::deployments_server::DeploymentsServer::new(grpc),
+                gantry_proto::v1::deployments_server::SERVICE_NAME,
+            ),
+            readiness: Readiness::new().check("docker", move || {
+                let docker = docker.clone();
+                async move { gantry_docker::answers(&docker).await }
+            }),
+            ..Parts::default()
+        })
     }
 }

@@ -16,14 +16,13 @@ use tracing::Instrument as _;
 use crate::docker::{DRAIN, DockerTarget};
 use crate::edge::Backends;
 use crate::queue::{self, Row};
+use gantry_retry::Policy;
 
 /// How often the queue is looked at without a wake-up (another replica's
 /// work, expired leases).
 const POLL: Duration = Duration::from_secs(2);
-/// Pulls of an image (with backoff: 1, 2, 4 s) before the deployment fails.
+/// Pulls of an image (waiting as `Policy::Pull` says) before the deployment fails.
 const PULL_ATTEMPTS: u32 = 4;
-/// How long recording a deployment's end is retried while the database is away.
-const RECORD_PATIENCE: Duration = Duration::from_secs(300);
 
 pub struct Worker {
     pub pool: PgPool,
@@ -216,18 +215,19 @@ impl Worker {
     /// Pulls the image, retrying while the registry is away.
     async fn pull(&self, row: &Row) -> anyhow::Result<()> {
         let registry = self.config.registry_for(&row.repository);
-        let mut pause = Duration::from_secs(1);
+        let mut delays = Policy::Pull(PULL_ATTEMPTS).delays();
         let mut attempt = 1;
         loop {
             match self.target.pull(row, &registry).await {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < PULL_ATTEMPTS => {
-                    tracing::warn!(error = format!("{e:#}"), attempt, "pull failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.context(format!("{attempt} pulls failed"))),
+                Err(e) => match delays.next() {
+                    Some(pause) => {
+                        tracing::warn!(error = format!("{e:#}"), attempt, "pull failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    None => return Err(e.context(format!("{attempt} pulls failed"))),
+                },
             }
         }
     }
@@ -247,20 +247,26 @@ impl Worker {
         F: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
-        let start = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(200);
+        let mut delays = Policy::Record.delays();
         loop {
             match write().await {
                 Ok(()) => return true,
-                Err(e) if start.elapsed() < RECORD_PATIENCE => {
-                    tracing::warn!(error = format!("{e:#}"), "cannot record the deployment yet");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "deployment outcome not recorded");
-                    return false;
-                }
+                Err(e) => match delays.next() {
+                    Some(pause) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "cannot record the deployment yet"
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "deployment outcome not recorded"
+                        );
+                        return false;
+                    }
+                },
             }
         }
     }

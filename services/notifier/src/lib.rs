@@ -18,10 +18,10 @@ pub mod projection;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, Infra};
+use gantry_config::{GantryConfig, SecretKind};
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
-use gantry_runtime::Base;
+use gantry_runtime::{Base, Common, Parts};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +33,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[command(name = "notifier", version, about = "Gantry notifier service")]
 pub struct Settings {
     #[command(flatten)]
-    pub infra: Infra,
-    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8084")]
-    pub http_addr: String,
-    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9094")]
-    pub grpc_addr: String,
+    pub common: Common,
     /// The builder's gRPC URL, for the build logs that links point at.
     #[arg(long, env = "GANTRY_BUILDER_URL")]
     pub builder_url: Option<String>,
@@ -166,85 +162,71 @@ impl Handler for Timeline {
     }
 }
 
-/// A connected, bound, not yet running notifier.
-pub struct Service {
-    base: Base,
-    config: Arc<GantryConfig>,
-    builder_url: Option<String>,
-    builder_token: gantry_proto::client::Bearer,
-    ca_pem: Option<Vec<u8>>,
-}
+/// The notifier service.
+pub struct Service;
 
-impl Service {
-    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let base = Base::connect(
-            &settings.infra,
-            &config,
-            SCHEMA,
-            &MIGRATOR,
-            &settings.http_addr,
-            &settings.grpc_addr,
-        )
-        .await?;
-        let builder_token = gantry_proto::client::Bearer::new(settings.builder_token.as_deref())
+impl gantry_runtime::Service for Service {
+    type Settings = Settings;
+    const NAME: &'static str = "notifier";
+    const PORTS: (u16, u16) = (8084, 9094);
+    const SCHEMA: &'static str = SCHEMA;
+    const SECRETS: &'static [SecretKind] = &[SecretKind::Forge, SecretKind::Chat];
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(settings: &Settings) -> &Common {
+        &settings.common
+    }
+
+    async fn start(
+        s: Settings,
+        config: Arc<GantryConfig>,
+        base: &mut Base,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Parts> {
+        let builder_token = gantry_proto::client::Bearer::new(s.builder_token.as_deref())
             .map_err(|e| anyhow::anyhow!("GANTRY_BUILDER_TOKEN: {e}"))?;
-        let ca_pem = match &settings.ca_cert {
+        let ca_pem = match &s.ca_cert {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
                 anyhow::anyhow!("cannot read GANTRY_CA_CERT {}: {e}", path.display())
             })?),
             None => None,
         };
-        Ok(Self {
-            base,
-            config: Arc::new(config),
-            builder_url: settings.builder_url,
-            builder_token,
-            ca_pem,
-        })
-    }
-
-    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let pool = self.base.pool.clone();
+        let pool = base.pool.clone();
         let wake = Arc::new(tokio::sync::Notify::new());
-        self.base.consume(
+        base.consume(
             gantry_bus::queues::NOTIFIER,
             32,
             Timeline {
                 pool: pool.clone(),
-                config: self.config.clone(),
+                config: config.clone(),
                 wake: wake.clone(),
             },
-            &shutdown,
+            shutdown,
         );
-        self.base.spawn(outbound::send_loop(
+        base.spawn(outbound::send_loop(
             pool.clone(),
-            self.config.clone(),
+            config.clone(),
             wake,
             shutdown.clone(),
         ));
-        let readiness = self.base.readiness();
         let pages = http::routes(http::Pages {
             pool: pool.clone(),
-            config: self.config.clone(),
-            builder: self.builder_url.clone(),
-            builder_token: self.builder_token.clone(),
-            ca_pem: self.ca_pem.clone(),
+            config: config.clone(),
+            builder: s.builder_url.clone(),
+            builder_token,
+            ca_pem,
         });
-        let grpc = grpc::PipelinesService {
-            pool,
-            config: self.config.clone(),
-        };
-        self.base
-            .serve(
-                "notifier",
-                pages,
-                gantry_runtime::Grpc::one(
-                    gantry_proto::v1::pipelines_server::PipelinesServer::new(grpc),
-                    gantry_proto::v1::pipelines_server::SERVICE_NAME,
-                ),
-                readiness,
-                shutdown,
-            )
-            .await
+        let grpc = grpc::PipelinesService { pool, config };
+        Ok(Parts {
+            router: pages,
+            grpc: gantry_runtime::Grpc::one(
+                gantry_proto::v1::pipelines_server::PipelinesServer::new(grpc),
+                gantry_proto::v1::pipelines_server::SERVICE_NAME,
+            ),
+            ..Parts::default()
+        })
     }
 }

@@ -19,10 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Timeout of one outgoing call (GitLab itself gives webhooks 10 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts before a call is given up (about an hour of backoff in all).
+/// Attempts before a call is given up (waiting as `Policy::Outbound` says:
+/// about an hour and a half in all).
 const MAX_ATTEMPTS: i32 = 15;
-/// Longest pause between two attempts.
-const MAX_BACKOFF_SECS: f64 = 600.0;
 /// How long a claimed call is not picked again by another loop.
 const CLAIM_SECS: f64 = 60.0;
 /// How often the table is looked at without a wake-up.
@@ -514,8 +513,10 @@ async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig,
         }
         Err(e) => {
             let attempts = call.attempts + 1;
-            let gave_up = attempts >= MAX_ATTEMPTS || e.permanent;
-            let pause = (2f64.powi(attempts.min(20))).min(MAX_BACKOFF_SECS);
+            let next = gantry_retry::Policy::Outbound(MAX_ATTEMPTS as u32)
+                .delay_of_attempt(attempts as u32);
+            let gave_up = next.is_none() || e.permanent;
+            let pause = next.unwrap_or_default().as_secs_f64();
             if gave_up {
                 tracing::error!(destination = call.destination, path = call.path, error = %e, attempts, "outgoing call given up");
             } else {

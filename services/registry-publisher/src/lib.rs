@@ -12,14 +12,13 @@
 pub mod registry;
 pub mod tags;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, Infra};
+use gantry_config::{GantryConfig, SecretKind};
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{BuildSucceeded, Event, ImagePublished, PublishFailed};
-use gantry_runtime::Base;
+use gantry_runtime::{Base, Common, Parts, Readiness};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -36,13 +35,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub infra: Infra,
-    /// Address of the health HTTP server.
-    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8082")]
-    pub http_addr: String,
-    /// Address of the gRPC server (health, reflection).
-    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9092")]
-    pub grpc_addr: String,
+    pub common: Common,
     /// Failed taggings of one image in a row (each retried with backoff)
     /// before the pipeline ends with `image.publish_failed`.
     #[arg(long, env = "GANTRY_PUBLISH_ATTEMPTS", default_value_t = 8)]
@@ -50,7 +43,7 @@ pub struct Settings {
 }
 
 struct Publisher {
-    config: GantryConfig,
+    config: Arc<GantryConfig>,
     /// Failed pushes of one image in a row before the pipeline fails.
     max_attempts: i32,
     pool: PgPool,
@@ -199,47 +192,40 @@ impl Publisher {
     }
 }
 
-/// A connected, bound, not yet running registry-publisher.
-pub struct Service {
-    max_attempts: i32,
-    base: Base,
-    config: GantryConfig,
-}
+/// The registry-publisher service.
+pub struct Service;
 
-impl Service {
-    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let base = Base::connect(
-            &settings.infra,
-            &config,
-            SCHEMA,
-            &MIGRATOR,
-            &settings.http_addr,
-            &settings.grpc_addr,
-        )
-        .await?;
+impl gantry_runtime::Service for Service {
+    type Settings = Settings;
+    const NAME: &'static str = "registry-publisher";
+    const PORTS: (u16, u16) = (8082, 9092);
+    const SCHEMA: &'static str = SCHEMA;
+    const SECRETS: &'static [SecretKind] = &[SecretKind::Registry];
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(settings: &Settings) -> &Common {
+        &settings.common
+    }
+
+    async fn start(
+        s: Settings,
+        config: Arc<GantryConfig>,
+        base: &mut Base,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Parts> {
         anyhow::ensure!(
-            settings.publish_attempts >= 1,
+            s.publish_attempts >= 1,
             "GANTRY_PUBLISH_ATTEMPTS must be at least 1"
         );
-        Ok(Self {
-            max_attempts: settings.publish_attempts,
-            base,
-            config,
-        })
-    }
-
-    pub fn http_addr(&self) -> SocketAddr {
-        self.base.http_addr()
-    }
-
-    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         // Ready only while every registry the projects push to answers its
         // API (any HTTP answer, a 401 included): without it nothing is tagged.
-        let mut apis: Vec<String> = self
-            .config
+        let mut apis: Vec<String> = config
             .projects
             .iter()
-            .map(|p| registry::base_url(&self.config.registry_for(&p.image)))
+            .map(|p| registry::base_url(&config.registry_for(&p.image)))
             .collect();
         apis.sort();
         apis.dedup();
@@ -247,38 +233,32 @@ impl Service {
             .timeout(std::time::Duration::from_secs(2))
             .build()?;
         let publisher = Publisher {
-            config: self.config,
-            max_attempts: self.max_attempts,
-            pool: self.base.pool.clone(),
+            config,
+            max_attempts: s.publish_attempts,
+            pool: base.pool.clone(),
             registry: registry::RegistryApi::new()?,
-            relay_wake: self.base.relay_wake.clone(),
+            relay_wake: base.relay_wake.clone(),
         };
-        self.base.consume(
+        base.consume(
             gantry_bus::queues::REGISTRY_PUBLISHER,
             4,
             publisher,
-            &shutdown,
+            shutdown,
         );
-        self.base.relay(&shutdown);
-        let readiness = self.base.readiness().check("registry", move || {
-            let (apis, probe) = (apis.clone(), probe.clone());
-            async move {
-                for api in apis {
-                    if probe.get(format!("{api}/v2/")).send().await.is_err() {
-                        return false;
+        base.relay(shutdown);
+        Ok(Parts {
+            readiness: Readiness::new().check("registry", move || {
+                let (apis, probe) = (apis.clone(), probe.clone());
+                async move {
+                    for api in apis {
+                        if probe.get(format!("{api}/v2/")).send().await.is_err() {
+                            return false;
+                        }
                     }
+                    true
                 }
-                true
-            }
-        });
-        self.base
-            .serve(
-                "registry-publisher",
-                axum::Router::new(),
-                gantry_runtime::Grpc::none(),
-                readiness,
-                shutdown,
-            )
-            .await
+            }),
+            ..Parts::default()
+        })
     }
 }

@@ -13,11 +13,10 @@ pub mod grpc;
 pub mod http;
 pub mod pipelines;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gantry_config::{GantryConfig, Infra};
-use gantry_runtime::Base;
+use gantry_config::{GantryConfig, SecretKind};
+use gantry_runtime::{Base, Common, Parts};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -35,13 +34,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub infra: Infra,
-    /// Address of the webhook and health HTTP server.
-    #[arg(long, env = "GANTRY_HTTP_ADDR", default_value = "0.0.0.0:8080")]
-    pub http_addr: String,
-    /// Address of the gRPC server (Ingest, health, reflection).
-    #[arg(long, env = "GANTRY_GRPC_ADDR", default_value = "0.0.0.0:9090")]
-    pub grpc_addr: String,
+    pub common: Common,
     /// Largest webhook body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "GANTRY_WEBHOOK_BODY_LIMIT", default_value_t = 25 * 1024 * 1024)]
     pub body_limit: usize,
@@ -49,64 +42,49 @@ pub struct Settings {
 
 /// Shared by the handlers.
 pub struct AppState {
-    pub config: GantryConfig,
+    pub config: Arc<GantryConfig>,
     pub pool: PgPool,
     /// Wakes the outbox relay as soon as a pipeline is stored.
     pub relay_wake: Arc<Notify>,
 }
 
-/// A bound, connected, not yet running webhook-ingest.
-pub struct Service {
-    settings: Settings,
-    base: Base,
-    state: Arc<AppState>,
-}
+/// The webhook-ingest service.
+pub struct Service;
 
-impl Service {
-    /// Connects to the database (running migrations) and binds the listeners.
-    pub async fn build(settings: Settings, config: GantryConfig) -> anyhow::Result<Self> {
-        let base = Base::connect(
-            &settings.infra,
-            &config,
-            SCHEMA,
-            &MIGRATOR,
-            &settings.http_addr,
-            &settings.grpc_addr,
-        )
-        .await?;
+impl gantry_runtime::Service for Service {
+    type Settings = Settings;
+    const NAME: &'static str = "webhook-ingest";
+    const PORTS: (u16, u16) = (8080, 9090);
+    const SCHEMA: &'static str = SCHEMA;
+    const SECRETS: &'static [SecretKind] = &[SecretKind::Webhook, SecretKind::Clone];
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    fn common(settings: &Settings) -> &Common {
+        &settings.common
+    }
+
+    async fn start(
+        s: Settings,
+        config: Arc<GantryConfig>,
+        base: &mut Base,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Parts> {
         let state = Arc::new(AppState {
             config,
             pool: base.pool.clone(),
             relay_wake: base.relay_wake.clone(),
         });
-        Ok(Self {
-            settings,
-            base,
-            state,
+        base.relay(shutdown);
+        Ok(Parts {
+            router: http::routes(state.clone(), s.body_limit),
+            grpc: gantry_runtime::Grpc::one(
+                gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService { state }),
+                gantry_proto::v1::ingest_server::SERVICE_NAME,
+            ),
+            ..Parts::default()
         })
-    }
-
-    pub fn http_addr(&self) -> SocketAddr {
-        self.base.http_addr()
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.base.grpc_addr()
-    }
-
-    /// Runs the servers and the outbox relay until `shutdown`.
-    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.base.relay(&shutdown);
-        let readiness = self.base.readiness();
-        let router = http::routes(self.state.clone(), self.settings.body_limit);
-        let services = gantry_runtime::Grpc::one(
-            gantry_proto::v1::ingest_server::IngestServer::new(grpc::IngestService {
-                state: self.state.clone(),
-            }),
-            gantry_proto::v1::ingest_server::SERVICE_NAME,
-        );
-        self.base
-            .serve("webhook-ingest", router, services, readiness, shutdown)
-            .await
     }
 }

@@ -112,18 +112,20 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let config = gantry_config::GantryConfig::load(&stack.config_path)?;
     let settings = webhook_ingest::Settings {
-        infra: gantry_config::Infra {
-            database_url: stack.database_url.clone(),
-            amqp_url: stack.amqp_url.clone(),
-            config: stack.config_path.clone(),
-            tls: Default::default(),
+        common: gantry_runtime::Common {
+            infra: gantry_config::Infra {
+                database_url: stack.database_url.clone(),
+                amqp_url: stack.amqp_url.clone(),
+                config: stack.config_path.clone(),
+                tls: Default::default(),
+            },
+            http_addr: Some("127.0.0.1:0".into()),
+            grpc_addr: Some("127.0.0.1:0".into()),
         },
-        http_addr: "127.0.0.1:0".into(),
-        grpc_addr: "127.0.0.1:0".into(),
         body_limit: 25 * 1024 * 1024,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let ingest = webhook_ingest::Service::build(settings, config).await?;
+    let ingest = gantry_runtime::Built::<webhook_ingest::Service>::new(settings, config).await?;
     let ingest_url = format!("http://{}/hooks/gitlab", ingest.http_addr());
     let server = tokio::spawn(ingest.run_until_stopped(shutdown.clone()));
 

@@ -1,0 +1,105 @@
+//! What the services that talk to a Docker engine (the builder and the
+//! deployer) share: the engine's credentials for a registry, an engine
+//! error's message, whether the engine answers, and finding and removing
+//! containers by label (every container Gantry starts is labelled
+//! `io.gantry.*`, and is found again that way after any crash).
+
+use std::time::Duration;
+
+/// Credentials the Docker engine uses for `registry` (none when it needs no login).
+pub fn credentials(registry: &gantry_config::Registry) -> Option<bollard::auth::DockerCredentials> {
+    registry
+        .username
+        .as_ref()
+        .map(|u| bollard::auth::DockerCredentials {
+            username: Some(u.clone()),
+            password: registry.password.as_ref().map(|p| p.expose().to_owned()),
+            serveraddress: Some(registry.host.clone()),
+            ..Default::default()
+        })
+}
+
+/// The message of a Docker engine error without bollard's wrapping.
+pub fn error_text(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Every container (running or not) carrying `label` (`key=value`); none
+/// when the engine cannot be asked.
+pub async fn labelled_containers(
+    docker: &bollard::Docker,
+    label: &str,
+) -> Vec<bollard::models::ContainerSummary> {
+    use bollard::query_parameters::ListContainersOptions;
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_default()
+}
+
+/// Force-removes a container (name or id) with its anonymous volumes (an
+/// image's `VOLUME`s), retrying as `Policy::Remove` says while the engine
+/// is busy with it; a container that is already gone is fine.
+pub async fn remove_container(docker: &bollard::Docker, container: &str) {
+    use bollard::query_parameters::RemoveContainerOptions;
+    let mut delays = gantry_retry::Policy::Remove.delays();
+    loop {
+        match docker
+            .remove_container(
+                container,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return,
+            Err(e) => match delays.next() {
+                Some(pause) => {
+                    tracing::debug!(container, error = %error_text(&e), "cannot remove a container yet");
+                    tokio::time::sleep(pause).await;
+                }
+                None => {
+                    tracing::warn!(container, error = %error_text(&e), "cannot remove container");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Force-removes every container carrying `label` (`key=value`), except
+/// `keep`, with its anonymous volumes: what an interrupted build or
+/// deployment left behind.
+pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Option<&str>) {
+    for id in labelled_containers(docker, label)
+        .await
+        .into_iter()
+        .filter_map(|c| c.id)
+    {
+        if Some(id.as_str()) != keep {
+            remove_container(docker, &id).await;
+        }
+    }
+}
+
+/// Whether the engine answers a ping within two seconds.
+pub async fn answers(docker: &bollard::Docker) -> bool {
+    tokio::time::timeout(Duration::from_secs(2), docker.ping())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
