@@ -14,6 +14,7 @@ use std::process::Command;
 
 use clap::{Subcommand, ValueEnum};
 use gantry_proto::v1::PipelineSummary;
+use gantry_states::{DeploymentState, PipelineState};
 use serde_json::json;
 
 use crate::Cli;
@@ -344,17 +345,16 @@ fn report(last: Option<&PipelineSummary>, version: u32) -> anyhow::Result<()> {
     let Some(p) = last else {
         anyhow::bail!("the pipeline was never seen");
     };
-    if p.state == "failed" {
+    if crate::state_of(p) == Some(PipelineState::Failed) {
         anyhow::bail!("version {version} failed: {}", p.failure);
     }
-    let not_live: Vec<&String> = p
-        .deployments
-        .iter()
-        .filter(|d| !d.ends_with("=succeeded"))
-        .collect();
-    if let Some(d) = not_live.first() {
+    let not_live = crate::deployments_of(p)
+        .into_iter()
+        .find(|(_, state)| *state != Some(DeploymentState::Succeeded));
+    if let Some((env, state)) = not_live {
+        let state = state.map_or("unknown", DeploymentState::as_str);
         anyhow::bail!(
-            "version {version} was built and tested, but its deployment ended {d}: the previous version keeps answering"
+            "version {version} was built and tested, but its deployment ended {env}={state}: the previous version keeps answering"
         );
     }
     println!("version {version} runs in staging: http://{ENDPOINT}/");

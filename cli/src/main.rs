@@ -20,6 +20,7 @@ use gantry_proto::v1::{
     DeployRequest, DeploymentInfo, EnvironmentInfo, ListEnvironmentsRequest, ListPipelinesRequest,
     PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest, WatchPipelinesRequest,
 };
+use gantry_states::{DeploymentState, PipelineState};
 use serde_json::{Value, json};
 
 /// How long a finished pipeline is still watched for deployments that follow it.
@@ -238,9 +239,29 @@ fn print_json(v: &Value) {
     println!("{v}");
 }
 
+/// A pipeline's state as the API sends it.
+pub(crate) fn state_of(p: &PipelineSummary) -> Option<PipelineState> {
+    p.state.parse().ok()
+}
+
+/// Each deployment of a pipeline: environment and state (`staging=running`).
+pub(crate) fn deployments_of(p: &PipelineSummary) -> Vec<(&str, Option<DeploymentState>)> {
+    p.deployments
+        .iter()
+        .filter_map(|d| d.split_once('='))
+        .map(|(env, state)| (env, state.parse().ok()))
+        .collect()
+}
+
+/// A pipeline is done when it failed, or succeeded with no deployment still going.
 fn finished(p: &PipelineSummary) -> bool {
-    p.state == "failed"
-        || (p.state == "success" && !p.deployments.iter().any(|d| d.ends_with("=running")))
+    match state_of(p) {
+        Some(PipelineState::Failed) => true,
+        Some(PipelineState::Success) => !deployments_of(p)
+            .iter()
+            .any(|(_, s)| s.is_none_or(DeploymentState::is_pending)),
+        _ => false,
+    }
 }
 
 /// Prints a pipeline (or every pipeline) each time it changes; a single
@@ -306,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch { pipeline } => {
             let one = pipeline.is_some();
             if let Some(p) = watch(&cli, pipeline).await?
-                && p.state == "failed"
+                && state_of(&p) == Some(PipelineState::Failed)
                 && one
             {
                 anyhow::bail!("pipeline {} failed", p.pipeline_id);

@@ -395,7 +395,7 @@ async fn builder_replicas_share_the_work() {
     }
     use sqlx::Row as _;
     let mut db = stack.db().await;
-    let rows = sqlx::query("SELECT worker, attempt FROM builder.builds")
+    let rows = sqlx::query("SELECT owner, attempt FROM builder.builds")
         .fetch_all(&mut db)
         .await
         .expect("builds");
@@ -404,7 +404,7 @@ async fn builder_replicas_share_the_work() {
         .iter()
         .map(|r| {
             assert_eq!(r.get::<i32, _>("attempt"), 1, "each build ran once");
-            let worker: String = r.get("worker");
+            let worker: String = r.get("owner");
             worker
                 .rsplit_once('-')
                 .expect("instance-suffix")

@@ -29,6 +29,7 @@ use serde::Deserialize;
 pub use git::GitCredentials;
 pub use tokens::{ApiToken, Scope, token_hash};
 pub use yaml::LocatedError;
+use yaml::Spanned;
 
 /// Infrastructure settings every service needs, from flags or the environment.
 #[derive(clap::Args, Debug, Clone)]
@@ -139,19 +140,19 @@ impl SecretSource {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    projects: Vec<RawProject>,
+    projects: Vec<Spanned<RawProject>>,
     #[serde(default)]
-    registries: Vec<RawRegistry>,
+    registries: Vec<Spanned<RawRegistry>>,
     #[serde(default)]
-    environments: Vec<RawEnvironment>,
+    environments: Vec<Spanned<RawEnvironment>>,
     #[serde(default)]
     forges: RawForges,
     #[serde(default)]
-    chat: Vec<RawChat>,
+    chat: Vec<Spanned<RawChat>>,
     #[serde(default)]
     public_url: Option<String>,
     #[serde(default)]
-    tokens: Vec<tokens::RawToken>,
+    tokens: Vec<Spanned<tokens::RawToken>>,
     #[serde(default)]
     pages: RawPages,
 }
@@ -168,9 +169,9 @@ struct RawPages {
 #[serde(deny_unknown_fields)]
 struct RawForges {
     #[serde(default)]
-    gitlab: Option<RawForge>,
+    gitlab: Option<Spanned<RawForge>>,
     #[serde(default)]
-    github: Option<RawForge>,
+    github: Option<Spanned<RawForge>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,7 +300,7 @@ impl Default for Limits {
 }
 
 impl RawLimits {
-    fn validate(self, at: &str, problems: &mut Vec<String>) -> Limits {
+    fn validate(self, problems: &mut Vec<String>) -> Limits {
         let d = Limits::default();
         let limits = Limits {
             memory_mb: self.memory_mb.unwrap_or(d.memory_mb),
@@ -314,19 +315,19 @@ impl RawLimits {
                 .map_or(d.log_bytes, |k| (k as usize).saturating_mul(1024)),
         };
         if limits.memory_mb < 16 {
-            problems.push(format!("{at}: limits.memory_mb must be at least 16"));
+            problems.push("limits.memory_mb must be at least 16".to_owned());
         }
         if limits.pids < 8 {
-            problems.push(format!("{at}: limits.pids must be at least 8"));
+            problems.push("limits.pids must be at least 8".to_owned());
         }
         if !(limits.cpus > 0.0 && limits.cpus <= 1024.0) {
-            problems.push(format!("{at}: limits.cpus must be above 0"));
+            problems.push("limits.cpus must be above 0".to_owned());
         }
         if limits.build_timeout.is_zero() {
-            problems.push(format!("{at}: limits.build_timeout_secs must be positive"));
+            problems.push("limits.build_timeout_secs must be positive".to_owned());
         }
         if limits.log_bytes == 0 {
-            problems.push(format!("{at}: limits.log_kib must be positive"));
+            problems.push("limits.log_kib must be positive".to_owned());
         }
         limits
     }
@@ -531,26 +532,284 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Syntax(#[from] LocatedError),
-    #[error("{file}: {}", problems.join("; "))]
+    /// Problems found after parsing, each `file:line:column: entry: problem`.
+    #[error("{}", problems.join("; "))]
     Invalid { file: String, problems: Vec<String> },
 }
 
-/// Resolves `source` when `wanted`, recording a problem when it cannot be.
-fn resolve_if(
-    wanted: bool,
-    source: &SecretSource,
-    at: &str,
-    problems: &mut Vec<String>,
-) -> Option<Secret> {
-    if !wanted {
-        return None;
-    }
-    match source.resolve() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            problems.push(format!("{at}: {e}"));
-            None
+/// Validation of a parsed file: the problems found, each located.
+struct Check<'a> {
+    file: &'a str,
+    kinds: &'a [SecretKind],
+    problems: Vec<String>,
+}
+
+/// Where an entry of the file is, and what it is (`projects[0] (hello)`).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    line: u64,
+    column: u64,
+    what: &'a str,
+}
+
+impl<'a> At<'a> {
+    fn of<T>(spanned: &Spanned<T>, what: &'a str) -> Self {
+        Self {
+            line: spanned.defined.line(),
+            column: spanned.defined.column(),
+            what,
         }
+    }
+}
+
+/// Letters, digits, `-`, `_` or `.`, and not empty: project and environment names.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl Check<'_> {
+    fn uses(&self, kind: SecretKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+
+    /// Records `problem` of the entry at `at`: `file:line:column: what: problem`.
+    fn located(&mut self, at: At<'_>, problem: String) {
+        self.problems.push(format!(
+            "{}:{}:{}: {}: {problem}",
+            self.file, at.line, at.column, at.what
+        ));
+    }
+
+    /// Resolves `source` when the service uses `kind`; a problem when it cannot be.
+    fn secret(
+        &mut self,
+        kind: SecretKind,
+        source: &SecretSource,
+        at: At<'_>,
+        field: &str,
+    ) -> Option<Secret> {
+        if !self.uses(kind) {
+            return None;
+        }
+        match source.resolve() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.located(at, format!("{field}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn projects(&mut self, raw: Vec<Spanned<RawProject>>) -> Vec<Project> {
+        let mut names = HashSet::new();
+        let mut projects = Vec::new();
+        for (i, sp) in raw.into_iter().enumerate() {
+            let what = format!("projects[{i}] ({})", sp.value.name);
+            let at = At::of(&sp, &what);
+            let p = sp.value;
+            if !valid_name(&p.name) {
+                self.located(
+                    at,
+                    "name must be non-empty letters, digits, '-', '_' or '.'".into(),
+                );
+            }
+            if !names.insert(p.name.clone()) {
+                self.located(at, "duplicate project name".into());
+            }
+            if p.clone_url.trim().is_empty() {
+                self.located(at, "clone_url is empty".into());
+            }
+            if let Err(e) = validate_repository(&p.image) {
+                self.located(at, format!("image: {e}"));
+            }
+            let secret = self.secret(SecretKind::Webhook, &p.webhook_secret, at, "webhook_secret");
+            if secret.as_ref().is_some_and(|s| s.0.is_empty()) {
+                self.located(at, "webhook_secret is empty".into());
+            }
+            let (clone_url, in_url) = git::split_credentials(&p.clone_url);
+            let clone_credentials = match (in_url, p.clone_credentials) {
+                (Some(_), Some(_)) => {
+                    self.located(
+                        at,
+                        "give the clone credentials in clone_url or in clone_credentials, not both"
+                            .into(),
+                    );
+                    None
+                }
+                (Some((username, password)), None) => Some(GitCredentials {
+                    username,
+                    password: password
+                        .filter(|_| self.uses(SecretKind::Clone))
+                        .map(Secret::new),
+                }),
+                (None, Some(c)) => Some(GitCredentials {
+                    username: c.username,
+                    password: self.secret(
+                        SecretKind::Clone,
+                        &c.password,
+                        at,
+                        "clone_credentials.password",
+                    ),
+                }),
+                (None, None) => None,
+            };
+            let mut problems = Vec::new();
+            let limits = p.limits.validate(&mut problems);
+            for problem in problems {
+                self.located(at, problem);
+            }
+            projects.push(Project {
+                name: p.name,
+                clone_url,
+                clone_credentials,
+                gitlab: p.gitlab,
+                github: p.github,
+                default_branch: p.default_branch.unwrap_or_else(|| "main".to_owned()),
+                webhook_secret: secret,
+                image: p.image,
+                limits,
+            });
+        }
+        projects
+    }
+
+    fn registries(&mut self, raw: Vec<Spanned<RawRegistry>>) -> Vec<Registry> {
+        let mut registries = Vec::new();
+        for (i, sp) in raw.into_iter().enumerate() {
+            let what = format!("registries[{i}] ({})", sp.value.host);
+            let at = At::of(&sp, &what);
+            let r = sp.value;
+            if r.host.is_empty() || r.host.contains('/') {
+                self.located(at, "host must be a host[:port] without a path".into());
+            }
+            let password = r
+                .password
+                .as_ref()
+                .and_then(|source| self.secret(SecretKind::Registry, source, at, "password"));
+            if r.username.is_some() != r.password.is_some() {
+                self.located(at, "username and password go together".into());
+            }
+            if let Some(api) = &r.api
+                && !(api.starts_with("http://") || api.starts_with("https://"))
+            {
+                self.located(at, "api must be an http(s):// URL".into());
+            }
+            registries.push(Registry {
+                host: r.host,
+                api: r.api,
+                username: r.username,
+                password,
+            });
+        }
+        registries
+    }
+
+    fn environments(
+        &mut self,
+        raw: Vec<Spanned<RawEnvironment>>,
+        projects: &HashSet<String>,
+    ) -> Vec<Environment> {
+        let mut environments = Vec::new();
+        let mut names = HashSet::new();
+        for (i, sp) in raw.into_iter().enumerate() {
+            let what = format!("environments[{i}] ({})", sp.value.name);
+            let at = At::of(&sp, &what);
+            let e = sp.value;
+            if !valid_name(&e.name) {
+                self.located(
+                    at,
+                    "name must be non-empty letters, digits, '-', '_' or '.'".into(),
+                );
+            }
+            if !names.insert(e.name.clone()) {
+                self.located(at, "duplicate environment name".into());
+            }
+            if !projects.contains(&e.project) {
+                self.located(at, format!("project {:?} is not configured", e.project));
+            }
+            if e.target != "docker" {
+                self.located(
+                    at,
+                    format!("target {:?} is not supported (docker)", e.target),
+                );
+            }
+            if let Some(endpoint) = &e.endpoint {
+                if endpoint.parse::<std::net::SocketAddr>().is_err() {
+                    self.located(at, format!("endpoint {endpoint:?} must be ip:port"));
+                }
+                if e.port.is_none() {
+                    self.located(at, "an endpoint needs the container port".into());
+                }
+            }
+            if e.health.http.is_some() && e.port.is_none() {
+                self.located(at, "an HTTP health check needs the container port".into());
+            }
+            if let Some(path) = &e.health.http
+                && !path.starts_with('/')
+            {
+                self.located(at, "health.http must be a path starting with '/'".into());
+            }
+            environments.push(Environment {
+                name: e.name,
+                project: e.project,
+                target: e.target,
+                rules: e.rules,
+                port: e.port,
+                endpoint: e.endpoint,
+                network: e.network.unwrap_or_else(|| "bridge".to_owned()),
+                env: e.env,
+                health: HealthCheck {
+                    http: e.health.http,
+                    timeout: std::time::Duration::from_secs(e.health.timeout_secs.unwrap_or(60)),
+                },
+            });
+        }
+        environments
+    }
+
+    fn forge(&mut self, name: &str, raw: Option<Spanned<RawForge>>) -> Option<Forge> {
+        let sp = raw?;
+        let what = format!("forges.{name}");
+        let at = At::of(&sp, &what);
+        let raw = sp.value;
+        if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+            self.located(at, "url must be http(s)://".into());
+        }
+        let token = self.secret(SecretKind::Forge, &raw.token, at, "token");
+        Some(Forge {
+            url: raw.url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    fn chat(&mut self, raw: Vec<Spanned<RawChat>>, projects: &HashSet<String>) -> Vec<Chat> {
+        let mut chat = Vec::new();
+        for (i, sp) in raw.into_iter().enumerate() {
+            let what = format!("chat[{i}] ({})", sp.value.name);
+            let at = At::of(&sp, &what);
+            let c = sp.value;
+            for p in &c.projects {
+                if !projects.contains(p) {
+                    self.located(at, format!("project {p:?} is not configured"));
+                }
+            }
+            let url = self.secret(SecretKind::Chat, &c.url, at, "url");
+            if let Some(u) = &url
+                && !(u.0.starts_with("http://") || u.0.starts_with("https://"))
+            {
+                self.located(at, "url must be http(s)://".into());
+            }
+            chat.push(Chat {
+                name: c.name,
+                kind: c.kind,
+                url,
+                projects: c.projects,
+            });
+        }
+        chat
     }
 }
 
@@ -576,216 +835,24 @@ impl GantryConfig {
     }
 
     /// Parses and validates `text`, resolving only the secrets of `kinds`.
+    /// Every problem is reported, each with the line and column of the entry
+    /// it is about.
     pub fn parse_for(file: &str, text: &str, kinds: &[SecretKind]) -> Result<Self, ConfigError> {
-        let uses = |k: SecretKind| kinds.contains(&k);
         let raw: RawConfig = yaml::from_str(file, text)?;
-        let mut problems = Vec::new();
-        let mut names = HashSet::new();
-        let mut projects = Vec::new();
-        for (i, p) in raw.projects.into_iter().enumerate() {
-            let at = format!("projects[{i}] ({})", p.name);
-            if p.name.is_empty()
-                || !p
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                problems.push(format!(
-                    "{at}: name must be non-empty letters, digits, '-', '_' or '.'"
-                ));
-            }
-            if !names.insert(p.name.clone()) {
-                problems.push(format!("{at}: duplicate project name"));
-            }
-            if p.clone_url.trim().is_empty() {
-                problems.push(format!("{at}: clone_url is empty"));
-            }
-            if let Err(e) = validate_repository(&p.image) {
-                problems.push(format!("{at}: image: {e}"));
-            }
-            let secret = resolve_if(
-                uses(SecretKind::Webhook),
-                &p.webhook_secret,
-                &format!("{at}: webhook_secret"),
-                &mut problems,
-            );
-            if secret.as_ref().is_some_and(|s| s.0.is_empty()) {
-                problems.push(format!("{at}: webhook_secret is empty"));
-            }
-            let (clone_url, in_url) = git::split_credentials(&p.clone_url);
-            let clone_credentials = match (in_url, p.clone_credentials) {
-                (Some(_), Some(_)) => {
-                    problems.push(format!(
-                        "{at}: give the clone credentials in clone_url or in clone_credentials, not both"
-                    ));
-                    None
-                }
-                (Some((username, password)), None) => Some(GitCredentials {
-                    username,
-                    password: password
-                        .filter(|_| uses(SecretKind::Clone))
-                        .map(Secret::new),
-                }),
-                (None, Some(c)) => Some(GitCredentials {
-                    username: c.username,
-                    password: resolve_if(
-                        uses(SecretKind::Clone),
-                        &c.password,
-                        &format!("{at}: clone_credentials.password"),
-                        &mut problems,
-                    ),
-                }),
-                (None, None) => None,
-            };
-            let limits = p.limits.validate(&at, &mut problems);
-            projects.push(Project {
-                name: p.name,
-                clone_url,
-                clone_credentials,
-                gitlab: p.gitlab,
-                github: p.github,
-                default_branch: p.default_branch.unwrap_or_else(|| "main".to_owned()),
-                webhook_secret: secret,
-                image: p.image,
-                limits,
-            });
-        }
-        let mut registries = Vec::new();
-        for (i, r) in raw.registries.into_iter().enumerate() {
-            let at = format!("registries[{i}] ({})", r.host);
-            if r.host.is_empty() || r.host.contains('/') {
-                problems.push(format!("{at}: host must be a host[:port] without a path"));
-            }
-            let password = r.password.as_ref().and_then(|source| {
-                resolve_if(
-                    uses(SecretKind::Registry),
-                    source,
-                    &format!("{at}: password"),
-                    &mut problems,
-                )
-            });
-            if r.username.is_some() != r.password.is_some() {
-                problems.push(format!("{at}: username and password go together"));
-            }
-            if let Some(api) = &r.api
-                && !(api.starts_with("http://") || api.starts_with("https://"))
-            {
-                problems.push(format!("{at}: api must be an http(s):// URL"));
-            }
-            registries.push(Registry {
-                host: r.host,
-                api: r.api,
-                username: r.username,
-                password,
-            });
-        }
-        let mut environments = Vec::new();
-        let mut env_names = HashSet::new();
-        for (i, e) in raw.environments.into_iter().enumerate() {
-            let at = format!("environments[{i}] ({})", e.name);
-            if e.name.is_empty()
-                || !e
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                problems.push(format!(
-                    "{at}: name must be non-empty letters, digits, '-', '_' or '.'"
-                ));
-            }
-            if !env_names.insert(e.name.clone()) {
-                problems.push(format!("{at}: duplicate environment name"));
-            }
-            if !names.contains(&e.project) {
-                problems.push(format!("{at}: project {:?} is not configured", e.project));
-            }
-            if e.target != "docker" {
-                problems.push(format!(
-                    "{at}: target {:?} is not supported (docker)",
-                    e.target
-                ));
-            }
-            if let Some(endpoint) = &e.endpoint {
-                if endpoint.parse::<std::net::SocketAddr>().is_err() {
-                    problems.push(format!("{at}: endpoint {endpoint:?} must be ip:port"));
-                }
-                if e.port.is_none() {
-                    problems.push(format!("{at}: an endpoint needs the container port"));
-                }
-            }
-            if e.health.http.is_some() && e.port.is_none() {
-                problems.push(format!(
-                    "{at}: an HTTP health check needs the container port"
-                ));
-            }
-            if let Some(path) = &e.health.http
-                && !path.starts_with('/')
-            {
-                problems.push(format!(
-                    "{at}: health.http must be a path starting with '/'"
-                ));
-            }
-            environments.push(Environment {
-                name: e.name,
-                project: e.project,
-                target: e.target,
-                rules: e.rules,
-                port: e.port,
-                endpoint: e.endpoint,
-                network: e.network.unwrap_or_else(|| "bridge".to_owned()),
-                env: e.env,
-                health: HealthCheck {
-                    http: e.health.http,
-                    timeout: std::time::Duration::from_secs(e.health.timeout_secs.unwrap_or(60)),
-                },
-            });
-        }
-        let mut forge = |name: &str, raw: Option<RawForge>| -> Option<Forge> {
-            let raw = raw?;
-            if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
-                problems.push(format!("forges.{name}: url must be http(s)://"));
-            }
-            let token = resolve_if(
-                uses(SecretKind::Forge),
-                &raw.token,
-                &format!("forges.{name}: token"),
-                &mut problems,
-            );
-            Some(Forge {
-                url: raw.url.trim_end_matches('/').to_owned(),
-                token,
-            })
+        let mut cx = Check {
+            file,
+            kinds,
+            problems: Vec::new(),
         };
-        let gitlab = forge("gitlab", raw.forges.gitlab);
-        let github = forge("github", raw.forges.github);
-        let mut chat = Vec::new();
-        for (i, c) in raw.chat.into_iter().enumerate() {
-            let at = format!("chat[{i}] ({})", c.name);
-            for p in &c.projects {
-                if !names.contains(p) {
-                    problems.push(format!("{at}: project {p:?} is not configured"));
-                }
-            }
-            let url = resolve_if(
-                uses(SecretKind::Chat),
-                &c.url,
-                &format!("{at}: url"),
-                &mut problems,
-            );
-            if let Some(u) = &url
-                && !(u.0.starts_with("http://") || u.0.starts_with("https://"))
-            {
-                problems.push(format!("{at}: url must be http(s)://"));
-            }
-            chat.push(Chat {
-                name: c.name,
-                kind: c.kind,
-                url,
-                projects: c.projects,
-            });
-        }
-        let tokens = tokens::validate(raw.tokens, &mut problems);
-        if problems.is_empty() {
+        let projects = cx.projects(raw.projects);
+        let names: HashSet<String> = projects.iter().map(|p| p.name.clone()).collect();
+        let registries = cx.registries(raw.registries);
+        let environments = cx.environments(raw.environments, &names);
+        let gitlab = cx.forge("gitlab", raw.forges.gitlab);
+        let github = cx.forge("github", raw.forges.github);
+        let chat = cx.chat(raw.chat, &names);
+        let tokens = tokens::validate(raw.tokens, &mut |at, problem| cx.located(at, problem));
+        if cx.problems.is_empty() {
             Ok(Self {
                 projects,
                 registries,
@@ -800,7 +867,7 @@ impl GantryConfig {
         } else {
             Err(ConfigError::Invalid {
                 file: file.to_owned(),
-                problems,
+                problems: cx.problems,
             })
         }
     }

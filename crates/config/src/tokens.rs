@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use crate::yaml::Spanned;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -90,32 +91,42 @@ pub(crate) struct RawToken {
     scopes: Vec<Scope>,
 }
 
-pub(crate) fn validate(raw: Vec<RawToken>, problems: &mut Vec<String>) -> Vec<ApiToken> {
+/// Validates the configured tokens; `problem(at, text)` records what is wrong
+/// with the entry at `at`.
+pub(crate) fn validate(
+    raw: Vec<Spanned<RawToken>>,
+    problem: &mut dyn FnMut(crate::At<'_>, String),
+) -> Vec<ApiToken> {
     let mut out: Vec<ApiToken> = Vec::new();
-    for (i, t) in raw.into_iter().enumerate() {
-        let at = format!("tokens[{i}] ({})", t.name);
+    for (i, sp) in raw.into_iter().enumerate() {
+        let what = format!("tokens[{i}] ({})", sp.value.name);
+        let at = crate::At::of(&sp, &what);
+        let t = sp.value;
         if t.name.trim().is_empty() {
-            problems.push(format!("{at}: name is empty"));
+            problem(at, "name is empty".into());
         }
         if out.iter().any(|o| o.name == t.name) {
-            problems.push(format!("{at}: duplicate token name"));
+            problem(at, "duplicate token name".into());
         }
         if t.scopes.is_empty() {
-            problems.push(format!(
-                "{at}: scopes is empty; expected some of read, trigger, deploy, admin"
-            ));
+            problem(
+                at,
+                "scopes is empty; expected some of read, trigger, deploy, admin".into(),
+            );
         }
         let hash = hex::decode(t.sha256.trim().to_ascii_lowercase())
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok());
         let Some(sha256) = hash else {
-            problems.push(format!(
-                "{at}: sha256 must be 64 hex digits (`gantry token hash` prints it), not the token itself"
-            ));
+            problem(
+                at,
+                "sha256 must be 64 hex digits (`gantry token hash` prints it), not the token itself"
+                    .into(),
+            );
             continue;
         };
         if out.iter().any(|o| o.sha256 == sha256) {
-            problems.push(format!("{at}: the same token is configured twice"));
+            problem(at, "the same token is configured twice".into());
         }
         out.push(ApiToken {
             name: t.name,
@@ -129,45 +140,37 @@ pub(crate) fn validate(raw: Vec<RawToken>, problems: &mut Vec<String>) -> Vec<Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ConfigError, GantryConfig};
 
     #[test]
     fn tokens_are_found_by_hash_with_their_scopes() {
-        let mut problems = Vec::new();
-        let tokens = validate(
-            vec![
-                RawToken {
-                    name: "ci".into(),
-                    sha256: token_hash("t1"),
-                    scopes: vec![Scope::Read, Scope::Trigger],
-                },
-                RawToken {
-                    name: "ops".into(),
-                    sha256: token_hash("t2").to_uppercase(),
-                    scopes: vec![Scope::Admin],
-                },
-            ],
-            &mut problems,
+        let text = format!(
+            "tokens:\n  - {{name: ci, sha256: {}, scopes: [read, trigger]}}\n  - {{name: ops, sha256: {}, scopes: [admin]}}\n",
+            token_hash("t1"),
+            token_hash("t2").to_uppercase()
         );
-        assert!(problems.is_empty(), "{problems:?}");
-        let ci = find(&tokens, "t1").expect("ci");
+        let config = GantryConfig::parse("g.yml", &text).expect("valid");
+        let ci = config.token("t1").expect("ci");
         assert_eq!(ci.name, "ci");
         assert!(ci.allows(Scope::Trigger) && !ci.allows(Scope::Deploy));
-        assert!(find(&tokens, "t2").expect("ops").allows(Scope::Deploy));
-        assert!(find(&tokens, "t3").is_none());
-        assert!(find(&tokens, "").is_none());
+        assert!(config.token("t2").expect("ops").allows(Scope::Deploy));
+        assert!(config.token("t3").is_none());
+        assert!(config.token("").is_none());
     }
 
     #[test]
-    fn a_token_in_clear_is_refused() {
-        let mut problems = Vec::new();
-        validate(
-            vec![RawToken {
-                name: "oops".into(),
-                sha256: "gty_the-token-itself".into(),
-                scopes: vec![Scope::Read],
-            }],
-            &mut problems,
+    fn a_token_in_clear_is_refused_where_it_is_written() {
+        let err = GantryConfig::parse(
+            "g.yml",
+            "public_url: http://x\ntokens:\n  - name: oops\n    sha256: gty_the-token-itself\n    scopes: [read]\n",
+        )
+        .expect_err("refused");
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert!(
+            problems[0].starts_with("g.yml:3:5: tokens[0] (oops): sha256 must be 64 hex digits"),
+            "{problems:?}"
         );
-        assert!(problems[0].contains("64 hex digits"), "{problems:?}");
     }
 }

@@ -19,6 +19,42 @@ pub fn credentials(registry: &gantry_config::Registry) -> Option<bollard::auth::
         })
 }
 
+/// An error of the Docker engine (or of reaching it), shown as the engine's
+/// own message (without bollard's wrapping) and keeping the chain of what
+/// caused it (an I/O error, say) for `{:#}` and downcasting.
+#[derive(Debug)]
+pub struct EngineError(pub bollard::errors::Error);
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&error_text(&self.0))
+    }
+}
+
+impl std::error::Error for EngineError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl From<bollard::errors::Error> for EngineError {
+    fn from(e: bollard::errors::Error) -> Self {
+        EngineError(e)
+    }
+}
+
+impl EngineError {
+    /// The HTTP status the engine answered, if it answered.
+    pub fn status_code(&self) -> Option<u16> {
+        match &self.0 {
+            bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
+                Some(*status_code)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The message of a Docker engine error without bollard's wrapping.
 pub fn error_text(e: &bollard::errors::Error) -> String {
     match e {

@@ -9,10 +9,12 @@
 //!   in step with readiness) and reflection for `gantry.v1`, and checks every
 //!   call's bearer token ([`auth`]).
 
+pub mod api;
 pub mod auth;
 pub mod service;
 pub mod tls;
 
+pub use api::ApiError;
 pub use service::{Built, Common, Parts, Service, main};
 
 use std::future::Future;
@@ -473,5 +475,5 @@ impl Base {
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {addr}")))
 }

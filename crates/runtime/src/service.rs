@@ -79,6 +79,36 @@ pub trait Service: Sized {
     ) -> impl Future<Output = anyhow::Result<Parts>> + Send;
 }
 
+/// The part of a [`Service`] impl that only names things: its settings
+/// type (`Settings`, with a `common` field), name, default ports, schema
+/// (`SCHEMA`), migrations (`MIGRATOR`) and secret kinds.
+///
+/// ```ignore
+/// impl gantry_runtime::Service for Service {
+///     gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry]);
+///     async fn start(/* ... */) -> anyhow::Result<Parts> { /* ... */ }
+/// }
+/// ```
+#[macro_export]
+macro_rules! service_identity {
+    ($name:literal, ($http:literal, $grpc:literal), [$($secret:ident),* $(,)?]) => {
+        type Settings = Settings;
+        const NAME: &'static str = $name;
+        const PORTS: (u16, u16) = ($http, $grpc);
+        const SCHEMA: &'static str = SCHEMA;
+        const SECRETS: &'static [gantry_config::SecretKind] =
+            &[$(gantry_config::SecretKind::$secret),*];
+
+        fn migrator() -> &'static sqlx::migrate::Migrator {
+            &MIGRATOR
+        }
+
+        fn common(settings: &Settings) -> &$crate::Common {
+            &settings.common
+        }
+    };
+}
+
 /// A service connected and bound, not yet started: its addresses are known
 /// (tests and benchmarks bind port 0 and read them here).
 pub struct Built<S: Service> {

@@ -43,7 +43,7 @@ pub async fn connect(
     );
     let base: PgConnectOptions = database_url
         .parse()
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
+        .map_err(|e| anyhow::Error::new(e).context("DATABASE_URL is not a valid Postgres URL"))?;
     let base = base.log_statements(tracing::log::LevelFilter::Trace);
     {
         let mut conn = base.connect().await?;

@@ -81,7 +81,7 @@ pub async fn build_image(
     let mut image_id = None;
     let build = async {
         while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| anyhow::anyhow!("{}", docker_error(&e)))?;
+            let info = item.map_err(EngineError)?;
             if let Some(s) = &info.stream {
                 log.write("build", "stdout", s.as_bytes()).await;
             }
@@ -119,7 +119,7 @@ pub async fn build_image(
     }
 }
 
-use gantry_docker::error_text as docker_error;
+use gantry_docker::{EngineError, error_text as docker_error};
 
 /// Who the test steps of an image run as.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,8 @@ use gantry_proto::v1::builds_server::Builds;
 use gantry_proto::v1::{
     BuildInfo, GetBuildsRequest, GetBuildsResponse, LogChunk, StreamLogsRequest,
 };
+use gantry_runtime::ApiError;
+use gantry_states::BuildState;
 use sqlx::PgPool;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -21,17 +23,12 @@ pub struct BuildsService {
     pub pool: PgPool,
 }
 
-fn internal(e: sqlx::Error) -> Status {
-    tracing::error!(error = %e, "builds query failed");
-    Status::unavailable("the build store is unavailable")
-}
-
 #[derive(sqlx::FromRow)]
 struct BuildRow {
     id: Uuid,
     pipeline_id: String,
     project: String,
-    state: String,
+    state: BuildState,
     attempt: i32,
     image_id: Option<String>,
     failed_step: Option<String>,
@@ -51,7 +48,7 @@ impl From<BuildRow> for BuildInfo {
             build_id: r.id.to_string(),
             pipeline_id: r.pipeline_id,
             project: r.project,
-            state: r.state,
+            state: r.state.into(),
             commit_sha,
             failed_step: r.failed_step.unwrap_or_default(),
             exit_code: r.exit_code.unwrap_or_default(),
@@ -76,7 +73,7 @@ impl Builds for BuildsService {
         let build_id: Uuid = if !req.build_id.is_empty() {
             req.build_id
                 .parse()
-                .map_err(|_| Status::invalid_argument("build_id is not a UUID"))?
+                .map_err(|_| ApiError::InvalidArgument("build_id is not a UUID".into()))?
         } else if !req.pipeline_id.is_empty() {
             let row: Option<(Uuid,)> = sqlx::query_as(
                 "SELECT id FROM builds WHERE pipeline_id = $1 ORDER BY created_at DESC LIMIT 1",
@@ -84,19 +81,22 @@ impl Builds for BuildsService {
             .bind(&req.pipeline_id)
             .fetch_optional(&self.pool)
             .await
-            .map_err(internal)?;
-            row.ok_or_else(|| Status::not_found("no build for this pipeline (yet)"))?
+            .map_err(ApiError::store)?;
+            row.ok_or_else(|| ApiError::NotFound("no build for this pipeline (yet)".into()))?
                 .0
         } else {
-            return Err(Status::invalid_argument("give a build_id or a pipeline_id"));
+            return Err(
+                ApiError::InvalidArgument("give a build_id or a pipeline_id".into()).into(),
+            );
         };
-        let exists: Option<(String,)> = sqlx::query_as("SELECT state FROM builds WHERE id = $1")
-            .bind(build_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(internal)?;
+        let exists: Option<(BuildState,)> =
+            sqlx::query_as("SELECT state FROM builds WHERE id = $1")
+                .bind(build_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(ApiError::store)?;
         if exists.is_none() {
-            return Err(Status::not_found("no such build"));
+            return Err(ApiError::NotFound("no such build".into()).into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let pool = self.pool.clone();
@@ -104,12 +104,12 @@ impl Builds for BuildsService {
             let mut last = 0i64;
             loop {
                 // Read the state before the rows: a build seen finished has all its rows.
-                let state: Result<(String,), _> =
+                let state: Result<(BuildState,), _> =
                     sqlx::query_as("SELECT state FROM builds WHERE id = $1")
                         .bind(build_id)
                         .fetch_one(&pool)
                         .await;
-                let finished = matches!(&state, Ok((s,)) if s == "succeeded" || s == "failed");
+                let finished = matches!(&state, Ok((s,)) if s.is_finished());
                 let rows: Vec<(i64, String, String, Vec<u8>)> = match sqlx::query_as(
                     "SELECT seq, step, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 )
@@ -121,7 +121,7 @@ impl Builds for BuildsService {
                 {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx.send(Err(internal(e))).await;
+                        let _ = tx.send(Err(ApiError::store(e).into())).await;
                         return;
                     }
                 };
@@ -165,7 +165,7 @@ impl Builds for BuildsService {
         .bind(&req.pipeline_id)
         .fetch_all(&self.pool)
         .await
-        .map_err(internal)?;
+        .map_err(ApiError::store)?;
         Ok(Response::new(GetBuildsResponse {
             builds: rows.into_iter().map(Into::into).collect(),
         }))

@@ -1,5 +1,7 @@
-//! The `builds` table: storing requests, claiming work under a lease,
-//! renewing it, and finishing a build together with its outgoing event.
+//! The `builds` table, a leased queue ([`BUILDS`], with the rules of
+//! `gantry-queue`): storing requests, claiming a build with its
+//! `build.started`, and finishing it with its verdict event, only while the
+//! claim holds.
 
 use std::time::Duration;
 
@@ -7,9 +9,22 @@ use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
     BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, StepResult,
 };
+use gantry_queue::{Claim, Queue};
+use gantry_states::BuildState;
 use prost::Message as _;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+/// The builds queue: queued builds in the order they came, and running
+/// ones whose lease ran out.
+pub const BUILDS: Queue = Queue {
+    table: "builds",
+    waiting: BuildState::Queued.as_str(),
+    running: BuildState::Running.as_str(),
+    ready: "TRUE",
+    order: "q.created_at",
+    on_claim: "started_at = now()",
+};
 
 /// A build a worker holds.
 #[derive(Debug, Clone)]
@@ -21,6 +36,8 @@ pub struct Claimed {
     pub attempt: i32,
     /// The pipeline's trace context, so the build joins its trace.
     pub traceparent: Option<String>,
+    /// What the worker shows to renew or finish it.
+    pub claim: Claim<Uuid>,
 }
 
 /// How a build ended.
@@ -67,33 +84,28 @@ pub async fn enqueue_request(
     Ok(true)
 }
 
-/// id, pipeline_id, project, request, attempt, traceparent
-type ClaimRow = (Uuid, String, String, Vec<u8>, i32, Option<String>);
+/// pipeline_id, project, request, traceparent
+type ClaimRow = (String, String, Vec<u8>, Option<String>);
 
-/// Takes the oldest queued build, or a running one whose lease ran out, and
-/// emits `build.started` in the same transaction.
+/// Takes the next build (see [`BUILDS`]) and emits `build.started` in the
+/// same transaction.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
     lease: Duration,
 ) -> anyhow::Result<Option<Claimed>> {
     let mut tx = pool.begin().await?;
-    let row: Option<ClaimRow> = sqlx::query_as(
-        "UPDATE builds SET state = 'running', worker = $1, attempt = attempt + 1,
-                lease_until = now() + make_interval(secs => $2), started_at = now()
-         WHERE id = (SELECT id FROM builds
-                     WHERE state = 'queued' OR (state = 'running' AND lease_until < now())
-                     ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)
-         RETURNING id, pipeline_id, project, request, attempt, traceparent",
-    )
-    .bind(worker)
-    .bind(lease.as_secs_f64())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((id, pipeline_id, project, request, attempt, traceparent)) = row else {
+    let Some(claim) = BUILDS.claim::<Uuid>(&mut tx, worker, lease).await? else {
         return Ok(None);
     };
+    let (pipeline_id, project, request, traceparent): ClaimRow = sqlx::query_as(
+        "SELECT pipeline_id, project, request, traceparent FROM builds WHERE id = $1",
+    )
+    .bind(claim.id)
+    .fetch_one(&mut *tx)
+    .await?;
     let request = PipelineRequested::decode(request.as_slice())?;
+    let id = claim.id;
     let span = tracing::info_span!("build.claim", build_id = %id, pipeline_id = %pipeline_id);
     if let Some(tp) = &traceparent {
         gantry_telemetry::set_parent(&span, tp);
@@ -105,7 +117,7 @@ pub async fn claim(
             revision: request.revision.clone(),
             build_id: id.to_string(),
             worker: worker.to_owned(),
-            attempt: attempt as u32,
+            attempt: claim.attempt as u32,
         }),
     );
     gantry_bus::enqueue_traced(
@@ -120,79 +132,46 @@ pub async fn claim(
         pipeline_id,
         project,
         request,
-        attempt,
+        attempt: claim.attempt,
         traceparent,
+        claim,
     }))
-}
-
-/// Extends the lease; `false` if this worker no longer holds the build.
-pub async fn renew(
-    pool: &PgPool,
-    build: &Claimed,
-    worker: &str,
-    lease: Duration,
-) -> anyhow::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE builds SET lease_until = now() + make_interval(secs => $4)
-         WHERE id = $1 AND worker = $2 AND attempt = $3 AND state = 'running'",
-    )
-    .bind(build.id)
-    .bind(worker)
-    .bind(build.attempt)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Gives a build back to the queue (graceful shutdown of its worker).
-pub async fn release(pool: &PgPool, build: &Claimed, worker: &str) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE builds SET state = 'queued', worker = NULL, lease_until = NULL, attempt = attempt - 1
-         WHERE id = $1 AND worker = $2 AND attempt = $3 AND state = 'running'",
-    )
-    .bind(build.id)
-    .bind(worker)
-    .bind(build.attempt)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// Records the verdict and emits `build.succeeded` or `build.failed`, unless
 /// this worker lost the build meanwhile (then nothing is written: `false`).
-pub async fn finish(
-    pool: &PgPool,
-    build: &Claimed,
-    worker: &str,
-    verdict: Verdict,
-) -> anyhow::Result<bool> {
+pub async fn finish(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     let (state, image_id, step, exit_code, reason) = match &verdict {
-        Verdict::Succeeded { image_id, .. } => {
-            ("succeeded", Some(image_id.as_str()), None, None, None)
-        }
+        Verdict::Succeeded { image_id, .. } => (
+            BuildState::Succeeded,
+            Some(image_id.as_str()),
+            None,
+            None,
+            None,
+        ),
         Verdict::Failed {
             step,
             exit_code,
             reason,
             ..
         } => (
-            "failed",
+            BuildState::Failed,
             None,
             Some(step.as_str()),
             Some(*exit_code),
             Some(reason.as_str()),
         ),
     };
-    let done = sqlx::query(
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE builds SET state = $4, image_id = $5, failed_step = $6, exit_code = $7, reason = $8,
                 finished_at = now(), lease_until = NULL
-         WHERE id = $1 AND worker = $2 AND attempt = $3 AND state = 'running'",
-    )
-    .bind(build.id)
-    .bind(worker)
-    .bind(build.attempt)
+         WHERE {}",
+        BUILDS.held()
+    )))
+    .bind(build.claim.id)
+    .bind(&build.claim.owner)
+    .bind(build.claim.attempt)
     .bind(state)
     .bind(image_id)
     .bind(step)

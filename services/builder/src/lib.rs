@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, SecretKind};
+use gantry_config::GantryConfig;
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
 use gantry_runtime::{Base, Common, Parts, Readiness};
@@ -107,19 +107,7 @@ impl Handler for RequestHandler {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    type Settings = Settings;
-    const NAME: &'static str = "builder";
-    const PORTS: (u16, u16) = (8081, 9091);
-    const SCHEMA: &'static str = SCHEMA;
-    const SECRETS: &'static [SecretKind] = &[SecretKind::Clone, SecretKind::Registry];
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    fn common(settings: &Settings) -> &Common {
-        &settings.common
-    }
+    gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry]);
 
     async fn start(
         s: Settings,

@@ -4,10 +4,12 @@
 //! credentials given. The builder pushes the commit tag; the
 //! registry-publisher adds the other tags through the registry API.
 
+use anyhow::Context as _;
 use bollard::Docker;
 use bollard::query_parameters::{PushImageOptions, TagImageOptions};
 use futures::StreamExt;
 use gantry_config::Registry;
+use gantry_docker::EngineError;
 
 /// The manifest digest from a push progress line such as
 /// `1.2.3: digest: sha256:abc... size: 527`.
@@ -38,7 +40,8 @@ pub async fn push(
                 }),
             )
             .await
-            .map_err(|e| anyhow::anyhow!("cannot tag {image_id} as {repository}:{tag}: {e}"))?;
+            .map_err(EngineError)
+            .with_context(|| format!("cannot tag {image_id} as {repository}:{tag}"))?;
         let mut progress = docker.push_image(
             repository,
             Some(PushImageOptions {
@@ -49,7 +52,9 @@ pub async fn push(
         );
         let mut pushed = None;
         while let Some(item) = progress.next().await {
-            let info = item.map_err(|e| anyhow::anyhow!("pushing {repository}:{tag}: {e}"))?;
+            let info = item
+                .map_err(EngineError)
+                .with_context(|| format!("pushing {repository}:{tag}"))?;
             if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                 anyhow::bail!("pushing {repository}:{tag}: {msg}");
             }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use gantry_proto::v1::StepResult;
+use gantry_queue::Held;
 use gantry_retry::Policy;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -111,37 +112,18 @@ impl Worker {
             gantry_telemetry::set_parent(&span, tp);
         }
         async {
-            let lost = CancellationToken::new();
-            let renew = {
-                let (me, b, lost) = (self.clone(), build.clone(), lost.clone());
-                async move {
-                    let mut tick = tokio::time::interval(me.lease / 3);
-                    tick.tick().await;
-                    loop {
-                        tick.tick().await;
-                        match jobs::renew(&me.pool, &b, &me.name, me.lease).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                tracing::warn!("lease lost; another worker has the build");
-                                lost.cancel();
-                                return;
-                            }
-                            Err(e) => tracing::warn!(error = %e, "cannot renew lease"),
-                        }
-                    }
-                }
-            };
-            let verdict = tokio::select! {
-                v = self.execute(&build) => Some(v),
-                _ = renew => None,
-                _ = lost.cancelled() => None,
-                _ = shutdown.cancelled() => {
-                    if let Err(e) = jobs::release(&self.pool, &build, &self.name).await {
-                        tracing::warn!(error = %e, "cannot give the build back; its lease will run out");
-                    }
-                    tracing::info!("shutting down; build given back to the queue");
-                    None
-                }
+            let held = gantry_queue::hold(
+                &jobs::BUILDS,
+                &self.pool,
+                &build.claim,
+                self.lease,
+                self.execute(&build),
+                Some(&shutdown),
+            )
+            .await;
+            let verdict = match held {
+                Held::Done(v) => Some(v),
+                Held::Lost | Held::GivenBack => None,
             };
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
             let Some(verdict) = verdict else {
@@ -154,7 +136,7 @@ impl Worker {
             // while (safe: `finish` writes only while this worker holds the build).
             let mut delays = Policy::Record.delays();
             loop {
-                match jobs::finish(&self.pool, &build, &self.name, verdict.clone()).await {
+                match jobs::finish(&self.pool, &build, verdict.clone()).await {
                     Ok(true) => {
                         self.relay_wake.notify_one();
                         tracing::info!(succeeded = ok, "build finished");
@@ -166,11 +148,17 @@ impl Worker {
                     }
                     Err(e) => match delays.next() {
                         Some(pause) => {
-                            tracing::warn!(error = format!("{e:#}"), "cannot record the verdict yet; retrying");
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "cannot record the verdict yet; retrying"
+                            );
                             tokio::time::sleep(pause).await;
                         }
                         None => {
-                            tracing::error!(error = format!("{e:#}"), "cannot record the verdict; the build will run again");
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                "cannot record the verdict; the build will run again"
+                            );
                             return;
                         }
                     },
@@ -204,23 +192,22 @@ impl Worker {
             return;
         }
         let ids: Vec<uuid::Uuid> = found.iter().map(|(_, b, _)| *b).collect();
-        let builds: Vec<(uuid::Uuid, i32, bool)> = match sqlx::query_as(
-            "SELECT id, attempt, state IN ('succeeded', 'failed') FROM builds WHERE id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot sweep step containers now");
-                return;
-            }
-        };
+        let builds: Vec<(uuid::Uuid, i32, gantry_states::BuildState)> =
+            match sqlx::query_as("SELECT id, attempt, state FROM builds WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot sweep step containers now");
+                    return;
+                }
+            };
         for (container, build, attempt) in found {
-            let stale = builds
-                .iter()
-                .any(|(id, current, finished)| *id == build && (*finished || attempt < *current));
+            let stale = builds.iter().any(|(id, current, state)| {
+                *id == build && (state.is_finished() || attempt < *current)
+            });
             if stale {
                 tracing::info!(build_id = %build, attempt, "removing a step container no build uses");
                 docker::remove_container(&self.docker, &container).await;

@@ -17,7 +17,8 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
 
-use gantry_docker::error_text as error;
+use anyhow::Context as _;
+use gantry_docker::EngineError;
 
 use crate::queue::Row;
 
@@ -70,7 +71,9 @@ impl DockerTarget {
             gantry_docker::credentials(registry),
         );
         while let Some(item) = progress.next().await {
-            let info = item.map_err(|e| anyhow::anyhow!("pulling {reference}: {}", error(&e)))?;
+            let info = item
+                .map_err(EngineError)
+                .with_context(|| format!("pulling {reference}"))?;
             if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                 anyhow::bail!("pulling {reference}: {msg}");
             }
@@ -125,7 +128,8 @@ impl DockerTarget {
                 body,
             )
             .await
-            .map_err(|e| anyhow::anyhow!("creating container {name}: {}", error(&e)))?;
+            .map_err(EngineError)
+            .with_context(|| format!("creating container {name}"))?;
         Ok(created.id)
     }
 
@@ -134,7 +138,8 @@ impl DockerTarget {
         self.docker
             .start_container(container, None)
             .await
-            .map_err(|e| anyhow::anyhow!("starting the new container: {}", error(&e)))
+            .map_err(EngineError)
+            .context("starting the new container")
     }
 
     /// Waits until the container is healthy: the HTTP probe of the
@@ -154,7 +159,8 @@ impl DockerTarget {
                 .docker
                 .inspect_container(container, None)
                 .await
-                .map_err(|e| anyhow::anyhow!("inspecting the new container: {}", error(&e)))?;
+                .map_err(EngineError)
+                .context("inspecting the new container")?;
             let state = info.state.clone().unwrap_or_default();
             if state.running != Some(true) || state.restarting == Some(true) {
                 let tail = self.log_tail(container).await;

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +42,7 @@ impl Backends {
 pub async fn bind(environment: &str, endpoint: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(endpoint)
         .await
-        .map_err(|e| anyhow::anyhow!("environment {environment}: cannot listen on {endpoint}: {e}"))
+        .with_context(|| format!("environment {environment}: cannot listen on {endpoint}"))
 }
 
 /// Forwards connections to `environment`'s live version until `shutdown`.

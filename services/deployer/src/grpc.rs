@@ -10,6 +10,7 @@ use gantry_proto::v1::{
     ListDeploymentsResponse, ListEnvironmentsRequest, ListEnvironmentsResponse, Revision,
     RollbackRequest,
 };
+use gantry_runtime::ApiError;
 use prost::Message as _;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -22,11 +23,6 @@ pub struct DeploymentsService {
     pub config: Arc<GantryConfig>,
     /// Wakes the deployment loop.
     pub wake: Arc<Notify>,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "deployment store query failed");
-    Status::unavailable("the deployment store is unavailable")
 }
 
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
@@ -48,7 +44,7 @@ impl From<Row> for DeploymentInfo {
             commit_sha: rev.commit_sha,
             git_ref: rev.git_ref,
             pipeline_id: r.pipeline_id,
-            state: r.state,
+            state: r.state.into(),
             trigger: r.trigger,
             reason: r.reason.unwrap_or_default(),
             container_id: r.container_id.unwrap_or_default(),
@@ -84,9 +80,9 @@ impl From<ImageRow> for Image {
 
 impl DeploymentsService {
     fn environment(&self, name: &str) -> Result<&gantry_config::Environment, Status> {
-        self.config
-            .environment(name)
-            .ok_or_else(|| Status::not_found(format!("no environment {name:?} is configured")))
+        self.config.environment(name).ok_or_else(|| {
+            ApiError::NotFound(format!("no environment {name:?} is configured")).into()
+        })
     }
 
     async fn row(
@@ -98,7 +94,7 @@ impl DeploymentsService {
             .bind(env)
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)
+            .map_err(|e| ApiError::store(e).into())
     }
 
     async fn queue(
@@ -117,7 +113,7 @@ impl DeploymentsService {
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         };
-        let row = write.await.map_err(unavailable)?;
+        let row = write.await.map_err(ApiError::store)?;
         self.wake.notify_one();
         tracing::info!(environment = env, digest = %row.digest, trigger = trigger.as_str(), "deployment queued");
         Ok(Response::new(DeployResponse {
@@ -172,9 +168,10 @@ impl Deployments for DeploymentsService {
         let env = self.environment(&req.environment)?;
         let wanted = req.image.trim();
         if wanted.is_empty() {
-            return Err(Status::invalid_argument(
-                "image is empty: give a digest, commit sha, tag or pipeline id",
-            ));
+            return Err(ApiError::InvalidArgument(
+                "image is empty: give a digest, commit sha, tag or pipeline id".into(),
+            )
+            .into());
         }
         let image: Option<ImageRow> = sqlx::query_as(
             "SELECT pipeline_id, project, repository, digest, revision FROM images
@@ -199,12 +196,13 @@ impl Deployments for DeploymentsService {
         )
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(ApiError::store)?;
         let Some(image) = image else {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::NotFound(format!(
                 "no published image of {} matches {wanted:?}",
                 env.project
-            )));
+            ))
+            .into());
         };
         self.queue(&env.name, &image.into(), Trigger::Manual, None)
             .await
@@ -218,12 +216,11 @@ impl Deployments for DeploymentsService {
         let env = self.environment(&req.environment)?;
         let Some(live) = queue::live(&self.pool, &env.name)
             .await
-            .map_err(unavailable)?
+            .map_err(ApiError::store)?
         else {
-            return Err(Status::failed_precondition(format!(
-                "nothing runs in {} yet",
-                env.name
-            )));
+            return Err(
+                ApiError::FailedPrecondition(format!("nothing runs in {} yet", env.name)).into(),
+            );
         };
         let previous = sqlx::query_as::<_, Row>(crate::sql!(
             "SELECT {COLUMNS} FROM deployments
@@ -234,12 +231,13 @@ impl Deployments for DeploymentsService {
         .bind(&live.digest)
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(ApiError::store)?;
         let Some(previous) = previous else {
-            return Err(Status::failed_precondition(format!(
+            return Err(ApiError::FailedPrecondition(format!(
                 "{} has no earlier version to go back to",
                 env.name
-            )));
+            ))
+            .into());
         };
         let image = Image {
             revision: previous.revision(),
@@ -267,7 +265,7 @@ impl Deployments for DeploymentsService {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(ApiError::store)?;
         Ok(Response::new(ListDeploymentsResponse {
             deployments: rows.into_iter().map(Into::into).collect(),
         }))

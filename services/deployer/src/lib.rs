@@ -24,7 +24,7 @@ pub mod worker;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, SecretKind};
+use gantry_config::GantryConfig;
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
 use gantry_runtime::{Base, Common, Parts, Readiness};
@@ -143,19 +143,7 @@ impl Handler for Published {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    type Settings = Settings;
-    const NAME: &'static str = "deployer";
-    const PORTS: (u16, u16) = (8083, 9093);
-    const SCHEMA: &'static str = SCHEMA;
-    const SECRETS: &'static [SecretKind] = &[SecretKind::Registry];
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    fn common(settings: &Settings) -> &Common {
-        &settings.common
-    }
+    gantry_runtime::service_identity!("deployer", (8083, 9093), [Registry]);
 
     async fn start(
         s: Settings,

@@ -1,10 +1,12 @@
-//! The deployment queue, in Postgres. A published image that matches an
-//! environment becomes a `waiting` deployment; queuing one supersedes the
-//! deployments still waiting for that environment, so only the newest image
-//! waits behind a running one. Workers claim a waiting deployment only when
-//! its environment has none running — a unique partial index makes "one
-//! running deployment per environment" a database guarantee — and hold it
-//! under a lease they renew, so a dead deployer's work is taken over.
+//! The deployment queue, a leased queue ([`DEPLOYMENTS`], with the rules of
+//! `gantry-queue`). A published image that matches an environment becomes a
+//! `waiting` deployment; queuing one supersedes the deployments still
+//! waiting for that environment, so only the newest image waits behind a
+//! running one. A waiting deployment is claimed only when its environment
+//! has none running — a unique partial index makes "one running deployment
+//! per environment" a database guarantee — and held under a lease, so a dead
+//! deployer's work is taken over; one whose lease ran out while a newer
+//! image waits is superseded instead ([`supersede_expired`]).
 //!
 //! Every state change writes its `deploy.*` event in the same transaction.
 
@@ -15,6 +17,8 @@ use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
     DeployFailed, DeployRolledBack, DeployStarted, DeploySucceeded, Deployment, Event, Revision,
 };
+use gantry_queue::{Claim, Queue};
+use gantry_states::DeploymentState;
 use prost::Message as _;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -58,7 +62,7 @@ pub struct Row {
     pub digest: String,
     pub revision: Vec<u8>,
     pub trigger: String,
-    pub state: String,
+    pub state: DeploymentState,
     pub reason: Option<String>,
     pub previous_digest: Option<String>,
     pub container_id: Option<String>,
@@ -99,6 +103,15 @@ impl Row {
 
     fn event(&self, payload: Payload) -> Event {
         Event::new(&self.pipeline_id, &self.project, payload)
+    }
+
+    /// The claim its holder (`owner`) shows to renew or finish it.
+    pub fn claim(&self, owner: &str) -> Claim<Uuid> {
+        Claim {
+            id: self.id,
+            owner: owner.to_owned(),
+            attempt: self.attempt,
+        }
     }
 
     /// `repository@digest`, what the engine pulls and runs.
@@ -208,78 +221,56 @@ pub async fn enqueue(
     .await
 }
 
-/// Puts deployments whose owner stopped renewing back in the queue (or
-/// supersedes them when a newer one waits for the same environment).
-/// Our own deployments (`owner`) are left alone: this replica still runs them.
-pub async fn requeue_expired(pool: &PgPool, owner: &str) -> sqlx::Result<u64> {
+/// The deployments queue: waiting deployments of environments where none
+/// runs, oldest first, and running ones whose lease ran out. A claim notes
+/// what runs in the environment now (`previous_digest`).
+pub const DEPLOYMENTS: Queue = Queue {
+    table: "deployments",
+    waiting: DeploymentState::Waiting.as_str(),
+    running: DeploymentState::Running.as_str(),
+    ready: "NOT EXISTS (SELECT 1 FROM deployments r
+                        WHERE r.environment = q.environment AND r.state = 'running')",
+    order: "q.created_at",
+    on_claim: "started_at = now(),
+               previous_digest = (SELECT p.digest FROM live l JOIN deployments p ON p.id = l.deployment_id
+                                  WHERE l.environment = deployments.environment)",
+};
+
+/// Deployments whose lease ran out while a newer image waits for their
+/// environment are not run again: superseded (their holder, if it still
+/// runs, finds out at its next renewal).
+pub async fn supersede_expired(pool: &PgPool) -> sqlx::Result<u64> {
     let done = sqlx::query(
-        "UPDATE deployments d SET owner = NULL, lease_until = NULL,
-                state = CASE WHEN EXISTS (SELECT 1 FROM deployments w
-                                          WHERE w.environment = d.environment AND w.state = 'waiting')
-                             THEN 'superseded' ELSE 'waiting' END
-         WHERE state = 'running' AND lease_until < now() AND owner <> $1",
+        "UPDATE deployments d SET state = $1, owner = NULL, lease_until = NULL, finished_at = now(),
+                reason = 'taken over while a newer image waited for this environment'
+         WHERE state = $2 AND lease_until < now()
+           AND EXISTS (SELECT 1 FROM deployments w WHERE w.environment = d.environment AND w.state = $3)",
     )
-    .bind(owner)
+    .bind(DeploymentState::Superseded)
+    .bind(DeploymentState::Running)
+    .bind(DeploymentState::Waiting)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Claims the oldest waiting deployment of an environment where none runs,
-/// and writes `deploy.started`. `None` when there is nothing to do.
+/// Claims the next deployment (see [`DEPLOYMENTS`]) and writes
+/// `deploy.started`. `None` when there is nothing to do.
 pub async fn claim(pool: &PgPool, owner: &str, lease: Duration) -> anyhow::Result<Option<Row>> {
     let mut tx = pool.begin().await?;
-    let id: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM deployments d
-         WHERE state = 'waiting'
-           AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.environment = d.environment AND r.state = 'running')
-         ORDER BY created_at LIMIT 1
-         FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(id) = id else {
+    let Some(claim) = DEPLOYMENTS.claim::<Uuid>(&mut tx, owner, lease).await? else {
         return Ok(None);
     };
-    let claimed = sqlx::query_as::<_, Row>(sql!(
-        "UPDATE deployments SET state = 'running', owner = $2, attempt = attempt + 1,
-                lease_until = now() + make_interval(secs => $3), started_at = now(),
-                previous_digest = (SELECT p.digest FROM live l JOIN deployments p ON p.id = l.deployment_id
-                                   WHERE l.environment = deployments.environment)
-         WHERE id = $1
-         RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .fetch_one(&mut *tx)
-    .await;
-    let row = match claimed {
-        Ok(row) => row,
-        // Another replica started a deployment of this environment meanwhile.
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
+    let row = sqlx::query_as::<_, Row>(sql!("SELECT {COLUMNS} FROM deployments WHERE id = $1"))
+        .bind(claim.id)
+        .fetch_one(&mut *tx)
+        .await?;
     let event = row.event(Payload::DeployStarted(DeployStarted {
         deployment: Some(row.message()),
     }));
     gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
     tx.commit().await?;
     Ok(Some(row))
-}
-
-/// Extends the lease; false when the deployment is no longer ours.
-pub async fn renew(pool: &PgPool, id: Uuid, owner: &str, lease: Duration) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE deployments SET lease_until = now() + make_interval(secs => $3)
-         WHERE id = $1 AND owner = $2 AND state = 'running'",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// What runs in `environment`, if anything.
@@ -311,12 +302,15 @@ pub async fn succeed(
     endpoint: &str,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(
-        "UPDATE deployments SET state = 'succeeded', container_id = $3, finished_at = now(), lease_until = NULL
-         WHERE id = $1 AND owner = $2 AND state = 'running'",
-    )
+    let done = sqlx::query(sql!(
+        "UPDATE deployments SET state = $4, container_id = $5, finished_at = now(), lease_until = NULL
+         WHERE {}",
+        DEPLOYMENTS.held()
+    ))
     .bind(row.id)
     .bind(owner)
+    .bind(row.attempt)
+    .bind(DeploymentState::Succeeded)
     .bind(container_id)
     .execute(&mut *tx)
     .await?;
@@ -362,13 +356,19 @@ pub async fn fail(
     block_digest: bool,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let state = if rolled_back { "rolled_back" } else { "failed" };
-    let done = sqlx::query(
-        "UPDATE deployments SET state = $3, reason = $4, finished_at = now(), lease_until = NULL
-         WHERE id = $1 AND owner = $2 AND state = 'running'",
-    )
+    let state = if rolled_back {
+        DeploymentState::RolledBack
+    } else {
+        DeploymentState::Failed
+    };
+    let done = sqlx::query(sql!(
+        "UPDATE deployments SET state = $4, reason = $5, finished_at = now(), lease_until = NULL
+         WHERE {}",
+        DEPLOYMENTS.held()
+    ))
     .bind(row.id)
     .bind(owner)
+    .bind(row.attempt)
     .bind(state)
     .bind(reason)
     .execute(&mut *tx)

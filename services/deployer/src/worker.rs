@@ -46,7 +46,7 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut running = tokio::task::JoinSet::new();
         while !shutdown.is_cancelled() {
-            if let Err(e) = queue::requeue_expired(&self.pool, &self.owner).await {
+            if let Err(e) = queue::supersede_expired(&self.pool).await {
                 tracing::warn!(error = %e, "cannot look for expired deployments");
             }
             while running.len() < self.concurrency {
@@ -88,33 +88,18 @@ impl Worker {
         if let Some(tp) = &row.traceparent {
             gantry_telemetry::set_parent(&span, tp);
         }
-        let lost = CancellationToken::new();
-        let renew = {
-            let (pool, owner, id, lost, lease) = (
-                self.pool.clone(),
-                self.owner.clone(),
-                row.id,
-                lost.clone(),
-                self.lease,
-            );
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(lease / 4).await;
-                    if let Ok(false) = queue::renew(&pool, id, &owner, lease).await {
-                        lost.cancel();
-                        return;
-                    }
-                }
-            })
-        };
-        tokio::select! {
-            _ = self.execute(&row).instrument(span.clone()) => {}
-            _ = lost.cancelled() => {
-                let _g = span.enter();
-                tracing::warn!("lease lost: another replica took this deployment over");
-            }
-        }
-        renew.abort();
+        // A deployment is not given back on shutdown: the worker lets it
+        // finish within the grace period, or it is taken over later.
+        gantry_queue::hold(
+            &queue::DEPLOYMENTS,
+            &self.pool,
+            &row.claim(&self.owner),
+            self.lease,
+            self.execute(&row),
+            None,
+        )
+        .instrument(span)
+        .await;
     }
 
     async fn execute(&self, row: &Row) {

@@ -11,6 +11,8 @@ use gantry_proto::v1::{
     GetPipelineRequest, ListPipelinesRequest, ListPipelinesResponse, PipelineDetail,
     PipelineSummary, TimelineEntry, WatchPipelinesRequest,
 };
+use gantry_runtime::ApiError;
+use gantry_states::PipelineState;
 use sqlx::PgPool;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -23,11 +25,6 @@ const WATCH_POLL: Duration = Duration::from_millis(250);
 pub struct PipelinesService {
     pub pool: PgPool,
     pub config: Arc<GantryConfig>,
-}
-
-fn unavailable(e: sqlx::Error) -> Status {
-    tracing::error!(error = %e, "pipeline store query failed");
-    Status::unavailable("the pipeline store is unavailable")
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -44,7 +41,7 @@ pub struct PipelineRow {
     git_ref: String,
     commit_sha: String,
     author: String,
-    state: String,
+    state: PipelineState,
     stage: String,
     failure: String,
     failed_step: String,
@@ -76,7 +73,7 @@ impl PipelineRow {
             git_ref: self.git_ref,
             commit_sha: self.commit_sha,
             author: self.author,
-            state: self.state,
+            state: self.state.into(),
             stage: self.stage,
             failure,
             digest: self.digest,
@@ -134,7 +131,7 @@ impl Pipelines for PipelinesService {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(ApiError::store)?;
         Ok(Response::new(ListPipelinesResponse {
             pipelines: rows.into_iter().map(|r| r.summary(&self.config)).collect(),
         }))
@@ -147,9 +144,9 @@ impl Pipelines for PipelinesService {
         let id = request.into_inner().pipeline_id;
         let row = pipeline(&self.pool, &id)
             .await
-            .map_err(unavailable)?
-            .ok_or_else(|| Status::not_found(format!("no pipeline {id}")))?;
-        let timeline = timeline(&self.pool, &id).await.map_err(unavailable)?;
+            .map_err(ApiError::store)?
+            .ok_or_else(|| ApiError::NotFound(format!("no pipeline {id}")))?;
+        let timeline = timeline(&self.pool, &id).await.map_err(ApiError::store)?;
         Ok(Response::new(PipelineDetail {
             pipeline: Some(row.summary(&self.config)),
             timeline,
@@ -179,7 +176,7 @@ impl Pipelines for PipelinesService {
                 {
                     Ok(now) => now,
                     Err(e) => {
-                        let _ = tx.send(Err(unavailable(e))).await;
+                        let _ = tx.send(Err(ApiError::store(e).into())).await;
                         return;
                     }
                 }
@@ -215,10 +212,10 @@ impl Pipelines for PipelinesService {
                     && tokio::time::Instant::now() > unknown_after
                 {
                     let _ = tx
-                        .send(Err(Status::not_found(format!(
+                        .send(Err(Status::from(ApiError::NotFound(format!(
                             "no pipeline {}",
                             req.pipeline_id
-                        ))))
+                        )))))
                         .await;
                     return;
                 }

@@ -124,7 +124,7 @@ async fn log(State(pages): State<Pages>, Path(id): Path<String>) -> Response {
     };
     let fetch = async {
         let channel = gantry_proto::client::endpoint(&builder, pages.ca_pem.as_deref())
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| anyhow::anyhow!(e))?
             .connect()
             .await?;
         let mut client = BuildsClient::new(gantry_proto::client::authed(

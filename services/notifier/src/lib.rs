@@ -18,7 +18,7 @@ pub mod projection;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, SecretKind};
+use gantry_config::GantryConfig;
 use gantry_proto::v1::Event;
 use gantry_proto::v1::event::Payload;
 use gantry_runtime::{Base, Common, Parts};
@@ -166,19 +166,7 @@ impl Handler for Timeline {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    type Settings = Settings;
-    const NAME: &'static str = "notifier";
-    const PORTS: (u16, u16) = (8084, 9094);
-    const SCHEMA: &'static str = SCHEMA;
-    const SECRETS: &'static [SecretKind] = &[SecretKind::Forge, SecretKind::Chat];
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    fn common(settings: &Settings) -> &Common {
-        &settings.common
-    }
+    gantry_runtime::service_identity!("notifier", (8084, 9094), [Forge, Chat]);
 
     async fn start(
         s: Settings,
@@ -190,7 +178,8 @@ impl gantry_runtime::Service for Service {
             .map_err(|e| anyhow::anyhow!("GANTRY_BUILDER_TOKEN: {e}"))?;
         let ca_pem = match &s.ca_cert {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!("cannot read GANTRY_CA_CERT {}: {e}", path.display())
+                anyhow::Error::new(e)
+                    .context(format!("cannot read GANTRY_CA_CERT {}", path.display()))
             })?),
             None => None,
         };

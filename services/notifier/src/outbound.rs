@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use gantry_config::{ChatKind, GantryConfig};
 use gantry_proto::v1::Revision;
+use gantry_queue::{Claim, Queue};
+use gantry_retry::Policy;
+use gantry_states::PipelineState;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
@@ -22,8 +25,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts before a call is given up (waiting as `Policy::Outbound` says:
 /// about an hour and a half in all).
 const MAX_ATTEMPTS: i32 = 15;
-/// How long a claimed call is not picked again by another loop.
-const CLAIM_SECS: f64 = 60.0;
+/// How long a claimed call is not picked again by another loop (longer
+/// than a call may take).
+const CLAIM: Duration = Duration::from_secs(60);
 /// How often the table is looked at without a wake-up.
 const POLL: Duration = Duration::from_secs(1);
 /// Calls sent at once.
@@ -57,12 +61,12 @@ pub enum StatusState {
 }
 
 impl StatusState {
-    pub fn from_pipeline(state: &str) -> Self {
+    pub fn from_pipeline(state: PipelineState) -> Self {
         match state {
-            "running" => Self::Running,
-            "success" => Self::Success,
-            "failed" => Self::Failed,
-            _ => Self::Pending,
+            PipelineState::Pending => Self::Pending,
+            PipelineState::Running => Self::Running,
+            PipelineState::Success => Self::Success,
+            PipelineState::Failed => Self::Failed,
         }
     }
 
@@ -434,11 +438,54 @@ pub async fn queue_chat(
 
 #[derive(sqlx::FromRow)]
 struct Call {
-    id: i64,
     destination: String,
     path: String,
     body: Value,
-    attempts: i32,
+    /// This try's number (1 for the first).
+    attempt: i32,
+    claim: Claim<i64>,
+}
+
+/// The outgoing calls, a leased queue (`gantry-queue`): a call is ready
+/// once its retry time has come and every earlier call with its key (status
+/// context, channel) is sent or given up, so each key's calls go in order.
+pub const OUTBOUND: Queue = Queue {
+    table: "outbound",
+    waiting: "waiting",
+    running: "running",
+    ready: "q.next_at <= now() AND NOT EXISTS (SELECT 1 FROM outbound e
+                WHERE e.key = q.key AND e.id < q.id AND e.state IN ('waiting', 'running'))",
+    order: "q.id",
+    on_claim: "",
+};
+
+/// Claims up to [`BATCH`] calls for `owner`.
+async fn claim(pool: &PgPool, owner: &str) -> anyhow::Result<Vec<Call>> {
+    let mut tx = pool.begin().await?;
+    let claims: Vec<Claim<i64>> = OUTBOUND.claim_many(&mut tx, owner, CLAIM, BATCH).await?;
+    tx.commit().await?;
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
+    let rows: Vec<(i64, String, String, Value)> =
+        sqlx::query_as("SELECT id, destination, path, body FROM outbound WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(claims
+        .into_iter()
+        .filter_map(|claim| {
+            let (_, destination, path, body) = rows.iter().find(|r| r.0 == claim.id)?.clone();
+            Some(Call {
+                destination,
+                path,
+                body,
+                attempt: claim.attempt,
+                claim,
+            })
+        })
+        .collect())
 }
 
 /// Sends queued calls until `shutdown`.
@@ -448,6 +495,7 @@ pub async fn send_loop(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    let owner = format!("notifier-{}", uuid::Uuid::new_v4().simple());
     let client = match reqwest::Client::builder()
         .timeout(CALL_TIMEOUT)
         .user_agent(concat!("gantry-notifier/", env!("CARGO_PKG_VERSION")))
@@ -460,25 +508,10 @@ pub async fn send_loop(
         }
     };
     while !shutdown.is_cancelled() {
-        let calls: Vec<Call> = match sqlx::query_as(
-            "UPDATE outbound SET next_at = now() + make_interval(secs => $2)
-             WHERE id IN (
-                 SELECT id FROM outbound o
-                 WHERE sent_at IS NULL AND NOT gave_up AND next_at <= now()
-                   AND NOT EXISTS (SELECT 1 FROM outbound e
-                                   WHERE e.key = o.key AND e.id < o.id AND e.sent_at IS NULL AND NOT e.gave_up)
-                 ORDER BY id LIMIT $1
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING id, destination, path, body, attempts",
-        )
-        .bind(BATCH)
-        .bind(CLAIM_SECS)
-        .fetch_all(&pool)
-        .await
-        {
+        let calls = match claim(&pool, &owner).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read outgoing calls");
+                tracing::warn!(error = format!("{e:#}"), "cannot read outgoing calls");
                 Vec::new()
             }
         };
@@ -502,38 +535,48 @@ pub async fn send_loop(
 
 async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig, call: Call) {
     let result = send(client, config, &call).await;
+    let c = &call.claim;
     let update = match &result {
         Ok(()) => {
-            sqlx::query(
-                "UPDATE outbound SET sent_at = now(), attempts = attempts + 1 WHERE id = $1",
-            )
-            .bind(call.id)
-            .execute(pool)
-            .await
+            let sql = format!(
+                "UPDATE outbound SET state = 'sent', sent_at = now(), owner = NULL,
+                        lease_until = NULL
+                 WHERE {}",
+                OUTBOUND.held()
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(c.id)
+                .bind(&c.owner)
+                .bind(c.attempt)
+                .execute(pool)
+                .await
         }
         Err(e) => {
-            let attempts = call.attempts + 1;
-            let next = gantry_retry::Policy::Outbound(MAX_ATTEMPTS as u32)
-                .delay_of_attempt(attempts as u32);
+            let attempt = call.attempt;
+            let next = Policy::Outbound(MAX_ATTEMPTS as u32).delay_of_attempt(attempt as u32);
             let gave_up = next.is_none() || e.permanent;
             let pause = next.unwrap_or_default().as_secs_f64();
             if gave_up {
-                tracing::error!(destination = call.destination, path = call.path, error = %e, attempts, "outgoing call given up");
+                tracing::error!(destination = call.destination, path = call.path, error = %e, attempt, "outgoing call given up");
             } else {
-                tracing::warn!(destination = call.destination, path = call.path, error = %e, attempts, "outgoing call failed; will retry");
+                tracing::warn!(destination = call.destination, path = call.path, error = %e, attempt, "outgoing call failed; will retry");
             }
-            sqlx::query(
-                "UPDATE outbound SET attempts = $2, last_error = $3, gave_up = $4,
-                        next_at = now() + make_interval(secs => $5)
-                 WHERE id = $1",
-            )
-            .bind(call.id)
-            .bind(attempts)
-            .bind(e.to_string())
-            .bind(gave_up)
-            .bind(pause)
-            .execute(pool)
-            .await
+            let sql = format!(
+                "UPDATE outbound SET state = CASE WHEN $5 THEN 'gave_up' ELSE 'waiting' END,
+                        gave_up = $5, last_error = $4, owner = NULL, lease_until = NULL,
+                        next_at = now() + make_interval(secs => $6)
+                 WHERE {}",
+                OUTBOUND.held()
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(c.id)
+                .bind(&c.owner)
+                .bind(c.attempt)
+                .bind(e.to_string())
+                .bind(gave_up)
+                .bind(pause)
+                .execute(pool)
+                .await
         }
     };
     if let Err(e) = update {

@@ -6,18 +6,10 @@
 use gantry_config::GantryConfig;
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{Event, Revision};
+use gantry_states::{DeploymentState, PipelineState, Stage};
 use sqlx::{Postgres, Transaction};
 
 use crate::outbound::{self, Chat, ChatEvent, Status, StatusState};
-
-/// Pipeline states, ranked so that they only move forward.
-fn rank(state: &str) -> i32 {
-    match state {
-        "pending" => 0,
-        "running" => 1,
-        _ => 2,
-    }
-}
 
 /// The revision every pipeline event carries.
 pub fn revision(event: &Event) -> Option<&Revision> {
@@ -37,8 +29,8 @@ pub fn revision(event: &Event) -> Option<&Revision> {
 
 /// What the pipeline row becomes after an event.
 struct Change {
-    state: Option<&'static str>,
-    stage: Option<&'static str>,
+    state: Option<PipelineState>,
+    stage: Option<Stage>,
     failure: Option<String>,
     failed_step: Option<String>,
     build_id: Option<String>,
@@ -58,36 +50,36 @@ fn change(event: &Event) -> Change {
     };
     match event.payload.as_ref() {
         Some(Payload::PipelineRequested(_)) => {
-            c.state = Some("pending");
+            c.state = Some(PipelineState::Pending);
             c.description = "Pipeline queued".into();
         }
         Some(Payload::BuildStarted(b)) => {
-            c.state = Some("running");
-            c.stage = Some("build");
+            c.state = Some(PipelineState::Running);
+            c.stage = Some(Stage::Build);
             c.build_id = Some(b.build_id.clone());
             c.description = "Building and testing".into();
         }
         Some(Payload::BuildSucceeded(b)) => {
-            c.state = Some("running");
-            c.stage = Some("publish");
+            c.state = Some(PipelineState::Running);
+            c.stage = Some(Stage::Publish);
             c.build_id = Some(b.build_id.clone());
         }
         Some(Payload::BuildFailed(b)) => {
-            c.state = Some("failed");
+            c.state = Some(PipelineState::Failed);
             c.build_id = Some(b.build_id.clone());
             c.failed_step = Some(b.step.clone());
             c.failure = Some(b.reason.clone());
             c.description = format!("Failed at step {}", b.step);
         }
         Some(Payload::ImagePublished(i)) => {
-            c.state = Some("success");
-            c.stage = Some("publish");
+            c.state = Some(PipelineState::Success);
+            c.stage = Some(Stage::Publish);
             c.digest = Some(i.digest.clone());
             c.description = format!("Image published: {}", i.tags.join(", "));
         }
         Some(Payload::PublishFailed(f)) => {
-            c.state = Some("failed");
-            c.stage = Some("publish");
+            c.state = Some(PipelineState::Failed);
+            c.stage = Some(Stage::Publish);
             c.failed_step = Some("publish".into());
             c.failure = Some(f.reason.clone());
             c.description = "Publishing the image failed".into();
@@ -97,7 +89,7 @@ fn change(event: &Event) -> Change {
             | Payload::DeploySucceeded(_)
             | Payload::DeployFailed(_)
             | Payload::DeployRolledBack(_),
-        ) => c.stage = Some("deploy"),
+        ) => c.stage = Some(Stage::Deploy),
         None => {}
     }
     c
@@ -126,18 +118,18 @@ pub async fn apply(
     .bind(&rev.forge_project)
     .execute(&mut **tx)
     .await?;
-    let (old_state, old_rank): (String, i32) =
+    let (old_state, old_rank): (PipelineState, i32) =
         sqlx::query_as("SELECT state, rank FROM pipelines WHERE pipeline_id = $1 FOR UPDATE")
             .bind(&event.pipeline_id)
             .fetch_one(&mut **tx)
             .await?;
     let c = change(event);
-    let advanced = c.state.filter(|s| rank(s) > old_rank);
+    let advanced = c.state.filter(|s| s.rank() > old_rank);
     sqlx::query(
         "UPDATE pipelines SET
             state = COALESCE($2, state),
             rank = COALESCE($3, rank),
-            stage = CASE WHEN $4::text IS NULL OR (stage = 'deploy') THEN stage ELSE $4 END,
+            stage = CASE WHEN $4::text IS NULL OR stage = $9 THEN stage ELSE $4 END,
             failure = COALESCE($5, failure),
             failed_step = COALESCE($6, failed_step),
             build_id = COALESCE($7, build_id),
@@ -147,12 +139,13 @@ pub async fn apply(
     )
     .bind(&event.pipeline_id)
     .bind(advanced)
-    .bind(advanced.map(rank))
+    .bind(advanced.map(PipelineState::rank))
     .bind(c.stage)
     .bind(advanced.and(c.failure.clone()))
     .bind(advanced.and(c.failed_step.clone()))
     .bind(c.build_id.clone())
     .bind(c.digest.clone())
+    .bind(Stage::Deploy)
     .execute(&mut **tx)
     .await?;
 
@@ -166,7 +159,7 @@ pub async fn apply(
             target_url: links.pipeline.clone(),
         };
         queued |= outbound::queue_status(tx, config, &event.project, &rev, &status).await?;
-        tracing::debug!(from = old_state, to = state, "pipeline state changed");
+        tracing::debug!(from = %old_state, to = %state, "pipeline state changed");
     }
 
     // Chat: only when the state of the project's ref changes.
@@ -199,18 +192,19 @@ pub async fn apply(
             // forge; if it comes first, it tells the failure itself.
             let failure_told: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
-                 WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = 'failed')",
+                 WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = $4)",
             )
             .bind(&event.pipeline_id)
             .bind(&d.environment)
             .bind(&d.deployment_id)
+            .bind(DeploymentState::Failed)
             .fetch_one(&mut **tx)
             .await?;
             if !deployment(tx, event, d, step.state, &step.reason).await? {
                 return Ok(queued);
             }
             let (status, description) = step.status;
-            if step.state != "rolled_back" || !failure_told {
+            if step.state != DeploymentState::RolledBack || !failure_told {
                 let status = Status {
                     context: format!("gantry/deploy/{}", d.environment),
                     state: status,
@@ -313,19 +307,18 @@ async fn deployment(
     tx: &mut Transaction<'_, Postgres>,
     event: &Event,
     d: &gantry_proto::v1::Deployment,
-    state: &str,
+    state: DeploymentState,
     reason: &str,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO pipeline_deployments (pipeline_id, environment, deployment_id, state, digest, reason)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO pipeline_deployments (pipeline_id, environment, deployment_id, state, digest, reason, rank)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (pipeline_id, environment) DO UPDATE SET deployment_id = EXCLUDED.deployment_id,
              state = EXCLUDED.state, digest = EXCLUDED.digest, reason = EXCLUDED.reason,
-             updated_at = clock_timestamp()
+             rank = EXCLUDED.rank, updated_at = clock_timestamp()
          WHERE pipeline_deployments.deployment_id < EXCLUDED.deployment_id
             OR (pipeline_deployments.deployment_id = EXCLUDED.deployment_id
-                AND (CASE EXCLUDED.state WHEN 'running' THEN 0 WHEN 'rolled_back' THEN 2 ELSE 1 END)
-                  > (CASE pipeline_deployments.state WHEN 'running' THEN 0 WHEN 'rolled_back' THEN 2 ELSE 1 END))",
+                AND EXCLUDED.rank > pipeline_deployments.rank)",
     )
     .bind(&event.pipeline_id)
     .bind(&d.environment)
@@ -333,6 +326,7 @@ async fn deployment(
     .bind(state)
     .bind(&d.digest)
     .bind(reason)
+    .bind(state.rank())
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
@@ -348,8 +342,7 @@ async fn deployment(
 /// What a deploy event means for the pipeline's deployment in its environment.
 struct DeployStep {
     deployment: gantry_proto::v1::Deployment,
-    /// running, succeeded, failed, rolled_back
-    state: &'static str,
+    state: DeploymentState,
     reason: String,
     /// The commit status of context `gantry/deploy/<environment>`.
     status: (StatusState, &'static str),
@@ -360,25 +353,25 @@ impl DeployStep {
         let (deployment, state, reason, status) = match event.payload.as_ref()? {
             Payload::DeployStarted(p) => (
                 &p.deployment,
-                "running",
+                DeploymentState::Running,
                 "",
                 (StatusState::Running, "Deploying"),
             ),
             Payload::DeploySucceeded(p) => (
                 &p.deployment,
-                "succeeded",
+                DeploymentState::Succeeded,
                 "",
                 (StatusState::Success, "Deployed"),
             ),
             Payload::DeployFailed(p) => (
                 &p.deployment,
-                "failed",
+                DeploymentState::Failed,
                 p.reason.as_str(),
                 (StatusState::Failed, "Deployment failed"),
             ),
             Payload::DeployRolledBack(p) => (
                 &p.deployment,
-                "rolled_back",
+                DeploymentState::RolledBack,
                 p.reason.as_str(),
                 (StatusState::Failed, "Deployment failed"),
             ),

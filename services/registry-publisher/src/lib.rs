@@ -15,7 +15,7 @@ pub mod tags;
 use std::sync::Arc;
 
 use gantry_bus::{Handler, Outcome};
-use gantry_config::{GantryConfig, SecretKind};
+use gantry_config::GantryConfig;
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{BuildSucceeded, Event, ImagePublished, PublishFailed};
 use gantry_runtime::{Base, Common, Parts, Readiness};
@@ -153,8 +153,8 @@ impl Publisher {
     ) -> Outcome {
         let reason = format!("{error:#}");
         let counted: Result<(i32,), _> = sqlx::query_as(
-            "INSERT INTO push_attempts (event_id, attempts, last_error) VALUES ($1, 1, $2)
-             ON CONFLICT (event_id) DO UPDATE SET attempts = push_attempts.attempts + 1, last_error = $2
+            "INSERT INTO tag_attempts (event_id, attempts, last_error) VALUES ($1, 1, $2)
+             ON CONFLICT (event_id) DO UPDATE SET attempts = tag_attempts.attempts + 1, last_error = $2
              RETURNING attempts",
         )
         .bind(&event.id)
@@ -196,19 +196,7 @@ impl Publisher {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    type Settings = Settings;
-    const NAME: &'static str = "registry-publisher";
-    const PORTS: (u16, u16) = (8082, 9092);
-    const SCHEMA: &'static str = SCHEMA;
-    const SECRETS: &'static [SecretKind] = &[SecretKind::Registry];
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    fn common(settings: &Settings) -> &Common {
-        &settings.common
-    }
+    gantry_runtime::service_identity!("registry-publisher", (8082, 9092), [Registry]);
 
     async fn start(
         s: Settings,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use gantry_proto::v1::ingest_server::Ingest;
 use gantry_proto::v1::{TriggerRequest, TriggerResponse};
+use gantry_runtime::ApiError;
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
@@ -99,9 +100,9 @@ impl Ingest for IngestService {
             .state
             .config
             .project(&req.project)
-            .ok_or_else(|| Status::not_found(format!("unknown project {:?}", req.project)))?;
+            .ok_or_else(|| ApiError::NotFound(format!("unknown project {:?}", req.project)))?;
         if req.r#ref.is_empty() {
-            return Err(Status::invalid_argument("ref is empty"));
+            return Err(ApiError::InvalidArgument("ref is empty".into()).into());
         }
         let (full_ref, sha) = resolve_ref(
             &project.clone_url,
@@ -109,9 +110,9 @@ impl Ingest for IngestService {
             &req.r#ref,
         )
         .await
-        .map_err(|e| Status::unavailable(format!("cannot read refs of {}: {e:#}", project.name)))?
+        .map_err(|e| ApiError::Upstream(format!("cannot read refs of {}: {e:#}", project.name)))?
         .ok_or_else(|| {
-            Status::not_found(format!(
+            ApiError::NotFound(format!(
                 "no branch or tag {:?} in {}",
                 req.r#ref, project.name
             ))
@@ -130,10 +131,7 @@ impl Ingest for IngestService {
         };
         let started = pipelines::start(&self.state.pool, &project.name, &delivery, revision)
             .await
-            .map_err(|e| {
-                tracing::error!(error = format!("{e:#}"), "trigger could not be stored");
-                Status::unavailable("the trigger could not be stored; retry later")
-            })?;
+            .map_err(ApiError::store)?;
         if matches!(started, Started::New(_)) {
             self.state.relay_wake.notify_one();
         }

@@ -15,7 +15,7 @@ pub mod pipelines;
 
 use std::sync::Arc;
 
-use gantry_config::{GantryConfig, SecretKind};
+use gantry_config::GantryConfig;
 use gantry_runtime::{Base, Common, Parts};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -52,19 +52,7 @@ pub struct AppState {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    type Settings = Settings;
-    const NAME: &'static str = "webhook-ingest";
-    const PORTS: (u16, u16) = (8080, 9090);
-    const SCHEMA: &'static str = SCHEMA;
-    const SECRETS: &'static [SecretKind] = &[SecretKind::Webhook, SecretKind::Clone];
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    fn common(settings: &Settings) -> &Common {
-        &settings.common
-    }
+    gantry_runtime::service_identity!("webhook-ingest", (8080, 9090), [Webhook, Clone]);
 
     async fn start(
         s: Settings,
