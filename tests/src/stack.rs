@@ -167,19 +167,26 @@ pub struct Stack {
     tap_stop: CancellationToken,
 }
 
-/// A loopback port that is free now and was not handed out before in this process.
+/// A loopback port that is free now and was not handed out before in this
+/// process. It is taken below the kernel's ephemeral range (read from
+/// `ip_local_port_range`), so no outgoing connection can take it between
+/// now and the moment a service binds it; end-to-end tests run one at a
+/// time, so no other test takes it either.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20000u16, ephemeral_start.clamp(20001, 32768));
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
+        let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        given.push(port);
+        return port;
     }
 }
 

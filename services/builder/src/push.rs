@@ -2,7 +2,9 @@
 //! built it. The engine talks plain HTTP to loopback registries and TLS
 //! elsewhere, and handles both basic and token authentication with the
 //! credentials given. The builder pushes the commit tag; the
-//! registry-publisher adds the other tags through the registry API.
+//! registry-publisher adds the other tags through the registry API. The
+//! manifest digest is the one the engine records with the image
+//! (`RepoDigests`), not read from progress text.
 
 use anyhow::Context as _;
 use bollard::Docker;
@@ -11,12 +13,14 @@ use futures::StreamExt;
 use gantry_config::Registry;
 use gantry_docker::EngineError;
 
-/// The manifest digest from a push progress line such as
-/// `1.2.3: digest: sha256:abc... size: 527`.
-pub fn digest_in(status: &str) -> Option<&str> {
-    let (_, rest) = status.split_once("digest: ")?;
-    let digest = rest.split_whitespace().next()?;
-    (digest.starts_with("sha256:") && digest.len() == 71).then_some(digest)
+/// The manifest digest of `repository` among an image's `RepoDigests`
+/// (`host/path@sha256:...`, recorded by the engine when it pushes).
+pub fn digest_of<'a>(repo_digests: &'a [String], repository: &str) -> Option<&'a str> {
+    repo_digests.iter().find_map(|d| {
+        let (repo, digest) = d.split_once('@')?;
+        (repo == repository && digest.starts_with("sha256:") && digest.len() == 71)
+            .then_some(digest)
+    })
 }
 
 /// Tags `image_id` as `repository:tag` for every tag and pushes each; returns
@@ -50,7 +54,6 @@ pub async fn push(
             }),
             credentials.clone(),
         );
-        let mut pushed = None;
         while let Some(item) = progress.next().await {
             let info = item
                 .map_err(EngineError)
@@ -58,12 +61,18 @@ pub async fn push(
             if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                 anyhow::bail!("pushing {repository}:{tag}: {msg}");
             }
-            if let Some(d) = info.status.as_deref().and_then(digest_in) {
-                pushed = Some(d.to_owned());
-            }
         }
-        let pushed = pushed
-            .ok_or_else(|| anyhow::anyhow!("push of {repository}:{tag} reported no digest"))?;
+        // The engine records the manifest digest it pushed with the image.
+        let repo_digests = docker
+            .inspect_image(image_id)
+            .await
+            .map_err(EngineError)
+            .with_context(|| format!("inspecting {image_id} after its push"))?
+            .repo_digests
+            .unwrap_or_default();
+        let pushed = digest_of(&repo_digests, repository)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("the engine recorded no digest for {repository}"))?;
         match &digest {
             None => digest = Some(pushed),
             Some(d) if *d != pushed => {
@@ -80,13 +89,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digest_from_push_status() {
+    fn the_pushed_digest_is_the_repository_s() {
         let d = format!("sha256:{}", "ab".repeat(32));
+        let other = format!("sha256:{}", "cd".repeat(32));
+        let digests = vec![
+            format!("127.0.0.1:5000/other@{other}"),
+            format!("127.0.0.1:5000/team/hello@{d}"),
+        ];
         assert_eq!(
-            digest_in(&format!("latest: digest: {d} size: 527")),
+            digest_of(&digests, "127.0.0.1:5000/team/hello"),
             Some(d.as_str())
         );
-        assert_eq!(digest_in("Pushed"), None);
-        assert_eq!(digest_in("x: digest: sha256:short size: 1"), None);
+        assert_eq!(digest_of(&digests, "127.0.0.1:5000/team"), None);
+        assert_eq!(digest_of(&["x@sha256:short".to_owned()], "x"), None);
     }
 }
