@@ -304,26 +304,7 @@ pub(crate) async fn watch(
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.clone() {
         Command::Token(t) => token_command(&t)?,
-        Command::Pipelines { project, limit } => {
-            let mut client = PipelinesClient::new(channel(&cli, &cli.notifier).await?);
-            let list = client
-                .list(ListPipelinesRequest {
-                    project: project.unwrap_or_default(),
-                    limit,
-                })
-                .await?
-                .into_inner()
-                .pipelines;
-            if cli.json {
-                print_json(&Value::Array(list.iter().map(pipeline_json).collect()));
-            } else if list.is_empty() {
-                println!("no pipelines yet");
-            } else {
-                for p in &list {
-                    println!("{}", pipeline_line(p));
-                }
-            }
-        }
+        Command::Pipelines { project, limit } => pipelines(&cli, project, limit).await?,
         Command::Watch { pipeline } => {
             let one = pipeline.is_some();
             if let Some(p) = watch(&cli, pipeline).await?
@@ -334,133 +315,176 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Demo(d) => demo::run(&cli, d).await?,
-        Command::Logs { id, follow } => {
-            let mut client = BuildsClient::new(channel(&cli, &cli.builder).await?);
-            let by_build = client
+        Command::Logs { id, follow } => logs(&cli, id, follow).await?,
+        Command::Trigger { project, git_ref } => trigger(&cli, project, git_ref).await?,
+        Command::Envs => envs(&cli).await?,
+        Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
+        Command::Rollback { environment } => rollback(&cli, environment).await?,
+    }
+    Ok(())
+}
+
+/// `gantry pipelines`.
+async fn pipelines(cli: &Cli, project: Option<String>, limit: u32) -> anyhow::Result<()> {
+    let mut client = PipelinesClient::new(channel(cli, &cli.notifier).await?);
+    let list = client
+        .list(ListPipelinesRequest {
+            project: project.unwrap_or_default(),
+            limit,
+        })
+        .await?
+        .into_inner()
+        .pipelines;
+    if cli.json {
+        print_json(&Value::Array(list.iter().map(pipeline_json).collect()));
+    } else if list.is_empty() {
+        println!("no pipelines yet");
+    } else {
+        for p in &list {
+            println!("{}", pipeline_line(p));
+        }
+    }
+    Ok(())
+}
+
+/// `gantry logs`.
+async fn logs(cli: &Cli, id: String, follow: bool) -> anyhow::Result<()> {
+    let mut client = BuildsClient::new(channel(cli, &cli.builder).await?);
+    let by_build = client
+        .stream_logs(StreamLogsRequest {
+            build_id: id.clone(),
+            pipeline_id: String::new(),
+            follow,
+        })
+        .await;
+    let response = match by_build {
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            client
                 .stream_logs(StreamLogsRequest {
-                    build_id: id.clone(),
-                    pipeline_id: String::new(),
+                    build_id: String::new(),
+                    pipeline_id: id.clone(),
                     follow,
                 })
-                .await;
-            let response = match by_build {
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    client
-                        .stream_logs(StreamLogsRequest {
-                            build_id: String::new(),
-                            pipeline_id: id.clone(),
-                            follow,
-                        })
-                        .await?
-                }
-                other => other?,
-            };
-            let mut stream = response.into_inner();
-            let mut out = std::io::stdout().lock();
-            while let Some(chunk) = stream.message().await? {
-                if cli.json {
-                    let line = json!({
-                        "build_id": chunk.build_id, "seq": chunk.seq, "step": chunk.step,
-                        "stream": chunk.stream, "data": String::from_utf8_lossy(&chunk.data),
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    out.write_all(&chunk.data)?;
-                }
-                out.flush()?;
-            }
-        }
-        Command::Trigger { project, git_ref } => {
-            let mut client = IngestClient::new(channel(&cli, &cli.ingest).await?);
-            let r = client
-                .trigger(TriggerRequest {
-                    project,
-                    r#ref: git_ref,
-                })
                 .await?
-                .into_inner();
-            if cli.json {
-                print_json(&json!({
-                    "pipeline_id": r.pipeline_id, "commit": r.commit_sha, "ref": r.git_ref,
-                }));
+        }
+        other => other?,
+    };
+    let mut stream = response.into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = stream.message().await? {
+        if cli.json {
+            let line = json!({
+                "build_id": chunk.build_id, "seq": chunk.seq, "step": chunk.step,
+                "stream": chunk.stream, "data": String::from_utf8_lossy(&chunk.data),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            out.write_all(&chunk.data)?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `gantry trigger`.
+async fn trigger(cli: &Cli, project: String, git_ref: String) -> anyhow::Result<()> {
+    let mut client = IngestClient::new(channel(cli, &cli.ingest).await?);
+    let r = client
+        .trigger(TriggerRequest {
+            project,
+            r#ref: git_ref,
+        })
+        .await?
+        .into_inner();
+    if cli.json {
+        print_json(&json!({
+            "pipeline_id": r.pipeline_id, "commit": r.commit_sha, "ref": r.git_ref,
+        }));
+    } else {
+        println!(
+            "pipeline {} started for {} at {}",
+            r.pipeline_id,
+            r.git_ref,
+            short(&r.commit_sha, 10)
+        );
+    }
+    Ok(())
+}
+
+/// `gantry envs`.
+async fn envs(cli: &Cli) -> anyhow::Result<()> {
+    let mut client = DeploymentsClient::new(channel(cli, &cli.deployer).await?);
+    let envs = client
+        .list_environments(ListEnvironmentsRequest {})
+        .await?
+        .into_inner()
+        .environments;
+    if cli.json {
+        print_json(&Value::Array(envs.iter().map(environment_json).collect()));
+    } else if envs.is_empty() {
+        println!("no environments are configured");
+    }
+    if !cli.json {
+        for e in &envs {
+            let endpoint = if e.endpoint.is_empty() {
+                String::new()
             } else {
+                format!(" at {}", e.endpoint)
+            };
+            println!(
+                "{} ({} {}, {}){endpoint}",
+                e.name,
+                e.target,
+                e.project,
+                e.rules.join("; ")
+            );
+            match &e.current {
+                Some(d) => println!(
+                    "    runs {}@{} (commit {}, {}) since {}",
+                    d.repository,
+                    short(&d.digest, 12),
+                    short(&d.commit_sha, 10),
+                    d.git_ref.trim_start_matches("refs/heads/"),
+                    time(&d.finished_at)
+                ),
+                None => println!("    nothing deployed yet"),
+            }
+            if let Some(d) = &e.pending {
                 println!(
-                    "pipeline {} started for {} at {}",
-                    r.pipeline_id,
-                    r.git_ref,
-                    short(&r.commit_sha, 10)
+                    "    {} {} (commit {})",
+                    d.state,
+                    short(&d.digest, 12),
+                    short(&d.commit_sha, 10)
                 );
             }
         }
-        Command::Envs => {
-            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
-            let envs = client
-                .list_environments(ListEnvironmentsRequest {})
-                .await?
-                .into_inner()
-                .environments;
-            if cli.json {
-                print_json(&Value::Array(envs.iter().map(environment_json).collect()));
-            } else if envs.is_empty() {
-                println!("no environments are configured");
-            }
-            if !cli.json {
-                for e in &envs {
-                    let endpoint = if e.endpoint.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" at {}", e.endpoint)
-                    };
-                    println!(
-                        "{} ({} {}, {}){endpoint}",
-                        e.name,
-                        e.target,
-                        e.project,
-                        e.rules.join("; ")
-                    );
-                    match &e.current {
-                        Some(d) => println!(
-                            "    runs {}@{} (commit {}, {}) since {}",
-                            d.repository,
-                            short(&d.digest, 12),
-                            short(&d.commit_sha, 10),
-                            d.git_ref.trim_start_matches("refs/heads/"),
-                            time(&d.finished_at)
-                        ),
-                        None => println!("    nothing deployed yet"),
-                    }
-                    if let Some(d) = &e.pending {
-                        println!(
-                            "    {} {} (commit {})",
-                            d.state,
-                            short(&d.digest, 12),
-                            short(&d.commit_sha, 10)
-                        );
-                    }
-                }
-            }
-        }
-        Command::Deploy { environment, image } => {
-            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
-            let d = client
-                .deploy(DeployRequest { environment, image })
-                .await?
-                .into_inner()
-                .deployment
-                .unwrap_or_default();
-            report_queued(cli.json, &d);
-        }
-        Command::Rollback { environment } => {
-            let mut client = DeploymentsClient::new(channel(&cli, &cli.deployer).await?);
-            let d = client
-                .rollback(RollbackRequest { environment })
-                .await?
-                .into_inner()
-                .deployment
-                .unwrap_or_default();
-            report_queued(cli.json, &d);
-        }
     }
+    Ok(())
+}
+
+/// `gantry deploy`.
+async fn deploy(cli: &Cli, environment: String, image: String) -> anyhow::Result<()> {
+    let mut client = DeploymentsClient::new(channel(cli, &cli.deployer).await?);
+    let d = client
+        .deploy(DeployRequest { environment, image })
+        .await?
+        .into_inner()
+        .deployment
+        .unwrap_or_default();
+    report_queued(cli.json, &d);
+    Ok(())
+}
+
+/// `gantry rollback`.
+async fn rollback(cli: &Cli, environment: String) -> anyhow::Result<()> {
+    let mut client = DeploymentsClient::new(channel(cli, &cli.deployer).await?);
+    let d = client
+        .rollback(RollbackRequest { environment })
+        .await?
+        .into_inner()
+        .deployment
+        .unwrap_or_default();
+    report_queued(cli.json, &d);
     Ok(())
 }
 

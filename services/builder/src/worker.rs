@@ -235,6 +235,8 @@ impl Worker {
         verdict
     }
 
+    /// Runs the phases of a build — checkout, pipeline file, image build,
+    /// test steps, push — and says how it ended.
     async fn run_build(
         &self,
         build: &Claimed,
@@ -242,40 +244,33 @@ impl Worker {
         log: &LogSink,
     ) -> Verdict {
         let mut steps = Vec::new();
-        if build.attempt > MAX_ATTEMPTS {
-            return fail(
-                "build",
-                0,
-                format!(
-                    "the builder stopped {} times while running this build",
-                    build.attempt - 1
-                ),
-                steps,
-            );
-        }
-        if build.attempt > 1 {
-            log.system(
-                "checkout",
-                format!("attempt {} (an earlier builder stopped)", build.attempt),
-            )
-            .await;
-            docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
-        }
-        let revision = build.request.revision.clone().unwrap_or_default();
-        let dir = match tempfile::Builder::new().prefix("gantry-build-").tempdir() {
-            Ok(d) => d,
-            Err(e) => {
-                return fail(
-                    "checkout",
-                    0,
-                    format!("cannot create a work directory: {e}"),
-                    steps,
-                );
+        match self.phases(build, project, log, &mut steps).await {
+            Ok(verdict) => verdict,
+            Err(Ended::Stopped { step, reason }) => {
+                log.system(step, &reason).await;
+                fail(step, 0, reason, steps)
             }
-        };
+            Err(Ended::Failed(verdict)) => verdict,
+        }
+    }
+
+    async fn phases(
+        &self,
+        build: &Claimed,
+        project: &gantry_config::Project,
+        log: &LogSink,
+        steps: &mut Vec<StepResult>,
+    ) -> Result<Verdict, Ended> {
+        self.begin_attempt(build, log).await?;
+        let revision = build.request.revision.clone().unwrap_or_default();
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-build-")
+            .tempdir()
+            .map_err(|e| Ended::stop("checkout", format!("cannot create a work directory: {e}")))?;
+
         let started = Instant::now();
         // The configuration, not the event, says where the project lives.
-        if let Err(e) = crate::checkout::checkout(
+        crate::checkout::checkout(
             &project.clone_url,
             project.clone_credentials.as_ref(),
             &revision.commit_sha,
@@ -283,42 +278,11 @@ impl Worker {
             log,
         )
         .await
-        {
-            log.system("checkout", format!("{e:#}")).await;
-            return fail("checkout", 0, format!("{e:#}"), steps);
-        }
+        .map_err(|e| Ended::stop("checkout", format!("{e:#}")))?;
         steps.push(result("checkout", 0, started));
 
-        let root = dir.path().to_owned();
-        let read = tokio::task::spawn_blocking(move || context::read_pipeline_file(&root)).await;
-        let text = match read.unwrap_or_else(|e| Err(context::Refused(format!("{e}")))) {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                let reason = format!(
-                    "{}:1:1: not found at commit {}; expected a {} at the repository root",
-                    pipeline_file::FILE,
-                    revision.commit_sha,
-                    pipeline_file::FILE
-                );
-                log.system("config", &reason).await;
-                return fail("config", 0, reason, steps);
-            }
-            Err(refused) => {
-                log.system("config", refused.to_string()).await;
-                return fail("config", 0, refused.to_string(), steps);
-            }
-        };
-        let file = match PipelineFile::parse(&text)
-            .and_then(|f| f.check_limits(&project.limits).map(|()| f))
-        {
-            Ok(f) => f,
-            Err(e) => {
-                log.system("config", e.to_string()).await;
-                return fail("config", 0, e.to_string(), steps);
-            }
-        };
+        let file = read_pipeline(dir.path(), project, &revision.commit_sha).await?;
 
-        let build_id = build.id.to_string();
         // The image carries only what is true of the commit, so rebuilding a
         // commit yields the same image; containers also name build and pipeline.
         let image_labels = HashMap::from([
@@ -326,50 +290,26 @@ impl Worker {
             ("io.gantry.commit".to_owned(), revision.commit_sha.clone()),
         ]);
         let mut labels = image_labels.clone();
-        labels.insert(BUILD_LABEL.to_owned(), build_id.clone());
+        labels.insert(BUILD_LABEL.to_owned(), build.id.to_string());
         labels.insert(ATTEMPT_LABEL.to_owned(), build.attempt.to_string());
         labels.insert("io.gantry.pipeline".to_owned(), build.pipeline_id.clone());
-        let started = Instant::now();
         let [tag, pushed_tag] = self.image_tags(build);
-        let (root, spec) = (dir.path().to_owned(), file.image.clone());
-        let resolved = tokio::task::spawn_blocking(move || Context::resolve(&root, &spec)).await;
-        let context = match resolved.unwrap_or_else(|e| Err(context::Refused(format!("{e}")))) {
-            Ok(c) => c,
-            Err(refused) => {
-                log.system("build", refused.to_string()).await;
-                return fail("build", 0, refused.to_string(), steps);
-            }
-        };
-        let image_id = match docker::build_image(
-            &self.docker,
-            context,
-            &file.image,
-            &tag,
-            image_labels,
-            &project.limits,
-            &self.step_network,
-            log,
-        )
-        .await
-        {
-            Ok(id) => id,
-            Err(e) => {
-                log.system("build", format!("image build failed: {e:#}"))
-                    .await;
-                return fail("build", 0, format!("image build failed: {e:#}"), steps);
-            }
-        };
+
+        let started = Instant::now();
+        let image_id = self
+            .build_image(dir.path(), project, &file, &tag, image_labels, log)
+            .await?;
         steps.push(result("build", 0, started));
         log.system("build", format!("built {image_id}")).await;
         drop(dir);
 
         if let Err(failed) = self
-            .run_tests(build, project, &file, &image_id, &labels, log, &mut steps)
+            .run_tests(build, project, &file, &image_id, &labels, log, steps)
             .await
         {
             // A failed image is never published: untag it so the engine can prune it.
             docker::untag(&self.docker, std::slice::from_ref(&tag)).await;
-            return failed;
+            return Err(Ended::Failed(failed));
         }
 
         let started = Instant::now();
@@ -379,21 +319,65 @@ impl Worker {
         // The registry holds the image now (or it failed): the engine keeps
         // nothing of it, so builds do not fill it up.
         docker::untag(&self.docker, &[tag, pushed_tag]).await;
-        match pushed {
-            Ok((repository, digest)) => {
-                steps.push(result("push", 0, started));
-                Verdict::Succeeded {
-                    image_id,
-                    repository,
-                    digest,
-                    steps,
-                }
-            }
-            Err(e) => {
-                log.system("push", format!("{e:#}")).await;
-                fail("push", 0, format!("{e:#}"), steps)
-            }
+        let (repository, digest) = pushed.map_err(|e| Ended::stop("push", format!("{e:#}")))?;
+        steps.push(result("push", 0, started));
+        Ok(Verdict::Succeeded {
+            image_id,
+            repository,
+            digest,
+            steps: steps.clone(),
+        })
+    }
+
+    /// Refuses a build taken over too often; cleans what an earlier attempt left.
+    async fn begin_attempt(&self, build: &Claimed, log: &LogSink) -> Result<(), Ended> {
+        if build.attempt > MAX_ATTEMPTS {
+            return Err(Ended::stop(
+                "build",
+                format!(
+                    "the builder stopped {} times while running this build",
+                    build.attempt - 1
+                ),
+            ));
         }
+        if build.attempt > 1 {
+            log.system(
+                "checkout",
+                format!("attempt {} (an earlier builder stopped)", build.attempt),
+            )
+            .await;
+            docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
+        }
+        Ok(())
+    }
+
+    /// Builds the image from the checked, confined context.
+    async fn build_image(
+        &self,
+        checkout: &std::path::Path,
+        project: &gantry_config::Project,
+        file: &PipelineFile,
+        tag: &str,
+        labels: HashMap<String, String>,
+        log: &LogSink,
+    ) -> Result<String, Ended> {
+        let (root, spec) = (checkout.to_owned(), file.image.clone());
+        let context = tokio::task::spawn_blocking(move || Context::resolve(&root, &spec))
+            .await
+            .unwrap_or_else(|e| Err(context::Refused(format!("{e}"))))
+            .map_err(|refused| Ended::stop("build", refused.to_string()))?;
+        docker::build_image(
+            &self.docker,
+            context,
+            &file.image,
+            tag,
+            labels,
+            &project.limits,
+            &self.step_network,
+            log,
+        )
+        .await
+        .map_err(|e| Ended::stop("build", format!("image build failed: {e:#}")))
     }
 
     /// The engine's tags of a build's image: the builder's own, and the one
@@ -570,6 +554,47 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Why a build ended before its verdict was success.
+enum Ended {
+    /// A step of the builder's own stopped it (logged here, exit code 0).
+    Stopped { step: &'static str, reason: String },
+    /// A test step failed; its verdict is ready (and logged).
+    Failed(Verdict),
+}
+
+impl Ended {
+    fn stop(step: &'static str, reason: String) -> Self {
+        Ended::Stopped { step, reason }
+    }
+}
+
+/// Reads `.gantry.yml` from the checkout (confined to it) and checks it
+/// against what the project allows.
+async fn read_pipeline(
+    checkout: &std::path::Path,
+    project: &gantry_config::Project,
+    commit: &str,
+) -> Result<PipelineFile, Ended> {
+    let root = checkout.to_owned();
+    let text = tokio::task::spawn_blocking(move || context::read_pipeline_file(&root))
+        .await
+        .unwrap_or_else(|e| Err(context::Refused(format!("{e}"))))
+        .map_err(|refused| Ended::stop("config", refused.to_string()))?
+        .ok_or_else(|| {
+            Ended::stop(
+                "config",
+                format!(
+                    "{}:1:1: not found at commit {commit}; expected a {} at the repository root",
+                    pipeline_file::FILE,
+                    pipeline_file::FILE
+                ),
+            )
+        })?;
+    PipelineFile::parse(&text)
+        .and_then(|f| f.check_limits(&project.limits).map(|()| f))
+        .map_err(|e| Ended::stop("config", e.to_string()))
 }
 
 fn result(name: &str, exit_code: i32, started: Instant) -> StepResult {

@@ -184,72 +184,9 @@ pub async fn apply(
             | Payload::DeployFailed(_)
             | Payload::DeployRolledBack(_),
         ) => {
-            let Some(step) = DeployStep::of(event) else {
-                return Ok(queued);
-            };
-            let d = &step.deployment;
-            // A rollback after deploy.failed was told says nothing more on the
-            // forge; if it comes first, it tells the failure itself.
-            let failure_told: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
-                 WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = $4)",
-            )
-            .bind(&event.pipeline_id)
-            .bind(&d.environment)
-            .bind(&d.deployment_id)
-            .bind(DeploymentState::Failed)
-            .fetch_one(&mut **tx)
-            .await?;
-            if !deployment(tx, event, d, step.state, &step.reason).await? {
-                return Ok(queued);
-            }
-            let (status, description) = step.status;
-            if step.state != DeploymentState::RolledBack || !failure_told {
-                let status = Status {
-                    context: format!("gantry/deploy/{}", d.environment),
-                    state: status,
-                    description: format!("{description} to {}", d.environment),
-                    target_url: links.pipeline.clone(),
-                };
-                queued |= outbound::queue_status(tx, config, &event.project, &rev, &status).await?;
-            }
-            match event.payload.as_ref() {
-                Some(Payload::DeploySucceeded(s)) => {
-                    let announced: Option<String> = sqlx::query_scalar(
-                        "SELECT digest FROM environment_state WHERE environment = $1",
-                    )
-                    .bind(&d.environment)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
-                         ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
-                    )
-                    .bind(&d.environment)
-                    .bind(&d.digest)
-                    .execute(&mut **tx)
-                    .await?;
-                    (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
-                        environment: d.environment.clone(),
-                        endpoint: s.endpoint.clone(),
-                    })
-                }
-                // With a previous version, deploy.rolled_back follows and speaks for both.
-                Some(Payload::DeployFailed(_)) => {
-                    d.previous_digest
-                        .is_empty()
-                        .then(|| ChatEvent::DeployFailed {
-                            environment: d.environment.clone(),
-                            reason: step.reason.clone(),
-                        })
-                }
-                Some(Payload::DeployRolledBack(_)) => Some(ChatEvent::RolledBack {
-                    environment: d.environment.clone(),
-                    reason: step.reason.clone(),
-                    kept: d.previous_digest.clone(),
-                }),
-                _ => None,
-            }
+            let (status_queued, chat) = deployment_effects(tx, config, event, &rev, &links).await?;
+            queued |= status_queued;
+            chat
         }
         _ => None,
     };
@@ -264,6 +201,86 @@ pub async fn apply(
         queued |= outbound::queue_chat(tx, config, &message).await?;
     }
     Ok(queued)
+}
+
+/// What a deploy event says: the deployment's commit status (unless a
+/// rollback repeats a failure already told) and, when something changed for
+/// the team, a chat message. Returns whether a status was queued, and the
+/// message.
+async fn deployment_effects(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    event: &Event,
+    rev: &Revision,
+    links: &outbound::Links,
+) -> anyhow::Result<(bool, Option<ChatEvent>)> {
+    let mut queued = false;
+    let Some(step) = DeployStep::of(event) else {
+        return Ok((queued, None));
+    };
+    let d = &step.deployment;
+    // A rollback after deploy.failed was told says nothing more on the
+    // forge; if it comes first, it tells the failure itself.
+    let failure_told: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
+         WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = $4)",
+    )
+    .bind(&event.pipeline_id)
+    .bind(&d.environment)
+    .bind(&d.deployment_id)
+    .bind(DeploymentState::Failed)
+    .fetch_one(&mut **tx)
+    .await?;
+    if !deployment(tx, event, d, step.state, &step.reason).await? {
+        return Ok((queued, None));
+    }
+    let (status, description) = step.status;
+    if step.state != DeploymentState::RolledBack || !failure_told {
+        let status = Status {
+            context: format!("gantry/deploy/{}", d.environment),
+            state: status,
+            description: format!("{description} to {}", d.environment),
+            target_url: links.pipeline.clone(),
+        };
+        queued |= outbound::queue_status(tx, config, &event.project, rev, &status).await?;
+    }
+    let chat = match event.payload.as_ref() {
+        Some(Payload::DeploySucceeded(s)) => {
+            let announced: Option<String> =
+                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
+                    .bind(&d.environment)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
+                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+            )
+            .bind(&d.environment)
+            .bind(&d.digest)
+            .execute(&mut **tx)
+            .await?;
+            (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
+                environment: d.environment.clone(),
+                endpoint: s.endpoint.clone(),
+            })
+        }
+        // With a previous version, deploy.rolled_back follows and speaks for both.
+        Some(Payload::DeployFailed(_)) => {
+            d.previous_digest
+                .is_empty()
+                .then(|| ChatEvent::DeployFailed {
+                    environment: d.environment.clone(),
+                    reason: step.reason.clone(),
+                })
+        }
+        Some(Payload::DeployRolledBack(_)) => Some(ChatEvent::RolledBack {
+            environment: d.environment.clone(),
+            reason: step.reason.clone(),
+            kept: d.previous_digest.clone(),
+        }),
+        _ => None,
+    };
+    Ok((queued, chat))
 }
 
 /// Records the state of the event's ref; returns the state it had before
