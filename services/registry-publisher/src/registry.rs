@@ -1,29 +1,28 @@
-//! The registry's HTTP API (Docker Registry v2 / OCI distribution), just what
-//! tagging needs: read a manifest by digest and put it under more tags. No
-//! image data moves, and no Docker engine is involved.
-//!
-//! Authentication follows the registry's challenge: anonymous first; on a 401
-//! `Basic` challenge the configured credentials; on a `Bearer` challenge a
-//! token from the realm it names (with the credentials, if any).
-
-use std::time::Duration;
+//! Tagging through the registry's API (Docker Registry v2 / OCI
+//! distribution), with `oci-client` speaking the protocol — anonymous
+//! access, `Basic` credentials, or a `Bearer` token from the realm the
+//! registry's challenge names. Only what tagging needs: read a manifest by
+//! digest (checked against that digest here, whatever the registry says)
+//! and put the same bytes under more tags. No image data moves, and no
+//! Docker engine is involved.
 
 use gantry_config::Registry;
-use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest as _, Sha256};
 
 /// Manifest types a tag may point at.
-const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
-     application/vnd.docker.distribution.manifest.v2+json, \
-     application/vnd.oci.image.index.v1+json, \
-     application/vnd.docker.distribution.manifest.list.v2+json";
-/// Timeout of one registry call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+/// The type of a manifest that does not say its own.
+const DEFAULT_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-pub struct RegistryApi {
-    client: reqwest::Client,
-}
+pub struct RegistryApi;
 
 /// Where the API of `registry` is: its `api` setting, else plain HTTP for a
 /// loopback host (as the Docker engine does) and HTTPS otherwise.
@@ -42,137 +41,15 @@ pub fn path_of(repository: &str) -> &str {
     repository.split_once('/').map_or("", |(_, p)| p)
 }
 
-/// `key="value"` pairs of a challenge's parameters.
-/// Values may be quoted and hold commas (`scope="repository:a:pull,push"`).
-fn challenge_params(challenge: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = challenge.trim();
-    while let Some((key, after)) = rest.split_once('=') {
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let (value, next) = match after.strip_prefix('"') {
-            Some(quoted) => match quoted.split_once('"') {
-                Some((v, n)) => (v, n),
-                None => (quoted, ""),
-            },
-            None => after.split_once(',').unwrap_or((after, "")),
-        };
-        out.push((key, value.to_owned()));
-        rest = next.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
-    }
-    out
+/// The media type a manifest declares (`mediaType`), if it does.
+fn media_type(manifest: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    value["mediaType"].as_str().map(str::to_owned)
 }
 
 impl RegistryApi {
     pub fn new() -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .timeout(CALL_TIMEOUT)
-            .user_agent(concat!(
-                "gantry-registry-publisher/",
-                env!("CARGO_PKG_VERSION")
-            ))
-            .build()?;
-        Ok(Self { client })
-    }
-
-    /// The `Authorization` value answering a 401's challenge.
-    async fn authorize(&self, registry: &Registry, challenge: &str) -> anyhow::Result<String> {
-        let basic = || {
-            let user = registry.username.clone().unwrap_or_default();
-            let pass = registry
-                .password
-                .as_ref()
-                .map(|p| p.expose().to_owned())
-                .unwrap_or_default();
-            (user, pass)
-        };
-        let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
-        if scheme.eq_ignore_ascii_case("basic") {
-            anyhow::ensure!(
-                registry.username.is_some(),
-                "the registry wants a login and none is configured"
-            );
-            let (user, pass) = basic();
-            let token = base64(&format!("{user}:{pass}"));
-            return Ok(format!("Basic {token}"));
-        }
-        anyhow::ensure!(
-            scheme.eq_ignore_ascii_case("bearer"),
-            "unsupported authentication {scheme:?}"
-        );
-        let params = challenge_params(params);
-        let get = |k: &str| {
-            params
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
-        let realm =
-            get("realm").ok_or_else(|| anyhow::anyhow!("bearer challenge without realm"))?;
-        let mut query = Vec::new();
-        if let Some(service) = get("service") {
-            query.push(("service", service));
-        }
-        if let Some(scope) = get("scope") {
-            query.push(("scope", scope));
-        }
-        let url = reqwest::Url::parse_with_params(&realm, &query)?;
-        let mut request = self.client.get(url);
-        if registry.username.is_some() {
-            let (user, pass) = basic();
-            request = request.basic_auth(user, Some(pass));
-        }
-        let response = request.send().await.map_err(reqwest::Error::without_url)?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "token service answered {}",
-            response.status()
-        );
-        let body: serde_json::Value = response.json().await?;
-        let token = body["token"]
-            .as_str()
-            .or_else(|| body["access_token"].as_str())
-            .ok_or_else(|| anyhow::anyhow!("token service gave no token"))?;
-        Ok(format!("Bearer {token}"))
-    }
-
-    /// Sends the request `make` builds, answering one authentication challenge.
-    async fn send(
-        &self,
-        registry: &Registry,
-        make: impl Fn() -> reqwest::RequestBuilder,
-        auth: &mut Option<String>,
-    ) -> anyhow::Result<reqwest::Response> {
-        let with = |a: &Option<String>| match a {
-            Some(v) => make().header(AUTHORIZATION, v),
-            None => make(),
-        };
-        let response = with(auth)
-            .send()
-            .await
-            .map_err(reqwest::Error::without_url)?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        let challenge = response
-            .headers()
-            .get(WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("Basic")
-            .to_owned();
-        *auth = Some(self.authorize(registry, &challenge).await?);
-        let response = with(auth)
-            .send()
-            .await
-            .map_err(reqwest::Error::without_url)?;
-        anyhow::ensure!(
-            response.status() != StatusCode::UNAUTHORIZED,
-            "the registry refused the credentials (401)"
-        );
-        Ok(response)
+        Ok(Self)
     }
 
     /// Puts the manifest `digest` of `repository` under each of `tags`.
@@ -184,95 +61,54 @@ impl RegistryApi {
         tags: &[String],
     ) -> anyhow::Result<()> {
         let base = base_url(registry);
-        let path = path_of(repository);
-        let mut auth = None;
-        let url = format!("{base}/v2/{path}/manifests/{digest}");
-        let response = self
-            .send(
-                registry,
-                || self.client.get(&url).header(ACCEPT, MANIFEST_TYPES),
-                &mut auth,
-            )
+        let (scheme, host) = base
+            .split_once("://")
+            .ok_or_else(|| anyhow::anyhow!("the registry API {base:?} has no scheme"))?;
+        let client = Client::new(ClientConfig {
+            protocol: if scheme == "http" {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            ..Default::default()
+        });
+        let auth = match (&registry.username, &registry.password) {
+            (Some(user), Some(password)) => {
+                RegistryAuth::Basic(user.clone(), password.expose().to_owned())
+            }
+            _ => RegistryAuth::Anonymous,
+        };
+        let path = path_of(repository).to_owned();
+        let by_digest = Reference::with_digest(host.to_owned(), path.clone(), digest.to_owned());
+        // One authentication for reading and writing the repository.
+        client
+            .auth(&by_digest, &auth, RegistryOperation::Push)
             .await
-            .map_err(|e| e.context(format!("reading {repository}@{digest}")))?;
-        let status = response.status();
-        anyhow::ensure!(
-            status.is_success(),
-            "reading {repository}@{digest}: the registry answered {status}"
-        );
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/vnd.docker.distribution.manifest.v2+json")
-            .to_owned();
-        let manifest = response.bytes().await?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("logging in to {host}")))?;
+        let (manifest, _) = client
+            .pull_manifest_raw(&by_digest, &auth, &MANIFEST_TYPES)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context(format!("reading {repository}@{digest}")))?;
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
         anyhow::ensure!(
             actual == digest,
             "the registry returned manifest {actual} for {digest}"
         );
+        let content_type = media_type(&manifest).unwrap_or_else(|| DEFAULT_TYPE.to_owned());
+        let content_type: reqwest::header::HeaderValue = content_type
+            .parse()
+            .map_err(|_| anyhow::anyhow!("manifest type {content_type:?} is not a header value"))?;
         for tag in tags {
-            let url = format!("{base}/v2/{path}/manifests/{tag}");
-            let response = self
-                .send(
-                    registry,
-                    || {
-                        self.client
-                            .put(&url)
-                            .header(CONTENT_TYPE, &content_type)
-                            .body(manifest.clone())
-                    },
-                    &mut auth,
-                )
+            let by_tag = Reference::with_tag(host.to_owned(), path.clone(), tag.clone());
+            client
+                .push_manifest_raw(&by_tag, manifest.clone(), content_type.clone())
                 .await
-                .map_err(|e| e.context(format!("tagging {repository}:{tag}")))?;
-            let status = response.status();
-            if !status.is_success() {
-                let text: String = response
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(200)
-                    .collect();
-                anyhow::bail!("tagging {repository}:{tag}: the registry answered {status}: {text}");
-            }
-            if let Some(d) = response
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-            {
-                anyhow::ensure!(
-                    d == digest,
-                    "{repository}:{tag} got digest {d}, not {digest}"
-                );
-            }
+                .map_err(|e| {
+                    anyhow::Error::new(e).context(format!("tagging {repository}:{tag}"))
+                })?;
         }
         Ok(())
     }
-}
-
-fn base64(s: &str) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -306,33 +142,13 @@ mod tests {
     }
 
     #[test]
-    fn basic_credentials_are_base64() {
-        assert_eq!(base64("ci:s3cret"), "Y2k6czNjcmV0");
-        assert_eq!(base64("a"), "YQ==");
-        assert_eq!(base64("ab"), "YWI=");
-    }
-
-    #[test]
-    fn bearer_challenges_are_parsed() {
-        let p = challenge_params(
-            r#"realm="https://auth.example.com/token",service="registry.example.com",scope="repository:team/web:pull,push""#,
-        );
+    fn manifests_say_their_type() {
+        let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
         assert_eq!(
-            p[0],
-            ("realm".into(), "https://auth.example.com/token".into())
+            media_type(m).as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
         );
-        assert_eq!(p[1].1, "registry.example.com");
-        assert_eq!(
-            p[2],
-            ("scope".into(), "repository:team/web:pull,push".into())
-        );
-        let p = challenge_params("realm=https://a/t,service=r");
-        assert_eq!(
-            p,
-            [
-                ("realm".into(), "https://a/t".into()),
-                ("service".into(), "r".into())
-            ]
-        );
+        assert_eq!(media_type(b"{}"), None);
+        assert_eq!(media_type(b"not json"), None);
     }
 }
