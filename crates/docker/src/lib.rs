@@ -87,34 +87,29 @@ pub async fn labelled_containers(
 /// is busy with it; a container that is already gone is fine.
 pub async fn remove_container(docker: &bollard::Docker, container: &str) {
     use bollard::query_parameters::RemoveContainerOptions;
-    let mut delays = gantry_retry::Policy::Remove.delays();
-    loop {
-        match docker
-            .remove_container(
-                container,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return,
-            Err(e) => match delays.next() {
-                Some(pause) => {
-                    tracing::debug!(container, error = %error_text(&e), "cannot remove a container yet");
-                    tokio::time::sleep(pause).await;
-                }
-                None => {
-                    tracing::warn!(container, error = %error_text(&e), "cannot remove container");
-                    return;
-                }
-            },
-        }
+    let removed = gantry_retry::Policy::Remove
+        .retry("remove a container", || async {
+            match docker
+                .remove_container(
+                    container,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Err(e) => Err(EngineError(e)),
+            }
+        })
+        .await;
+    if let Err(gave_up) = removed {
+        tracing::warn!(container, error = %gave_up.error, "cannot remove container");
     }
 }
 

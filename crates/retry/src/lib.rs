@@ -1,17 +1,28 @@
 //! Gantry's one retry policy, configured here and nowhere else: capped
 //! exponential backoff with jitter (`backon`), one [`Policy`] per kind of
-//! work, each a named set of numbers. Loops that wait between tries take the
-//! delays from [`Policy::delays`] (an iterator that ends when the policy
-//! gives up) and stay free to wait on their own shutdown signal; the
-//! notifier, which keeps a call's attempts in its table, takes the delay of
-//! its n-th attempt from [`Policy::delay_of_attempt`].
+//! work, each a named set of numbers. An operation is retried with
+//! [`Policy::retry`]; loops that must also wait on their own shutdown signal
+//! take the delays from [`Policy::delays`] (an iterator that ends when the
+//! policy gives up); the notifier, which keeps a call's attempts in its
+//! table, takes the delay of its n-th attempt from
+//! [`Policy::delay_of_attempt`].
 //!
 //! Jitter makes each delay between one and two times the nominal one, so
 //! that replicas retrying the same outage do not retry in step.
 
+use std::future::Future;
 use std::time::Duration;
 
 use backon::BackoffBuilder as _;
+
+/// How a retried operation ended when its policy gave up.
+#[derive(Debug)]
+pub struct GaveUp<E> {
+    /// The last try's error.
+    pub error: E,
+    /// How many tries were made.
+    pub tries: u32,
+}
 
 /// How a kind of work is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +81,37 @@ impl Policy {
         self.builder().build()
     }
 
+    /// Runs `op` until it succeeds, waiting between tries as the policy says
+    /// and logging each failure (a warning naming `what`); when the policy
+    /// gives up, the last error and the number of tries.
+    pub async fn retry<T, E, F, Fut>(self, what: &str, mut op: F) -> Result<T, GaveUp<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let mut delays = self.delays();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match op().await {
+                Ok(value) => return Ok(value),
+                Err(error) => match delays.next() {
+                    Some(pause) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            tries,
+                            retry_in_ms = pause.as_millis() as u64,
+                            "cannot {what} yet; retrying"
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => return Err(GaveUp { error, tries }),
+                },
+            }
+        }
+    }
+
     /// The delay after the `attempt`-th failed attempt (1-based), or `None`
     /// when the policy gives up after it.
     pub fn delay_of_attempt(self, attempt: u32) -> Option<Duration> {
@@ -80,6 +122,34 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_stops_at_success_or_when_the_policy_gives_up() {
+        let mut calls = 0;
+        let ok: Result<u32, GaveUp<String>> = Policy::Remove
+            .retry("count", || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(format!("try {n}"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(ok.ok(), Some(3));
+        let failed = Policy::Remove
+            .retry("fail", || async { Err::<(), _>("never") })
+            .await
+            .expect_err("gives up");
+        assert_eq!(
+            (failed.error, failed.tries),
+            ("never", 4),
+            "1 try + 3 retries"
+        );
+    }
 
     #[test]
     fn delays_grow_with_jitter_up_to_the_cap() {

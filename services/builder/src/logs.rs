@@ -125,32 +125,24 @@ impl Writer {
         }
         // The database may be restarting: a few tries, then the lines are lost
         // (never the build).
-        let mut delays = gantry_retry::Policy::LogWrite.delays();
-        loop {
-            let r = sqlx::query(
-                "INSERT INTO build_logs (build_id, attempt, step, stream, data)
-                 SELECT $1, $2, s.step, s.stream, s.data
-                 FROM unnest($3::text[], $4::text[], $5::bytea[]) WITH ORDINALITY AS s(step, stream, data, n)
-                 ORDER BY s.n",
-            )
-            .bind(self.build_id)
-            .bind(self.attempt)
-            .bind(&steps)
-            .bind(&streams)
-            .bind(&data)
-            .execute(&self.pool)
+        let stored = gantry_retry::Policy::LogWrite
+            .retry("store log lines", || {
+                sqlx::query(
+                    "INSERT INTO build_logs (build_id, attempt, step, stream, data)
+                     SELECT $1, $2, s.step, s.stream, s.data
+                     FROM unnest($3::text[], $4::text[], $5::bytea[]) WITH ORDINALITY AS s(step, stream, data, n)
+                     ORDER BY s.n",
+                )
+                .bind(self.build_id)
+                .bind(self.attempt)
+                .bind(&steps)
+                .bind(&streams)
+                .bind(&data)
+                .execute(&self.pool)
+            })
             .await;
-            match (r, delays.next()) {
-                (Ok(_), _) => return,
-                (Err(e), Some(pause)) => {
-                    tracing::debug!(build_id = %self.build_id, error = %e, "storing log lines; retrying");
-                    tokio::time::sleep(pause).await;
-                }
-                (Err(e), None) => {
-                    tracing::warn!(build_id = %self.build_id, error = %e, lines = steps.len(), "could not store log lines");
-                    return;
-                }
-            }
+        if let Err(gave_up) = stored {
+            tracing::warn!(build_id = %self.build_id, error = %gave_up.error, lines = steps.len(), "could not store log lines");
         }
     }
 

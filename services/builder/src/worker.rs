@@ -134,35 +134,23 @@ impl Worker {
             let ok = matches!(verdict, Verdict::Succeeded { .. });
             // The database may be restarting: retry recording the verdict a
             // while (safe: `finish` writes only while this worker holds the build).
-            let mut delays = Policy::Record.delays();
-            loop {
-                match jobs::finish(&self.pool, &build, verdict.clone()).await {
-                    Ok(true) => {
-                        self.relay_wake.notify_one();
-                        tracing::info!(succeeded = ok, "build finished");
-                        return;
-                    }
-                    Ok(false) => {
-                        tracing::warn!("build finished after its lease was lost; verdict dropped");
-                        return;
-                    }
-                    Err(e) => match delays.next() {
-                        Some(pause) => {
-                            tracing::warn!(
-                                error = format!("{e:#}"),
-                                "cannot record the verdict yet; retrying"
-                            );
-                            tokio::time::sleep(pause).await;
-                        }
-                        None => {
-                            tracing::error!(
-                                error = format!("{e:#}"),
-                                "cannot record the verdict; the build will run again"
-                            );
-                            return;
-                        }
-                    },
+            let recorded = Policy::Record
+                .retry("record the verdict", || {
+                    jobs::finish(&self.pool, &build, verdict.clone())
+                })
+                .await;
+            match recorded {
+                Ok(true) => {
+                    self.relay_wake.notify_one();
+                    tracing::info!(succeeded = ok, "build finished");
                 }
+                Ok(false) => {
+                    tracing::warn!("build finished after its lease was lost; verdict dropped");
+                }
+                Err(gave_up) => tracing::error!(
+                    error = format!("{:#}", gave_up.error),
+                    "cannot record the verdict; the build will run again"
+                ),
             }
         }
         .instrument(span)

@@ -200,21 +200,10 @@ impl Worker {
     /// Pulls the image, retrying while the registry is away.
     async fn pull(&self, row: &Row) -> anyhow::Result<()> {
         let registry = self.config.registry_for(&row.repository);
-        let mut delays = Policy::Pull(PULL_ATTEMPTS).delays();
-        let mut attempt = 1;
-        loop {
-            match self.target.pull(row, &registry).await {
-                Ok(()) => return Ok(()),
-                Err(e) => match delays.next() {
-                    Some(pause) => {
-                        tracing::warn!(error = format!("{e:#}"), attempt, "pull failed; retrying");
-                        tokio::time::sleep(pause).await;
-                        attempt += 1;
-                    }
-                    None => return Err(e.context(format!("{attempt} pulls failed"))),
-                },
-            }
-        }
+        Policy::Pull(PULL_ATTEMPTS)
+            .retry("pull the image", || self.target.pull(row, &registry))
+            .await
+            .map_err(|g| g.error.context(format!("{} pulls failed", g.tries)))
     }
 
     async fn record_failure(&self, row: &Row, reason: &str, rolled_back: bool, block: bool) {
@@ -232,26 +221,14 @@ impl Worker {
         F: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
-        let mut delays = Policy::Record.delays();
-        loop {
-            match write().await {
-                Ok(()) => return true,
-                Err(e) => match delays.next() {
-                    Some(pause) => {
-                        tracing::warn!(
-                            error = format!("{e:#}"),
-                            "cannot record the deployment yet"
-                        );
-                        tokio::time::sleep(pause).await;
-                    }
-                    None => {
-                        tracing::error!(
-                            error = format!("{e:#}"),
-                            "deployment outcome not recorded"
-                        );
-                        return false;
-                    }
-                },
+        match Policy::Record.retry("record the deployment", write).await {
+            Ok(()) => true,
+            Err(gave_up) => {
+                tracing::error!(
+                    error = format!("{:#}", gave_up.error),
+                    "deployment outcome not recorded"
+                );
+                false
             }
         }
     }
