@@ -1,6 +1,6 @@
 //! `gantry`: the command line of Gantry. It talks gRPC to the services —
 //! the notifier for pipelines, the builder for logs, webhook-ingest for
-//! triggers, the deployer for environments — and prints for humans, or JSON
+//! triggers, the deployer for environments and stacks — and prints for humans, or JSON
 //! with `--json`. Every call carries the bearer token of `--token` /
 //! `GANTRY_TOKEN`; `https://` URLs use TLS (`--ca-cert` for a private CA).
 //! `gantry token new` and `gantry token hash` make tokens and the hashes the
@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 const SETTLE: Duration = Duration::from_secs(3);
 
 mod demo;
+mod stacks;
 
 #[derive(Parser, Debug)]
 #[command(name = "gantry", version, about = "Gantry from the command line")]
@@ -104,6 +105,11 @@ enum Command {
     Deploy { environment: String, image: String },
     /// Takes an environment back to the version before the current one.
     Rollback { environment: String },
+    /// Stacks with their members, last run and latest release.
+    Stacks,
+    /// A stack's integration runs and releases.
+    #[command(subcommand)]
+    Stack(stacks::StackCommand),
     /// API tokens: make one, or hash one for the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -175,14 +181,14 @@ fn token_command(command: &TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn time(t: &Option<prost_types::Timestamp>) -> String {
+pub(crate) fn time(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
 }
 
-fn short(s: &str, n: usize) -> &str {
+pub(crate) fn short(s: &str, n: usize) -> &str {
     let s = s.strip_prefix("sha256:").unwrap_or(s);
     &s[..s.len().min(n)]
 }
@@ -235,7 +241,7 @@ fn environment_json(e: &EnvironmentInfo) -> Value {
     })
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{v}");
 }
 
@@ -318,6 +324,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs { id, follow } => logs(&cli, id, follow).await?,
         Command::Trigger { project, git_ref } => trigger(&cli, project, git_ref).await?,
         Command::Envs => envs(&cli).await?,
+        Command::Stacks => stacks::list(&cli).await?,
+        Command::Stack(command) => stacks::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
     }

@@ -73,3 +73,52 @@ pub fn images_labelled(label: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Names of the networks carrying `label` (`key` or `key=value`).
+pub fn networks_labelled(label: &str) -> Vec<String> {
+    docker(&["network", "ls", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Names of the volumes carrying `label` (`key` or `key=value`).
+pub fn volumes_labelled(label: &str) -> Vec<String> {
+    docker(&["volume", "ls", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs a command in a running container; whether it succeeded.
+pub fn exec(container: &str, cmd: &[&str]) -> bool {
+    Command::new("docker")
+        .arg("exec")
+        .arg(container)
+        .args(cmd)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Builds `tag` from a context holding the static busybox (installed in
+/// `/bin`) and nothing else: `FROM scratch`, no registry needed.
+pub fn build_busybox_image(tag: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy("/bin/busybox", dir.path().join("busybox"))
+        .expect("static busybox (busybox-static) at /bin/busybox");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    )
+    .expect("write Dockerfile");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(dir.path())
+        .output()
+        .expect("docker runs");
+    assert!(
+        out.status.success(),
+        "docker build {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -57,6 +57,8 @@ pub struct ProjectSpec {
     pub image_path: String,
     /// Registry host (the loopback registry unless a test changes it).
     pub registry: String,
+    /// A stack (meta-project) rather than a service.
+    pub stack: bool,
 }
 
 impl ProjectSpec {
@@ -70,6 +72,15 @@ impl ProjectSpec {
             github: format!("team/{name}"),
             image_path: format!("e2e/{unique}/{name}"),
             registry: crate::infra::registry(),
+            stack: false,
+        }
+    }
+
+    /// A stack (meta-project) named `name` cloned from `clone_url`.
+    pub fn stack(name: &str, clone_url: &str) -> Self {
+        Self {
+            stack: true,
+            ..Self::new(name, clone_url)
         }
     }
 
@@ -299,14 +310,18 @@ impl Stack {
         let mut config = String::from("projects:\n");
         for p in &options.projects {
             config.push_str(&format!(
-                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{file: {}}}\n    image: {}\n",
+                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{file: {}}}\n",
                 p.name,
                 p.clone_url,
                 p.gitlab,
                 p.github,
                 secret_path.display(),
-                p.image()
             ));
+            config.push_str(&if p.stack {
+                "    kind: stack\n".to_owned()
+            } else {
+                format!("    image: {}\n", p.image())
+            });
             config.push_str(&options.project_extra);
         }
         config.push_str(&format!(

@@ -89,7 +89,7 @@ pub mod queues {
     /// Work queue of the builder replicas (competing consumers).
     pub const BUILDER: QueueDef = QueueDef {
         name: "builder",
-        bindings: &[PIPELINE_REQUESTED],
+        bindings: &[PIPELINE_REQUESTED, STACK_RUN_REQUESTED],
     };
     pub const REGISTRY_PUBLISHER: QueueDef = QueueDef {
         name: "registry-publisher",
@@ -97,7 +97,13 @@ pub mod queues {
     };
     pub const DEPLOYER: QueueDef = QueueDef {
         name: "deployer",
-        bindings: &[IMAGE_PUBLISHED],
+        bindings: &[
+            IMAGE_PUBLISHED,
+            PIPELINE_REQUESTED,
+            STACK_RUN_STARTED,
+            STACK_RUN_PASSED,
+            STACK_RUN_FAILED,
+        ],
     };
     /// The notifier follows every event.
     pub const NOTIFIER: QueueDef = QueueDef {

@@ -237,7 +237,11 @@ struct RawProject {
     #[serde(default)]
     default_branch: Option<String>,
     webhook_secret: SecretSource,
-    image: String,
+    #[serde(default)]
+    kind: ProjectKind,
+    /// Required for services; a stack has none.
+    #[serde(default)]
+    image: Option<String>,
     #[serde(default)]
     clone_credentials: Option<RawCloneCredentials>,
     #[serde(default)]
@@ -345,10 +349,24 @@ struct RawRegistry {
     password: Option<SecretSource>,
 }
 
-/// A project Gantry builds: one service, one git repository, one image.
+/// What a project's repository is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectKind {
+    /// One service: built, tested and published as one image.
+    #[default]
+    Service,
+    /// A meta-project: the team's compose file and the `stack:` section of
+    /// its `.gantry.yml`; integration-tested whenever a member releases.
+    Stack,
+}
+
+/// A project Gantry builds: one service, one git repository, one image —
+/// or a stack ([`ProjectKind::Stack`]), the meta-project of several.
 #[derive(Debug, Clone)]
 pub struct Project {
     pub name: String,
+    pub kind: ProjectKind,
     /// Where git fetches from, without credentials (safe to show and to put in events).
     pub clone_url: String,
     /// Credentials for the clone URL, from `clone_credentials` or the URL's
@@ -362,9 +380,18 @@ pub struct Project {
     pub default_branch: String,
     /// Only in services that resolve [`SecretKind::Webhook`].
     pub webhook_secret: Option<Secret>,
-    /// Registry repository, e.g. `registry.example.com:5000/team/service`.
+    /// Registry repository, e.g. `registry.example.com:5000/team/service`
+    /// (empty for a stack).
     pub image: String,
+    /// Build limits of a service; for a stack, the limits of each of its
+    /// containers in an integration run (`build_timeout_secs`: of the run).
     pub limits: Limits,
+}
+
+impl Project {
+    pub fn is_stack(&self) -> bool {
+        self.kind == ProjectKind::Stack
+    }
 }
 
 /// Credentials for one registry host.
@@ -622,9 +649,29 @@ impl Check<'_> {
             if p.clone_url.trim().is_empty() {
                 self.located(at, "clone_url is empty".into());
             }
-            if let Err(e) = validate_repository(&p.image) {
-                self.located(at, format!("image: {e}"));
-            }
+            let image = match (p.kind, p.image) {
+                (ProjectKind::Service, Some(image)) => {
+                    if let Err(e) = validate_repository(&image) {
+                        self.located(at, format!("image: {e}"));
+                    }
+                    image
+                }
+                (ProjectKind::Service, None) => {
+                    self.located(
+                        at,
+                        "image is missing (the registry repository of the service)".into(),
+                    );
+                    String::new()
+                }
+                (ProjectKind::Stack, Some(_)) => {
+                    self.located(
+                        at,
+                        "a stack has no image: its members' images come from their releases".into(),
+                    );
+                    String::new()
+                }
+                (ProjectKind::Stack, None) => String::new(),
+            };
             let secret = self.secret(SecretKind::Webhook, &p.webhook_secret, at, "webhook_secret");
             if secret.as_ref().is_some_and(|s| s.0.is_empty()) {
                 self.located(at, "webhook_secret is empty".into());
@@ -663,13 +710,14 @@ impl Check<'_> {
             }
             projects.push(Project {
                 name: p.name,
+                kind: p.kind,
                 clone_url,
                 clone_credentials,
                 gitlab: p.gitlab,
                 github: p.github,
                 default_branch: p.default_branch.unwrap_or_else(|| "main".to_owned()),
                 webhook_secret: secret,
-                image: p.image,
+                image,
                 limits,
             });
         }
@@ -711,6 +759,7 @@ impl Check<'_> {
         &mut self,
         raw: Vec<Spanned<RawEnvironment>>,
         projects: &HashSet<String>,
+        services: &HashSet<String>,
     ) -> Vec<Environment> {
         let mut environments = Vec::new();
         let mut names = HashSet::new();
@@ -729,6 +778,14 @@ impl Check<'_> {
             }
             if !projects.contains(&e.project) {
                 self.located(at, format!("project {:?} is not configured", e.project));
+            } else if !services.contains(&e.project) {
+                self.located(
+                    at,
+                    format!(
+                        "project {:?} is a stack: an environment deploys a service's images",
+                        e.project
+                    ),
+                );
             }
             if e.target != "docker" {
                 self.located(
@@ -847,7 +904,12 @@ impl GantryConfig {
         let projects = cx.projects(raw.projects);
         let names: HashSet<String> = projects.iter().map(|p| p.name.clone()).collect();
         let registries = cx.registries(raw.registries);
-        let environments = cx.environments(raw.environments, &names);
+        let services: HashSet<String> = projects
+            .iter()
+            .filter(|p| !p.is_stack())
+            .map(|p| p.name.clone())
+            .collect();
+        let environments = cx.environments(raw.environments, &names, &services);
         let gitlab = cx.forge("gitlab", raw.forges.gitlab);
         let github = cx.forge("github", raw.forges.github);
         let chat = cx.chat(raw.chat, &names);
@@ -1028,6 +1090,27 @@ mod tests {
         .expect_err("invalid");
         let msg = err.to_string();
         for needle in ["clone_url is empty", "GANTRY_TEST_SURELY_UNSET", "image"] {
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn stacks_are_projects_without_image_or_environment() {
+        let base = "projects:\n  - name: api\n    clone_url: x\n    webhook_secret: {value: s}\n    image: localhost/api\n  - name: shop\n    kind: stack\n    clone_url: y\n    webhook_secret: {value: t}\n";
+        let ok = GantryConfig::parse("g.yml", base).expect("valid");
+        let shop = ok.project("shop").expect("shop");
+        assert!(shop.is_stack() && shop.image.is_empty());
+        assert!(!ok.project("api").expect("api").is_stack());
+        let err = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}    image: localhost/shop\nenvironments:\n  - name: prod\n    project: shop\n"),
+        )
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "g.yml:6:5: projects[1] (shop): a stack has no image",
+            "g.yml:12:5: environments[0] (prod): project \"shop\" is a stack",
+        ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }
     }

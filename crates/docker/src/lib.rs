@@ -1,8 +1,9 @@
 //! What the services that talk to a Docker engine (the builder and the
 //! deployer) share: the engine's credentials for a registry, an engine
-//! error's message, whether the engine answers, and finding and removing
-//! containers by label (every container Gantry starts is labelled
-//! `io.gantry.*`, and is found again that way after any crash).
+//! error's message, whether the engine answers, pulling by digest, and
+//! finding and removing containers, networks and volumes by label (every
+//! container Gantry starts is labelled `io.gantry.*`, and is found again
+//! that way after any crash).
 
 use std::time::Duration;
 
@@ -124,6 +125,87 @@ pub async fn remove_containers(docker: &bollard::Docker, label: &str, keep: Opti
     {
         if Some(id.as_str()) != keep {
             remove_container(docker, &id).await;
+        }
+    }
+}
+
+/// Pulls `reference` (`repository@digest`) with the registry's credentials.
+pub async fn pull(
+    docker: &bollard::Docker,
+    reference: &str,
+    registry: &gantry_config::Registry,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use bollard::query_parameters::CreateImageOptions;
+    use futures::StreamExt as _;
+    let mut progress = docker.create_image(
+        Some(CreateImageOptions {
+            from_image: Some(reference.to_owned()),
+            ..Default::default()
+        }),
+        None,
+        credentials(registry),
+    );
+    while let Some(item) = progress.next().await {
+        let info = item
+            .map_err(EngineError)
+            .with_context(|| format!("pulling {reference}"))?;
+        if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+            anyhow::bail!("pulling {reference}: {msg}");
+        }
+    }
+    Ok(())
+}
+
+/// Removes every network carrying `label` (`key` or `key=value`) whose
+/// containers are gone; a network still in use is left (and said).
+pub async fn remove_networks(docker: &bollard::Docker, label: &str) {
+    use bollard::query_parameters::ListNetworksOptions;
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    let networks = docker
+        .list_networks(Some(ListNetworksOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .unwrap_or_default();
+    for id in networks.into_iter().filter_map(|n| n.id) {
+        match docker.remove_network(&id).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(network = %id, error = %error_text(&e), "cannot remove network")
+            }
+        }
+    }
+}
+
+/// Removes every volume carrying `label` (`key` or `key=value`) that no
+/// container uses.
+pub async fn remove_volumes(docker: &bollard::Docker, label: &str) {
+    use bollard::query_parameters::{ListVolumesOptions, RemoveVolumeOptions};
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    let volumes = docker
+        .list_volumes(Some(ListVolumesOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .ok()
+        .and_then(|r| r.volumes)
+        .unwrap_or_default();
+    for v in volumes {
+        match docker
+            .remove_volume(&v.name, Some(RemoveVolumeOptions { force: true }))
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(volume = %v.name, error = %error_text(&e), "cannot remove volume")
+            }
         }
     }
 }

@@ -25,6 +25,11 @@ pub mod routing {
     pub const DEPLOY_SUCCEEDED: &str = "deploy.succeeded";
     pub const DEPLOY_FAILED: &str = "deploy.failed";
     pub const DEPLOY_ROLLED_BACK: &str = "deploy.rolled_back";
+    pub const STACK_RUN_REQUESTED: &str = "stack.run_requested";
+    pub const STACK_RUN_STARTED: &str = "stack.run_started";
+    pub const STACK_RUN_PASSED: &str = "stack.run_passed";
+    pub const STACK_RUN_FAILED: &str = "stack.run_failed";
+    pub const STACK_RELEASED: &str = "stack.released";
 }
 
 /// The routing key of a payload.
@@ -40,6 +45,11 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::DeploySucceeded(_) => routing::DEPLOY_SUCCEEDED,
         Payload::DeployFailed(_) => routing::DEPLOY_FAILED,
         Payload::DeployRolledBack(_) => routing::DEPLOY_ROLLED_BACK,
+        Payload::StackRunRequested(_) => routing::STACK_RUN_REQUESTED,
+        Payload::StackRunStarted(_) => routing::STACK_RUN_STARTED,
+        Payload::StackRunPassed(_) => routing::STACK_RUN_PASSED,
+        Payload::StackRunFailed(_) => routing::STACK_RUN_FAILED,
+        Payload::StackReleased(_) => routing::STACK_RELEASED,
     }
 }
 

@@ -252,6 +252,25 @@ impl Grpc {
             names: vec![name],
         }
     }
+
+    /// One more `gantry.v1` service served by the same listener.
+    pub fn and<S>(mut self, server: S, name: &'static str) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes = self.routes.add_service(server);
+        self.names.push(name);
+        self
+    }
 }
 
 /// How a gRPC listener is guarded: the tokens it accepts, and its TLS.

@@ -125,3 +125,55 @@ pub async fn checkout(
     .await?;
     Ok(())
 }
+
+/// Checks out the head of `git_ref` (e.g. `refs/heads/main`) of `url` into
+/// the empty directory `dir`; returns the commit it is at.
+pub async fn checkout_ref(
+    url: &str,
+    credentials: Option<&GitCredentials>,
+    git_ref: &str,
+    dir: &Path,
+    log: &LogSink,
+) -> anyhow::Result<String> {
+    let remote = Remote { url, credentials };
+    anyhow::ensure!(
+        git_ref.starts_with("refs/") && !git_ref.contains("..") && !git_ref.contains(':'),
+        "{git_ref:?} is not a full git ref"
+    );
+    log.system("checkout", format!("fetching {git_ref} from {url}"))
+        .await;
+    git(dir, &["init", "-q"], &remote, log).await?;
+    git(dir, &["remote", "add", "origin", url], &remote, log).await?;
+    git(
+        dir,
+        &["fetch", "-q", "--depth=1", "origin", git_ref],
+        &remote,
+        log,
+    )
+    .await?;
+    git(
+        dir,
+        &[
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "--detach",
+            "FETCH_HEAD",
+        ],
+        &remote,
+        log,
+    )
+    .await?;
+    let out = tokio::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "git rev-parse HEAD failed");
+    let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    log.system("checkout", format!("{git_ref} is at {sha}"))
+        .await;
+    Ok(sha)
+}

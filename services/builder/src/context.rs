@@ -54,24 +54,30 @@ pub fn resolve_inside(repo: &Path, rel: &str, what: &str) -> Result<PathBuf, Ref
 
 /// The text of `.gantry.yml`, `None` when the repository has none.
 pub fn read_pipeline_file(repo: &Path) -> Result<Option<String>, Refused> {
-    if repo.join(FILE).symlink_metadata().is_err() {
+    read_text_file(repo, FILE, "the pipeline file")
+}
+
+/// The text of the file `rel` of the repository (confined to it, at most
+/// [`MAX_PIPELINE_FILE`] bytes of UTF-8), `None` when there is none.
+pub fn read_text_file(repo: &Path, rel: &str, what: &str) -> Result<Option<String>, Refused> {
+    if repo.join(rel).symlink_metadata().is_err() {
         return Ok(None);
     }
-    let path = resolve_inside(repo, FILE, "the pipeline file")?;
-    let meta = std::fs::metadata(&path).map_err(|e| Refused(format!("{FILE}: {e}")))?;
+    let path = resolve_inside(repo, rel, what)?;
+    let meta = std::fs::metadata(&path).map_err(|e| Refused(format!("{rel}: {e}")))?;
     if !meta.is_file() {
-        return Err(Refused(format!("{FILE} is not a regular file")));
+        return Err(Refused(format!("{rel} is not a regular file")));
     }
     if meta.len() > MAX_PIPELINE_FILE {
         return Err(Refused(format!(
-            "{FILE} is {} bytes; the limit is {MAX_PIPELINE_FILE}",
+            "{rel} is {} bytes; the limit is {MAX_PIPELINE_FILE}",
             meta.len()
         )));
     }
-    let bytes = std::fs::read(&path).map_err(|e| Refused(format!("{FILE}: {e}")))?;
+    let bytes = std::fs::read(&path).map_err(|e| Refused(format!("{rel}: {e}")))?;
     String::from_utf8(bytes)
         .map(Some)
-        .map_err(|_| Refused(format!("{FILE} is not UTF-8 text")))
+        .map_err(|_| Refused(format!("{rel} is not UTF-8 text")))
 }
 
 /// The build context, checked: its directory and where the Dockerfile is.

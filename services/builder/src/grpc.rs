@@ -33,17 +33,15 @@ struct BuildRow {
     image_id: Option<String>,
     failed_step: Option<String>,
     exit_code: Option<i32>,
+    kind: String,
     request: Vec<u8>,
 }
 
 impl From<BuildRow> for BuildInfo {
     fn from(r: BuildRow) -> Self {
-        let commit_sha =
-            <gantry_proto::v1::PipelineRequested as prost::Message>::decode(r.request.as_slice())
-                .ok()
-                .and_then(|p| p.revision)
-                .map(|rev| rev.commit_sha)
-                .unwrap_or_default();
+        let commit_sha = crate::jobs::Job::decode(&r.kind, &r.request)
+            .map(|job| job.revision().commit_sha)
+            .unwrap_or_default();
         BuildInfo {
             build_id: r.id.to_string(),
             pipeline_id: r.pipeline_id,
@@ -59,7 +57,7 @@ impl From<BuildRow> for BuildInfo {
 }
 
 const BUILD_COLUMNS: &str =
-    "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, request";
+    "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, kind, request";
 
 #[tonic::async_trait]
 impl Builds for BuildsService {

@@ -1,13 +1,14 @@
 //! The `builds` table, a leased queue ([`BUILDS`], with the rules of
 //! `gantry-queue`): storing requests, claiming a build with its
-//! `build.started`, and finishing it with its verdict event, only while the
-//! claim holds.
+//! `build.started` (`stack.run_started` for a stack's integration run), and
+//! finishing it with its verdict event, only while the claim holds.
 
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
-    BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, StepResult,
+    BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, Revision, StackRun,
+    StackRunFailed, StackRunPassed, StackRunStarted, StackService, StepResult,
 };
 use gantry_queue::{Claim, Queue};
 use gantry_states::BuildState;
@@ -26,13 +27,56 @@ pub const BUILDS: Queue = Queue {
     on_claim: "started_at = now()",
 };
 
+/// What a row of the queue asks for.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// A service's pipeline: build, test, push.
+    Build(PipelineRequested),
+    /// A stack's integration run.
+    Stack(StackRun),
+}
+
+impl Job {
+    /// The `kind` column of the job.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Build(_) => "build",
+            Job::Stack(_) => "stack",
+        }
+    }
+
+    /// Decodes the `request` column of a row of `kind`.
+    pub fn decode(kind: &str, request: &[u8]) -> anyhow::Result<Self> {
+        Ok(match kind {
+            "stack" => Job::Stack(StackRun::decode(request)?),
+            _ => Job::Build(PipelineRequested::decode(request)?),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Job::Build(r) => r.encode_to_vec(),
+            Job::Stack(r) => r.encode_to_vec(),
+        }
+    }
+
+    /// The revision worked on (for a stack: the stack repository's).
+    pub fn revision(&self) -> Revision {
+        match self {
+            Job::Build(r) => r.revision.clone(),
+            Job::Stack(r) => r.revision.clone(),
+        }
+        .unwrap_or_default()
+    }
+}
+
 /// A build a worker holds.
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: Uuid,
     pub pipeline_id: String,
     pub project: String,
-    pub request: PipelineRequested,
+    pub job: Job,
     pub attempt: i32,
     /// The pipeline's trace context, so the build joins its trace.
     pub traceparent: Option<String>,
@@ -57,26 +101,23 @@ pub enum Verdict {
     },
 }
 
-/// Stores a `pipeline.requested` event as a queued build, once per event id.
-/// Returns `false` for a redelivery.
-pub async fn enqueue_request(
-    pool: &PgPool,
-    event: &Event,
-    request: &PipelineRequested,
-) -> anyhow::Result<bool> {
+/// Stores a `pipeline.requested` or `stack.run_requested` event as a
+/// queued build, once per event id. Returns `false` for a redelivery.
+pub async fn enqueue_request(pool: &PgPool, event: &Event, job: &Job) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     if !gantry_store::first_delivery(&mut tx, &event.id).await? {
         return Ok(false);
     }
     sqlx::query(
-        "INSERT INTO builds (id, pipeline_id, project, event_id, request, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO builds (id, pipeline_id, project, event_id, kind, request, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(Uuid::now_v7())
     .bind(&event.pipeline_id)
     .bind(&event.project)
     .bind(&event.id)
-    .bind(request.encode_to_vec())
+    .bind(job.kind())
+    .bind(job.encode())
     .bind(gantry_telemetry::current_traceparent())
     .execute(&mut *tx)
     .await?;
@@ -84,8 +125,8 @@ pub async fn enqueue_request(
     Ok(true)
 }
 
-/// pipeline_id, project, request, traceparent
-type ClaimRow = (String, String, Vec<u8>, Option<String>);
+/// pipeline_id, project, kind, request, traceparent
+type ClaimRow = (String, String, String, Vec<u8>, Option<String>);
 
 /// Takes the next build (see [`BUILDS`]) and emits `build.started` in the
 /// same transaction.
@@ -98,28 +139,33 @@ pub async fn claim(
     let Some(claim) = BUILDS.claim::<Uuid>(&mut tx, worker, lease).await? else {
         return Ok(None);
     };
-    let (pipeline_id, project, request, traceparent): ClaimRow = sqlx::query_as(
-        "SELECT pipeline_id, project, request, traceparent FROM builds WHERE id = $1",
+    let (pipeline_id, project, kind, request, traceparent): ClaimRow = sqlx::query_as(
+        "SELECT pipeline_id, project, kind, request, traceparent FROM builds WHERE id = $1",
     )
     .bind(claim.id)
     .fetch_one(&mut *tx)
     .await?;
-    let request = PipelineRequested::decode(request.as_slice())?;
+    let job = Job::decode(&kind, &request)?;
     let id = claim.id;
     let span = tracing::info_span!("build.claim", build_id = %id, pipeline_id = %pipeline_id);
     if let Some(tp) = &traceparent {
         gantry_telemetry::set_parent(&span, tp);
     }
-    let event = Event::new(
-        &pipeline_id,
-        &project,
-        Payload::BuildStarted(BuildStarted {
+    let payload = match &job {
+        Job::Build(request) => Payload::BuildStarted(BuildStarted {
             revision: request.revision.clone(),
             build_id: id.to_string(),
             worker: worker.to_owned(),
             attempt: claim.attempt as u32,
         }),
-    );
+        Job::Stack(run) => Payload::StackRunStarted(StackRunStarted {
+            run: Some(run.clone()),
+            build_id: id.to_string(),
+            worker: worker.to_owned(),
+            attempt: claim.attempt as u32,
+        }),
+    };
+    let event = Event::new(&pipeline_id, &project, payload);
     gantry_bus::enqueue_traced(
         &mut tx,
         &event,
@@ -131,25 +177,71 @@ pub async fn claim(
         id,
         pipeline_id,
         project,
-        request,
+        job,
         attempt: claim.attempt,
         traceparent,
         claim,
     }))
 }
 
-/// Records the verdict and emits `build.succeeded` or `build.failed`, unless
-/// this worker lost the build meanwhile (then nothing is written: `false`).
-pub async fn finish(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow::Result<bool> {
-    let mut tx = pool.begin().await?;
-    let (state, image_id, step, exit_code, reason) = match &verdict {
-        Verdict::Succeeded { image_id, .. } => (
-            BuildState::Succeeded,
-            Some(image_id.as_str()),
-            None,
-            None,
-            None,
-        ),
+/// How a stack's integration run ended.
+#[derive(Debug, Clone)]
+pub struct StackVerdict {
+    /// The stack commit that ran (empty when it could not be fetched).
+    pub stack_commit: String,
+    /// `None` when the tests passed; else the step, exit code and reason.
+    pub failure: Option<(String, i32, String)>,
+    pub services: Vec<StackService>,
+}
+
+/// How a job ended: a build's verdict or a stack run's.
+#[derive(Debug, Clone)]
+pub enum End {
+    Build(Verdict),
+    Stack(StackVerdict),
+}
+
+impl End {
+    /// The end of `job` when it could not even start (`step`, `reason`).
+    pub fn stopped(job: &Job, step: &str, reason: String) -> Self {
+        match job {
+            Job::Build(_) => End::Build(Verdict::Failed {
+                step: step.to_owned(),
+                exit_code: 0,
+                reason,
+                steps: Vec::new(),
+            }),
+            Job::Stack(_) => End::Stack(StackVerdict {
+                stack_commit: String::new(),
+                failure: Some((step.to_owned(), 0, reason)),
+                services: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn succeeded(&self) -> bool {
+        match self {
+            End::Build(v) => matches!(v, Verdict::Succeeded { .. }),
+            End::Stack(v) => v.failure.is_none(),
+        }
+    }
+}
+
+/// Records how a job ended with its event, unless this worker lost it
+/// meanwhile (then nothing is written: `false`).
+pub async fn finish(pool: &PgPool, build: &Claimed, end: End) -> anyhow::Result<bool> {
+    match end {
+        End::Build(verdict) => finish_build(pool, build, verdict).await,
+        End::Stack(verdict) => finish_stack(pool, build, verdict).await,
+    }
+}
+
+/// Records the verdict and emits `build.succeeded` or `build.failed`.
+async fn finish_build(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow::Result<bool> {
+    let (state, image_id, failure) = match &verdict {
+        Verdict::Succeeded { image_id, .. } => {
+            (BuildState::Succeeded, Some(image_id.as_str()), None)
+        }
         Verdict::Failed {
             step,
             exit_code,
@@ -158,40 +250,19 @@ pub async fn finish(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow:
         } => (
             BuildState::Failed,
             None,
-            Some(step.as_str()),
-            Some(*exit_code),
-            Some(reason.as_str()),
+            Some((step.as_str(), *exit_code, reason.as_str())),
         ),
     };
-    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE builds SET state = $4, image_id = $5, failed_step = $6, exit_code = $7, reason = $8,
-                finished_at = now(), lease_until = NULL
-         WHERE {}",
-        BUILDS.held()
-    )))
-    .bind(build.claim.id)
-    .bind(&build.claim.owner)
-    .bind(build.claim.attempt)
-    .bind(state)
-    .bind(image_id)
-    .bind(step)
-    .bind(exit_code)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    let revision = build.request.revision.clone();
+    let revision = build.job.revision();
     let build_id = build.id.to_string();
-    let payload = match verdict {
+    let payload = match verdict.clone() {
         Verdict::Succeeded {
             image_id,
             repository,
             digest,
             steps,
         } => Payload::BuildSucceeded(BuildSucceeded {
-            revision,
+            revision: Some(revision),
             build_id,
             image_id,
             steps,
@@ -204,7 +275,7 @@ pub async fn finish(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow:
             reason,
             steps,
         } => Payload::BuildFailed(BuildFailed {
-            revision,
+            revision: Some(revision),
             build_id,
             step,
             exit_code,
@@ -212,6 +283,84 @@ pub async fn finish(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyhow:
             steps,
         }),
     };
+    record(pool, build, state, image_id, failure, payload).await
+}
+
+/// Records a stack run's verdict and emits `stack.run_passed` or
+/// `stack.run_failed`.
+async fn finish_stack(
+    pool: &PgPool,
+    build: &Claimed,
+    verdict: StackVerdict,
+) -> anyhow::Result<bool> {
+    let Job::Stack(run) = &build.job else {
+        anyhow::bail!("build {} is not a stack run", build.id);
+    };
+    let build_id = build.id.to_string();
+    let StackVerdict {
+        stack_commit,
+        failure,
+        services,
+    } = verdict;
+    let (state, payload) = match &failure {
+        None => (
+            BuildState::Succeeded,
+            Payload::StackRunPassed(StackRunPassed {
+                run: Some(run.clone()),
+                build_id,
+                stack_commit,
+                services,
+            }),
+        ),
+        Some((step, exit_code, reason)) => (
+            BuildState::Failed,
+            Payload::StackRunFailed(StackRunFailed {
+                run: Some(run.clone()),
+                build_id,
+                stack_commit,
+                step: step.clone(),
+                exit_code: *exit_code,
+                reason: reason.clone(),
+                services,
+            }),
+        ),
+    };
+    let failure = failure
+        .as_ref()
+        .map(|(step, code, reason)| (step.as_str(), *code, reason.as_str()));
+    record(pool, build, state, None, failure, payload).await
+}
+
+/// Writes the end of a build and its event in one transaction, while the
+/// claim holds.
+async fn record(
+    pool: &PgPool,
+    build: &Claimed,
+    state: BuildState,
+    image_id: Option<&str>,
+    failure: Option<(&str, i32, &str)>,
+    payload: Payload,
+) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE builds SET state = $4, image_id = $5, failed_step = $6, exit_code = $7, reason = $8,
+                finished_at = now(), lease_until = NULL
+         WHERE {}",
+        BUILDS.held()
+    )))
+    .bind(build.claim.id)
+    .bind(&build.claim.owner)
+    .bind(build.claim.attempt)
+    .bind(state)
+    .bind(image_id)
+    .bind(failure.map(|f| f.0))
+    .bind(failure.map(|f| f.1))
+    .bind(failure.map(|f| f.2))
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
     gantry_bus::enqueue(
         &mut tx,
         &Event::new(&build.pipeline_id, &build.project, payload),

@@ -9,8 +9,12 @@
 //!   `docker` (image build and sandboxed test containers), `push` (the
 //!   tested image to the registry under its commit sha), `logs` (batched,
 //!   capped);
-//! - `jobs`: the `builds` table and the verdict events (`build.started`,
-//!   `build.succeeded`, `build.failed`) written through the outbox;
+//! - `stack_file` and `stack_run`: a stack's integration run (the
+//!   `stack:` section of its `.gantry.yml`, its compose file made safe and
+//!   pinned, `docker-compose` up, health, test services, logs, always torn
+//!   down);
+//! - `jobs`: the `builds` table (service builds and stack runs) and the
+//!   verdict events (`build.*`, `stack.run_*`) written through the outbox;
 //! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds).
 //!
 //! Schema `builder`: `builds`, `build_logs`, `outbox`, `processed_events`.
@@ -23,6 +27,8 @@ pub mod jobs;
 pub mod logs;
 pub mod pipeline_file;
 pub mod push;
+pub mod stack_file;
+pub mod stack_run;
 pub mod worker;
 
 use std::sync::Arc;
@@ -67,33 +73,53 @@ pub struct Settings {
     pub step_network: String,
 }
 
-/// Stores each `pipeline.requested` as a queued build.
+/// Stores each `pipeline.requested` of a service, and each
+/// `stack.run_requested`, as a queued build. (A push to a stack repository
+/// is the deployer's to turn into a run: it knows the members' releases.)
 struct RequestHandler {
     pool: PgPool,
     wake: Arc<Notify>,
+    config: Arc<GantryConfig>,
 }
 
 impl Handler for RequestHandler {
     async fn handle(&self, event: Event) -> Outcome {
-        let Some(Payload::PipelineRequested(req)) = &event.payload else {
-            return Outcome::Reject(anyhow::anyhow!(
-                "builder queue got a {:?} event",
-                event.routing_key()
-            ));
+        let job = match &event.payload {
+            Some(Payload::PipelineRequested(req)) => {
+                if self
+                    .config
+                    .project(&event.project)
+                    .is_some_and(|p| p.is_stack())
+                {
+                    return Outcome::Done;
+                }
+                jobs::Job::Build(req.clone())
+            }
+            Some(Payload::StackRunRequested(req)) => match &req.run {
+                Some(run) => jobs::Job::Stack(run.clone()),
+                None => {
+                    return Outcome::Reject(anyhow::anyhow!("stack.run_requested without a run"));
+                }
+            },
+            _ => {
+                return Outcome::Reject(anyhow::anyhow!(
+                    "builder queue got a {:?} event",
+                    event.routing_key()
+                ));
+            }
         };
-        if req
-            .revision
-            .as_ref()
-            .is_none_or(|r| r.commit_sha.is_empty() || r.clone_url.is_empty())
-        {
+        let rev = job.revision();
+        let needs_commit = matches!(job, jobs::Job::Build(_));
+        if rev.clone_url.is_empty() || (needs_commit && rev.commit_sha.is_empty()) {
             return Outcome::Reject(anyhow::anyhow!(
-                "pipeline.requested without clone URL or commit"
+                "{} without clone URL or commit",
+                event.routing_key().unwrap_or_default()
             ));
         }
-        match jobs::enqueue_request(&self.pool, &event, req).await {
+        match jobs::enqueue_request(&self.pool, &event, &job).await {
             Ok(new) => {
                 if new {
-                    tracing::info!("build queued");
+                    tracing::info!(kind = job.kind(), "build queued");
                     self.wake.notify_one();
                 }
                 Outcome::Done
@@ -137,7 +163,7 @@ impl gantry_runtime::Service for Service {
             concurrency: s.concurrency,
             wake: wake.clone(),
             relay_wake: base.relay_wake.clone(),
-            config,
+            config: config.clone(),
             push_attempts: s.push_attempts.max(1),
             step_network: s.step_network.clone(),
         };
@@ -145,7 +171,7 @@ impl gantry_runtime::Service for Service {
         base.consume(
             gantry_bus::queues::BUILDER,
             16,
-            RequestHandler { pool, wake },
+            RequestHandler { pool, wake, config },
             shutdown,
         );
         base.relay(shutdown);

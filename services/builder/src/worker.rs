@@ -21,14 +21,15 @@ use tracing::Instrument as _;
 
 use crate::context::{self, Context};
 use crate::docker::{self, ATTEMPT_LABEL, BUILD_LABEL, Sandbox, StepEnd};
-use crate::jobs::{self, Claimed, Verdict};
+use crate::jobs::{self, Claimed, End, Job, Verdict};
 use crate::logs::LogSink;
 use crate::pipeline_file::{self, PipelineFile};
+use crate::stack_run;
 
 /// How often an idle worker looks for builds whose lease ran out.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// A build taken over this many times fails instead of running again.
-const MAX_ATTEMPTS: i32 = 3;
+pub const MAX_ATTEMPTS: i32 = 3;
 /// How often the engine is swept for step containers of builds that no
 /// worker holds (left by a builder that was killed).
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -68,7 +69,10 @@ impl Worker {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tick.tick() => me.sweep().await,
+                        _ = tick.tick() => {
+                            me.sweep().await;
+                            stack_run::sweep(&me.docker, &me.pool).await;
+                        }
                     }
                 }
             })
@@ -121,22 +125,26 @@ impl Worker {
                 Some(&shutdown),
             )
             .await;
-            let verdict = match held {
+            let end = match held {
                 Held::Done(v) => Some(v),
                 Held::Lost | Held::GivenBack => None,
             };
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
-            let Some(verdict) = verdict else {
+            if matches!(build.job, Job::Stack(_)) {
+                // Also when the run was cut off: nothing of it stays.
+                stack_run::teardown(&self.docker, build.id).await;
+            }
+            let Some(end) = end else {
                 // Cut off: the engine keeps nothing of this attempt.
                 docker::untag(&self.docker, &self.image_tags(&build)).await;
                 return;
             };
-            let ok = matches!(verdict, Verdict::Succeeded { .. });
+            let ok = end.succeeded();
             // The database may be restarting: retry recording the verdict a
             // while (safe: `finish` writes only while this worker holds the build).
             let recorded = Policy::Record
                 .retry("record the verdict", || {
-                    jobs::finish(&self.pool, &build, verdict.clone())
+                    jobs::finish(&self.pool, &build, end.clone())
                 })
                 .await;
             match recorded {
@@ -203,13 +211,12 @@ impl Worker {
         }
     }
 
-    async fn execute(&self, build: &Claimed) -> Verdict {
+    async fn execute(&self, build: &Claimed) -> End {
         let Some(project) = self.config.project(&build.project) else {
-            return fail(
+            return End::stopped(
+                &build.job,
                 "checkout",
-                0,
                 format!("project {} is not configured", build.project),
-                Vec::new(),
             );
         };
         let log = LogSink::new(
@@ -218,9 +225,12 @@ impl Worker {
             build.attempt,
             project.limits.log_bytes,
         );
-        let verdict = self.run_build(build, project, &log).await;
+        let end = match &build.job {
+            Job::Build(_) => End::Build(self.run_build(build, project, &log).await),
+            Job::Stack(run) => End::Stack(stack_run::run(self, build, run, project, &log).await),
+        };
         log.close().await;
-        verdict
+        end
     }
 
     /// Runs the phases of a build — checkout, pipeline file, image build,
@@ -250,7 +260,7 @@ impl Worker {
         steps: &mut Vec<StepResult>,
     ) -> Result<Verdict, Ended> {
         self.begin_attempt(build, log).await?;
-        let revision = build.request.revision.clone().unwrap_or_default();
+        let revision = build.job.revision();
         let dir = tempfile::Builder::new()
             .prefix("gantry-build-")
             .tempdir()
@@ -371,12 +381,7 @@ impl Worker {
     /// The engine's tags of a build's image: the builder's own, and the one
     /// it pushes (`<project image>:<commit sha>`).
     fn image_tags(&self, build: &Claimed) -> [String; 2] {
-        let sha = build
-            .request
-            .revision
-            .as_ref()
-            .map(|r| r.commit_sha.as_str())
-            .unwrap_or_default();
+        let sha = build.job.revision().commit_sha;
         let repository = self
             .config
             .project(&build.project)

@@ -11,9 +11,7 @@ use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
 };
-use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, LogsOptions, StopContainerOptions,
-};
+use bollard::query_parameters::{CreateContainerOptions, LogsOptions, StopContainerOptions};
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
 
@@ -61,24 +59,7 @@ impl DockerTarget {
 
     /// Pulls `row`'s image by digest.
     pub async fn pull(&self, row: &Row, registry: &Registry) -> anyhow::Result<()> {
-        let reference = row.reference();
-        let mut progress = self.docker.create_image(
-            Some(CreateImageOptions {
-                from_image: Some(reference.clone()),
-                ..Default::default()
-            }),
-            None,
-            gantry_docker::credentials(registry),
-        );
-        while let Some(item) = progress.next().await {
-            let info = item
-                .map_err(EngineError)
-                .with_context(|| format!("pulling {reference}"))?;
-            if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                anyhow::bail!("pulling {reference}: {msg}");
-            }
-        }
-        Ok(())
+        gantry_docker::pull(&self.docker, &row.reference(), registry).await
     }
 
     /// Removes what an earlier attempt of this deployment left behind.

@@ -11,14 +11,21 @@
 //!   to the live version, so a replacement has no gap in answers.
 //! - gRPC `Deployments` ([`grpc`]): environments and what runs there,
 //!   `Deploy` an image, `Rollback`.
+//! - Stacks ([`stacks`]): member releases and pushes to stack repositories
+//!   start integration runs (run by the builder), one at a time per stack,
+//!   with the newest release of every member; green runs become numbered
+//!   stack releases. gRPC `Stacks` ([`stacks_grpc`]).
 //!
 //! Schema `deployer`: `images`, `environments`, `deployments`, `live`,
-//! `blocked`, plus the outbox and `processed_events`.
+//! `blocked`, `stacks`, `stack_runs`, `stack_releases`, plus the outbox and
+//! `processed_events`.
 
 pub mod docker;
 pub mod edge;
 pub mod grpc;
 pub mod queue;
+pub mod stacks;
+pub mod stacks_grpc;
 pub mod worker;
 
 use std::sync::Arc;
@@ -52,21 +59,138 @@ pub struct Settings {
     pub lease_secs: u64,
 }
 
-/// Takes `image.published` into the catalogue and queues matching deployments.
-struct Published {
+/// Follows the deployer's queue: `image.published` (the catalogue,
+/// deployments, stack triggers), pushes to stack repositories, and the
+/// builder's stack run events.
+struct Events {
     pool: PgPool,
     config: Arc<GantryConfig>,
     wake: Arc<Notify>,
 }
 
-impl Handler for Published {
+impl Handler for Events {
     async fn handle(&self, event: Event) -> Outcome {
-        let Some(Payload::ImagePublished(published)) = &event.payload else {
-            return Outcome::Reject(anyhow::anyhow!(
+        match &event.payload {
+            Some(Payload::ImagePublished(published)) => self.published(&event, published).await,
+            Some(Payload::PipelineRequested(req)) => self.stack_push(&event, req).await,
+            Some(Payload::StackRunStarted(started)) => {
+                let Some(run) = &started.run else {
+                    return Outcome::Reject(anyhow::anyhow!("stack.run_started without a run"));
+                };
+                let write = async {
+                    if let Some(mut tx) = self.first(&event).await? {
+                        stacks::record_started(&mut tx, run, &started.build_id).await?;
+                        tx.commit().await?;
+                    }
+                    anyhow::Ok(())
+                };
+                outcome(write.await)
+            }
+            Some(Payload::StackRunPassed(passed)) => {
+                let Some(run) = &passed.run else {
+                    return Outcome::Reject(anyhow::anyhow!("stack.run_passed without a run"));
+                };
+                self.stack_end(
+                    &event,
+                    stacks::RunEnd {
+                        run,
+                        build_id: &passed.build_id,
+                        stack_commit: &passed.stack_commit,
+                        failure: None,
+                        services: &passed.services,
+                    },
+                )
+                .await
+            }
+            Some(Payload::StackRunFailed(failed)) => {
+                let Some(run) = &failed.run else {
+                    return Outcome::Reject(anyhow::anyhow!("stack.run_failed without a run"));
+                };
+                self.stack_end(
+                    &event,
+                    stacks::RunEnd {
+                        run,
+                        build_id: &failed.build_id,
+                        stack_commit: &failed.stack_commit,
+                        failure: Some((&failed.step, &failed.reason)),
+                        services: &failed.services,
+                    },
+                )
+                .await
+            }
+            _ => Outcome::Reject(anyhow::anyhow!(
                 "deployer queue got a {:?} event",
                 event.routing_key()
-            ));
+            )),
+        }
+    }
+}
+
+impl Events {
+    /// A transaction for handling `event`, or `None` when it was handled before.
+    async fn first(
+        &self,
+        event: &Event,
+    ) -> anyhow::Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>> {
+        let mut tx = self.pool.begin().await?;
+        Ok(gantry_store::first_delivery(&mut tx, &event.id)
+            .await?
+            .then_some(tx))
+    }
+
+    /// A push to a stack repository starts (or joins) a run of that commit;
+    /// pushes of services are the builder's.
+    async fn stack_push(
+        &self,
+        event: &Event,
+        req: &gantry_proto::v1::PipelineRequested,
+    ) -> Outcome {
+        let Some(stack) = self.config.project(&event.project).filter(|p| p.is_stack()) else {
+            return Outcome::Done;
         };
+        let mut rev = req.revision.clone().unwrap_or_default();
+        // The configuration, not the event, says where the stack lives.
+        rev.clone_url = stack.clone_url.clone();
+        let trigger = gantry_proto::v1::StackTrigger {
+            project: stack.name.clone(),
+            commit_sha: rev.commit_sha.clone(),
+            git_ref: rev.git_ref.clone(),
+            pipeline_id: event.pipeline_id.clone(),
+            kind: "push".into(),
+        };
+        let write = async {
+            if let Some(mut tx) = self.first(event).await? {
+                stacks::trigger(&mut tx, stack, trigger, Some(rev)).await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        };
+        outcome(write.await)
+    }
+
+    async fn stack_end(&self, event: &Event, end: stacks::RunEnd<'_>) -> Outcome {
+        let Some(stack) = self.config.project(&event.project).filter(|p| p.is_stack()) else {
+            tracing::warn!(stack = %event.project, "a run of a stack that is not configured any more");
+            return Outcome::Done;
+        };
+        let write = async {
+            if let Some(mut tx) = self.first(event).await? {
+                stacks::record_end(&mut tx, stack, &event.pipeline_id, end).await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        };
+        outcome(write.await)
+    }
+
+    /// Takes `image.published` into the catalogue, queues matching
+    /// deployments, and triggers the stacks that follow the project when
+    /// the image is a release.
+    async fn published(
+        &self,
+        event: &Event,
+        published: &gantry_proto::v1::ImagePublished,
+    ) -> Outcome {
         // An event names a repository; only the one configured for its
         // project is taken, so no event can make the deployer run an image
         // from elsewhere.
@@ -90,13 +214,17 @@ impl Handler for Published {
             digest: published.digest.clone(),
             revision: rev.clone(),
         };
+        let released = self
+            .config
+            .project(&event.project)
+            .is_some_and(|p| stacks::is_release(p, &rev));
         let write = async {
             let mut tx = self.pool.begin().await?;
             let mut queued = 0;
             if gantry_store::first_delivery(&mut tx, &event.id).await? {
                 sqlx::query(
-                    "INSERT INTO images (event_id, pipeline_id, project, repository, digest, tags, commit_sha, git_ref, revision)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    "INSERT INTO images (event_id, pipeline_id, project, repository, digest, tags, commit_sha, git_ref, revision, released)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(&event.id)
                 .bind(&event.pipeline_id)
@@ -107,8 +235,25 @@ impl Handler for Published {
                 .bind(&rev.commit_sha)
                 .bind(&rev.git_ref)
                 .bind(rev.encode_to_vec())
+                .bind(released)
                 .execute(&mut *tx)
                 .await?;
+                if released {
+                    for name in stacks::following(&mut tx, &event.project).await? {
+                        let Some(stack) = self.config.project(&name).filter(|p| p.is_stack())
+                        else {
+                            continue;
+                        };
+                        let trigger = gantry_proto::v1::StackTrigger {
+                            project: event.project.clone(),
+                            commit_sha: rev.commit_sha.clone(),
+                            git_ref: rev.git_ref.clone(),
+                            pipeline_id: event.pipeline_id.clone(),
+                            kind: "release".into(),
+                        };
+                        stacks::trigger(&mut tx, stack, trigger, None).await?;
+                    }
+                }
                 for env in self
                     .config
                     .environments
@@ -139,6 +284,14 @@ impl Handler for Published {
     }
 }
 
+/// Done, or retried when the write failed (the database may be restarting).
+fn outcome(written: anyhow::Result<()>) -> Outcome {
+    match written {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::Retry(e),
+    }
+}
+
 /// The deployer service.
 pub struct Service;
 
@@ -154,6 +307,7 @@ impl gantry_runtime::Service for Service {
         let pool = base.pool.clone();
         let names: Vec<String> = config.environments.iter().map(|e| e.name.clone()).collect();
         queue::sync_environments(&pool, &names).await?;
+        stacks::sync_stacks(&pool, &config).await?;
         let docker = bollard::Docker::connect_with_defaults()?;
         let wake = Arc::new(Notify::new());
         let backends = edge::Backends::default();
@@ -175,7 +329,7 @@ impl gantry_runtime::Service for Service {
         base.consume(
             gantry_bus::queues::DEPLOYER,
             8,
-            Published {
+            Events {
                 pool: pool.clone(),
                 config: config.clone(),
                 wake: wake.clone(),
@@ -194,11 +348,19 @@ impl gantry_runtime::Service for Service {
             lease: std::time::Duration::from_secs(s.lease_secs.max(4)),
         });
         base.spawn(worker.run(shutdown.clone()));
+        let stacks = stacks_grpc::StacksService {
+            pool: pool.clone(),
+            config: config.clone(),
+        };
         let grpc = grpc::DeploymentsService { pool, config, wake };
         Ok(Parts {
             grpc: gantry_runtime::Grpc::one(
                 gantry_proto::v1::deployments_server::DeploymentsServer::new(grpc),
                 gantry_proto::v1::deployments_server::SERVICE_NAME,
+            )
+            .and(
+                gantry_proto::v1::stacks_server::StacksServer::new(stacks),
+                gantry_proto::v1::stacks_server::SERVICE_NAME,
             ),
             readiness: Readiness::new().check("docker", move || {
                 let docker = docker.clone();

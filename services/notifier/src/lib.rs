@@ -108,6 +108,36 @@ pub fn summary(event: &Event) -> String {
                 d.environment, d.previous_digest, r.reason
             )
         }
+        Some(Payload::StackRunRequested(r)) => {
+            let run = r.run.clone().unwrap_or_default();
+            format!(
+                "run {} of stack {} requested ({} trigger(s))",
+                run.number,
+                run.stack,
+                run.triggers.len()
+            )
+        }
+        Some(Payload::StackRunStarted(r)) => {
+            let run = r.run.clone().unwrap_or_default();
+            format!(
+                "run {} of stack {} started: build {} (attempt {})",
+                run.number, run.stack, r.build_id, r.attempt
+            )
+        }
+        Some(Payload::StackRunPassed(r)) => {
+            let run = r.run.clone().unwrap_or_default();
+            format!("run {} of stack {} passed", run.number, run.stack)
+        }
+        Some(Payload::StackRunFailed(r)) => {
+            let run = r.run.clone().unwrap_or_default();
+            format!(
+                "run {} of stack {} failed at {:?}: {}",
+                run.number, run.stack, r.step, r.reason
+            )
+        }
+        Some(Payload::StackReleased(r)) => {
+            format!("stack {} release {} made", r.stack, r.release)
+        }
         None => "event without payload".to_owned(),
     }
 }

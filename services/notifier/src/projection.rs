@@ -24,7 +24,23 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::DeploySucceeded(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployFailed(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployRolledBack(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::StackRunRequested(p) => p.run.as_ref()?.revision.as_ref(),
+        Payload::StackRunStarted(p) => p.run.as_ref()?.revision.as_ref(),
+        Payload::StackRunPassed(p) => p.run.as_ref()?.revision.as_ref(),
+        Payload::StackRunFailed(p) => p.run.as_ref()?.revision.as_ref(),
+        Payload::StackReleased(_) => None,
     }
+}
+
+/// Whether a stack run's event is about the pipeline it names (a push to
+/// the stack repository), rather than a member's pipeline that is already
+/// over.
+fn is_stack_push(event: &Event, run: Option<&gantry_proto::v1::StackRun>) -> bool {
+    run.is_some_and(|r| {
+        r.triggers
+            .iter()
+            .any(|t| t.kind == "push" && t.pipeline_id == event.pipeline_id)
+    })
 }
 
 /// What the pipeline row becomes after an event.
@@ -90,7 +106,32 @@ fn change(event: &Event) -> Change {
             | Payload::DeployFailed(_)
             | Payload::DeployRolledBack(_),
         ) => c.stage = Some(Stage::Deploy),
-        None => {}
+        Some(Payload::StackRunStarted(r)) if is_stack_push(event, r.run.as_ref()) => {
+            c.state = Some(PipelineState::Running);
+            c.stage = Some(Stage::Build);
+            c.build_id = Some(r.build_id.clone());
+            c.description = "Running the stack's integration tests".into();
+        }
+        Some(Payload::StackRunPassed(r)) if is_stack_push(event, r.run.as_ref()) => {
+            c.state = Some(PipelineState::Success);
+            c.build_id = Some(r.build_id.clone());
+            c.description = "Integration tests passed".into();
+        }
+        Some(Payload::StackRunFailed(r)) if is_stack_push(event, r.run.as_ref()) => {
+            c.state = Some(PipelineState::Failed);
+            c.build_id = Some(r.build_id.clone());
+            c.failed_step = Some(r.step.clone());
+            c.failure = Some(r.reason.clone());
+            c.description = format!("Integration run failed at {}", r.step);
+        }
+        Some(
+            Payload::StackRunRequested(_)
+            | Payload::StackRunStarted(_)
+            | Payload::StackRunPassed(_)
+            | Payload::StackRunFailed(_)
+            | Payload::StackReleased(_),
+        )
+        | None => {}
     }
     c
 }

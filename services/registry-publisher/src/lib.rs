@@ -213,6 +213,7 @@ impl gantry_runtime::Service for Service {
         let mut apis: Vec<String> = config
             .projects
             .iter()
+            .filter(|p| !p.is_stack())
             .map(|p| registry::base_url(&config.registry_for(&p.image)))
             .collect();
         apis.sort();

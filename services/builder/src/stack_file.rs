@@ -1,0 +1,697 @@
+//! A stack repository (a meta-project): the `stack:` section of its
+//! `.gantry.yml` and the team's own compose file, turned into the compose
+//! file of one integration run.
+//!
+//! ```yaml
+//! # .gantry.yml of the stack repository
+//! stack:
+//!   compose: docker-compose.yml   # default
+//!   members:                      # compose service -> Gantry project it follows
+//!     web: hello-web
+//!     api: hello-api
+//!   tests: [tests]                # the services whose exit code decides
+//!   timeout: 600                  # seconds the whole run may take (default 600)
+//! ```
+//!
+//! The compose file is the one the team runs by hand, but the repository is
+//! hostile: the run gets a compose file written here from the parts of the
+//! team's file that cannot reach the host. Known keys are either kept
+//! (`image`, `command`, `entrypoint`, `environment`, `healthcheck`,
+//! `depends_on`, `labels`, named and anonymous `volumes`, …) or ignored with
+//! a note (`ports`, `restart`, `deploy`, `container_name`, `networks`,
+//! `build` of a member); anything else — `privileged`, host paths, host
+//! namespaces, devices, capabilities, `env_file`, a `build` of a service
+//! that is not a member — fails the run, located. The written file pins every
+//! member to `repository@digest`, labels every container with the stack,
+//! run and pipeline, puts the services on the run's own network, which is
+//! `internal` (no way out, not even to the host), and gives every container
+//! the project's memory, pids and CPU limits and `no-new-privileges`.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+use std::time::Duration;
+
+use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
+use gantry_proto::v1::{ReleasedImage, StackService};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::pipeline_file::FILE;
+
+/// Default time a whole run may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default compose file of a stack repository.
+pub const DEFAULT_COMPOSE: &str = "docker-compose.yml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    version: Option<Spanned<u32>>,
+    stack: Spanned<RawStack>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStack {
+    #[serde(default)]
+    compose: Option<Spanned<String>>,
+    #[serde(default)]
+    members: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    tests: Vec<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<u64>>,
+}
+
+/// The `stack:` section, checked.
+#[derive(Debug, Clone)]
+pub struct StackFile {
+    /// Relative to the repository root.
+    pub compose: String,
+    /// Compose service → project, with where each was written (line, column).
+    pub members: BTreeMap<String, (String, (u64, u64))>,
+    /// The integration-test services, in order, with where each was written.
+    pub tests: Vec<(String, (u64, u64))>,
+    pub timeout: Duration,
+}
+
+fn at<T>(s: &Spanned<T>) -> (u64, u64) {
+    (s.defined.line(), s.defined.column())
+}
+
+fn inside_repo(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && !path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+impl StackFile {
+    /// Parses the `.gantry.yml` of a stack repository.
+    pub fn parse(text: &str) -> Result<Self, LocatedError> {
+        if text.trim().is_empty() {
+            return Err(LocatedError::new(
+                FILE,
+                1,
+                1,
+                "the file is empty; a stack repository needs a `stack:` section",
+            ));
+        }
+        let raw: Raw = yaml::from_str(FILE, text)?;
+        if let Some(v) = &raw.version
+            && v.value != 1
+        {
+            return Err(error_at(
+                FILE,
+                v,
+                format!("unsupported version {}; expected 1", v.value),
+            ));
+        }
+        let stack_at = LocatedError::new(
+            FILE,
+            raw.stack.defined.line(),
+            raw.stack.defined.column(),
+            "`stack.tests` is missing: name the compose service(s) whose exit code decides the run",
+        );
+        let stack = raw.stack.value;
+        let compose = match stack.compose {
+            Some(c) if !inside_repo(&c.value) => {
+                return Err(error_at(
+                    FILE,
+                    &c,
+                    format!(
+                        "{:?} must be a relative path inside the repository",
+                        c.value
+                    ),
+                ));
+            }
+            Some(c) => c.value,
+            None => DEFAULT_COMPOSE.to_owned(),
+        };
+        if stack.tests.is_empty() {
+            return Err(stack_at);
+        }
+        let mut tests = Vec::new();
+        for t in &stack.tests {
+            if tests.iter().any(|(n, _)| n == &t.value) {
+                return Err(error_at(
+                    FILE,
+                    t,
+                    format!("test service {:?} is listed twice", t.value),
+                ));
+            }
+            if stack.members.contains_key(&t.value) {
+                return Err(error_at(
+                    FILE,
+                    t,
+                    format!(
+                        "{:?} is a member: a test service runs a test image, not a released one",
+                        t.value
+                    ),
+                ));
+            }
+            tests.push((t.value.clone(), at(t)));
+        }
+        let timeout = match &stack.timeout {
+            Some(t) if t.value == 0 => {
+                return Err(error_at(
+                    FILE,
+                    t,
+                    "timeout must be a positive number of seconds",
+                ));
+            }
+            Some(t) => Duration::from_secs(t.value),
+            None => DEFAULT_TIMEOUT,
+        };
+        Ok(Self {
+            compose,
+            members: stack
+                .members
+                .iter()
+                .map(|(service, project)| (service.clone(), (project.value.clone(), at(project))))
+                .collect(),
+            tests,
+            timeout,
+        })
+    }
+}
+
+/// One service of the team's compose file: the keys a run keeps, the keys
+/// it ignores, and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    image: Option<Spanned<String>>,
+    // Kept as written.
+    #[serde(default)]
+    command: Option<Value>,
+    #[serde(default)]
+    entrypoint: Option<Value>,
+    #[serde(default)]
+    environment: Option<Value>,
+    #[serde(default)]
+    healthcheck: Option<Value>,
+    #[serde(default)]
+    depends_on: Option<Value>,
+    #[serde(default)]
+    labels: Option<Value>,
+    #[serde(default)]
+    working_dir: Option<Value>,
+    #[serde(default)]
+    user: Option<Value>,
+    #[serde(default)]
+    expose: Option<Value>,
+    #[serde(default)]
+    tmpfs: Option<Value>,
+    #[serde(default)]
+    init: Option<Value>,
+    #[serde(default)]
+    read_only: Option<Value>,
+    #[serde(default)]
+    stop_signal: Option<Value>,
+    #[serde(default)]
+    stop_grace_period: Option<Value>,
+    #[serde(default)]
+    hostname: Option<Value>,
+    #[serde(default)]
+    volumes: Vec<Spanned<String>>,
+    // Ignored, with a note.
+    #[serde(default)]
+    build: Option<Spanned<Value>>,
+    #[serde(default)]
+    ports: Option<Value>,
+    #[serde(default)]
+    restart: Option<Value>,
+    #[serde(default)]
+    deploy: Option<Value>,
+    #[serde(default)]
+    container_name: Option<Value>,
+    #[serde(default)]
+    networks: Option<Value>,
+}
+
+/// A top-level named volume: only labels may be set (no driver, no options:
+/// a `local` volume with options can bind any host path).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    #[serde(default)]
+    labels: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompose {
+    #[serde(default)]
+    version: Option<Value>,
+    services: BTreeMap<String, Spanned<RawService>>,
+    #[serde(default)]
+    volumes: BTreeMap<String, Option<RawVolume>>,
+    /// Ignored: the run has its own network.
+    #[serde(default)]
+    networks: Option<Value>,
+}
+
+/// What the run needs to know to write its compose file.
+pub struct RunContext<'a> {
+    /// The newest release of every project.
+    pub releases: &'a [ReleasedImage],
+    /// Labels every container, network and volume of the run gets.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Limits of every container (the stack project's).
+    pub limits: &'a gantry_config::Limits,
+    /// Whether a project is configured as a service (a stack can only follow those).
+    pub is_service: &'a dyn Fn(&str) -> bool,
+}
+
+/// The compose file of one run, and what it runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The compose file to hand to `docker-compose` (JSON is YAML).
+    pub compose: Value,
+    /// Every service with the image it runs.
+    pub services: Vec<StackService>,
+    /// Started first, and waited for until healthy.
+    pub up: Vec<String>,
+    /// Started once the others are healthy; their exit codes decide.
+    pub tests: Vec<String>,
+    /// Things of the team's file the run ignores, for the log.
+    pub notes: Vec<String>,
+}
+
+/// Names of compose services: what docker-compose accepts.
+fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Labels as a map, from either compose spelling (map, or list of `k=v`).
+fn labels_map(v: Option<&Value>) -> serde_json::Map<String, Value> {
+    match v {
+        Some(Value::Object(m)) => m.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str())
+            .map(|s| match s.split_once('=') {
+                Some((k, v)) => (k.to_owned(), Value::String(v.to_owned())),
+                None => (s.to_owned(), Value::String(String::new())),
+            })
+            .collect(),
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Checks a short-syntax volume: a declared named volume or an anonymous one,
+/// never a host path.
+fn check_volume(
+    file: &str,
+    v: &Spanned<String>,
+    declared: &BTreeMap<String, Option<RawVolume>>,
+) -> Result<(), LocatedError> {
+    let parts: Vec<&str> = v.value.split(':').collect();
+    let ok = match parts.as_slice() {
+        [target] => target.starts_with('/'),
+        [source, target] | [source, target, "ro" | "rw"] => {
+            target.starts_with('/') && declared.contains_key(*source)
+        }
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(error_at(
+        file,
+        v,
+        format!(
+            "volume {:?}: an integration run mounts only named volumes declared under `volumes:` (name:/path) or anonymous ones (/path), never a host path",
+            v.value
+        ),
+    ))
+}
+
+/// Turns the team's compose file into the compose file of one run.
+pub fn plan(
+    stack: &StackFile,
+    compose_text: &str,
+    cx: &RunContext<'_>,
+) -> Result<Plan, LocatedError> {
+    let file = stack.compose.as_str();
+    let raw: RawCompose = yaml::from_str(file, compose_text)?;
+    let _ = (&raw.version, &raw.networks);
+    for (service, (project, (line, column))) in &stack.members {
+        if !raw.services.contains_key(service) {
+            return Err(LocatedError::new(
+                FILE,
+                *line,
+                *column,
+                format!("member {service:?} is not a service of {file}"),
+            ));
+        }
+        if !(cx.is_service)(project) {
+            return Err(LocatedError::new(
+                FILE,
+                *line,
+                *column,
+                format!(
+                    "member {service:?} follows {project:?}, which is not a service project of the Gantry configuration"
+                ),
+            ));
+        }
+    }
+    for (test, (line, column)) in &stack.tests {
+        if !raw.services.contains_key(test) {
+            return Err(LocatedError::new(
+                FILE,
+                *line,
+                *column,
+                format!("test service {test:?} is not a service of {file}"),
+            ));
+        }
+    }
+    let mut out_services = serde_json::Map::new();
+    let mut services = Vec::new();
+    let mut notes = Vec::new();
+    for (name, sp) in &raw.services {
+        if !valid_service_name(name) {
+            return Err(error_at(
+                file,
+                sp,
+                format!("service name {name:?}: letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let s = &sp.value;
+        let member = stack.members.get(name).map(|(p, _)| p.as_str());
+        let (image, digest, commit) = match member {
+            Some(project) => match cx.releases.iter().find(|r| r.project == project) {
+                Some(r) => (
+                    format!("{}@{}", r.repository, r.digest),
+                    r.digest.clone(),
+                    r.commit_sha.clone(),
+                ),
+                None => match &s.image {
+                    Some(i) => {
+                        notes.push(format!(
+                            "{name}: {project} has no release yet; running {} as the compose file says",
+                            i.value
+                        ));
+                        (i.value.clone(), String::new(), String::new())
+                    }
+                    None => {
+                        return Err(error_at(
+                            file,
+                            sp,
+                            format!(
+                                "service {name:?} follows {project:?}, which has no release yet, and names no image"
+                            ),
+                        ));
+                    }
+                },
+            },
+            None => {
+                if let Some(b) = &s.build {
+                    return Err(error_at(
+                        file,
+                        b,
+                        format!(
+                            "service {name:?} is built here, but an integration run builds nothing: make it a member (its project's releases) or name an image"
+                        ),
+                    ));
+                }
+                match &s.image {
+                    Some(i) if !i.value.trim().is_empty() => {
+                        (i.value.clone(), String::new(), String::new())
+                    }
+                    _ => {
+                        return Err(error_at(
+                            file,
+                            sp,
+                            format!("service {name:?} names no image"),
+                        ));
+                    }
+                }
+            }
+        };
+        for (key, present) in [
+            ("build", member.is_some() && s.build.is_some()),
+            ("ports", s.ports.is_some()),
+            ("restart", s.restart.is_some()),
+            ("deploy", s.deploy.is_some()),
+            ("container_name", s.container_name.is_some()),
+            ("networks", s.networks.is_some()),
+        ] {
+            if present {
+                notes.push(format!("{name}: `{key}` is ignored in an integration run"));
+            }
+        }
+        for v in &s.volumes {
+            check_volume(file, v, &raw.volumes)?;
+        }
+        let mut labels = labels_map(s.labels.as_ref());
+        for (k, v) in cx.labels {
+            labels.insert(k.clone(), Value::String(v.clone()));
+        }
+        let mut out = serde_json::Map::new();
+        out.insert("image".into(), Value::String(image.clone()));
+        for (key, value) in [
+            ("command", &s.command),
+            ("entrypoint", &s.entrypoint),
+            ("environment", &s.environment),
+            ("healthcheck", &s.healthcheck),
+            ("depends_on", &s.depends_on),
+            ("working_dir", &s.working_dir),
+            ("user", &s.user),
+            ("expose", &s.expose),
+            ("tmpfs", &s.tmpfs),
+            ("init", &s.init),
+            ("read_only", &s.read_only),
+            ("stop_signal", &s.stop_signal),
+            ("stop_grace_period", &s.stop_grace_period),
+            ("hostname", &s.hostname),
+        ] {
+            if let Some(v) = value {
+                out.insert(key.into(), v.clone());
+            }
+        }
+        if !s.volumes.is_empty() {
+            out.insert(
+                "volumes".into(),
+                s.volumes
+                    .iter()
+                    .map(|v| Value::String(v.value.clone()))
+                    .collect(),
+            );
+        }
+        out.insert("labels".into(), Value::Object(labels));
+        out.insert(
+            "mem_limit".into(),
+            Value::String(format!("{}m", cx.limits.memory_mb)),
+        );
+        out.insert("pids_limit".into(), json!(cx.limits.pids));
+        out.insert("cpus".into(), json!(cx.limits.cpus));
+        out.insert("security_opt".into(), json!(["no-new-privileges:true"]));
+        out.insert(
+            "cap_drop".into(),
+            json!(["NET_RAW", "MKNOD", "AUDIT_WRITE"]),
+        );
+        out_services.insert(name.clone(), Value::Object(out));
+        services.push(StackService {
+            service: name.clone(),
+            project: member.unwrap_or_default().to_owned(),
+            image,
+            digest,
+            commit_sha: commit,
+            test: stack.tests.iter().any(|(t, _)| t == name),
+        });
+    }
+    if raw.networks.is_some() {
+        notes.push("top-level `networks` are ignored: the run has its own network".into());
+    }
+    let labels: serde_json::Map<String, Value> = cx
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let volumes: serde_json::Map<String, Value> = raw
+        .volumes
+        .iter()
+        .map(|(name, v)| {
+            let mut l = labels_map(v.as_ref().and_then(|v| v.labels.as_ref()));
+            l.extend(labels.clone());
+            (name.clone(), json!({ "labels": l }))
+        })
+        .collect();
+    let compose = json!({
+        "version": "2.4",
+        "services": out_services,
+        "networks": { "default": { "internal": true, "labels": labels } },
+        "volumes": volumes,
+    });
+    let tests: Vec<String> = stack.tests.iter().map(|(t, _)| t.clone()).collect();
+    let up = raw
+        .services
+        .keys()
+        .filter(|s| !tests.contains(s))
+        .cloned()
+        .collect();
+    Ok(Plan {
+        compose,
+        services,
+        up,
+        tests,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STACK: &str =
+        "stack:\n  members: {web: web-project, api: api-project}\n  tests: [tests]\n";
+    const COMPOSE: &str = "version: '3.8'\nservices:\n  api:\n    image: localhost/api:dev\n    build: ./api\n    healthcheck: {test: [CMD, wget, -q, http://localhost/]}\n  web:\n    image: localhost/web:dev\n    ports: ['8080:80']\n    depends_on: [api]\n    volumes: [cache:/var/cache, /tmp/scratch]\n  tests:\n    image: local/tests:1\n    command: [sh, -c, 'wget -qO- http://web/']\nvolumes:\n  cache:\n";
+
+    fn releases() -> Vec<ReleasedImage> {
+        vec![ReleasedImage {
+            project: "api-project".into(),
+            repository: "localhost:5000/api".into(),
+            digest: "sha256:aa".into(),
+            commit_sha: "c1".into(),
+            ..Default::default()
+        }]
+    }
+
+    fn plan_of(stack: &str, compose: &str) -> Result<Plan, LocatedError> {
+        let file = StackFile::parse(stack)?;
+        let labels = BTreeMap::from([("io.gantry.stack".to_owned(), "shop".to_owned())]);
+        plan(
+            &file,
+            compose,
+            &RunContext {
+                releases: &releases(),
+                labels: &labels,
+                limits: &gantry_config::Limits::default(),
+                is_service: &|p| p.ends_with("-project"),
+            },
+        )
+    }
+
+    #[test]
+    fn members_are_pinned_and_everything_is_labelled_and_confined() {
+        let p = plan_of(STACK, COMPOSE).expect("valid");
+        let api = &p.compose["services"]["api"];
+        assert_eq!(api["image"], "localhost:5000/api@sha256:aa");
+        assert!(api.get("build").is_none());
+        assert_eq!(api["labels"]["io.gantry.stack"], "shop");
+        assert_eq!(api["security_opt"][0], "no-new-privileges:true");
+        let web = &p.compose["services"]["web"];
+        assert_eq!(
+            web["image"], "localhost/web:dev",
+            "no release: the file's image"
+        );
+        assert!(web.get("ports").is_none());
+        assert_eq!(p.compose["networks"]["default"]["internal"], true);
+        assert_eq!(
+            p.compose["volumes"]["cache"]["labels"]["io.gantry.stack"],
+            "shop"
+        );
+        assert_eq!(p.up, ["api", "web"]);
+        assert_eq!(p.tests, ["tests"]);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("web-project has no release"))
+        );
+        assert!(p.notes.iter().any(|n| n.contains("`ports` is ignored")));
+        let api = p.services.iter().find(|s| s.service == "api").expect("api");
+        assert_eq!(
+            (api.project.as_str(), api.digest.as_str()),
+            ("api-project", "sha256:aa")
+        );
+    }
+
+    #[test]
+    fn what_reaches_the_host_is_refused_where_it_is_written() {
+        for (compose, line, needle) in [
+            (
+                "services:\n  tests:\n    image: t\n    privileged: true\n",
+                4,
+                "privileged",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    volumes: ['/:/host']\n",
+                4,
+                "host path",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    volumes: ['./src:/src']\n",
+                4,
+                "host path",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    network_mode: host\n",
+                4,
+                "network_mode",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    cap_add: [SYS_ADMIN]\n",
+                4,
+                "cap_add",
+            ),
+            ("services:\n  tests:\n    build: .\n", 3, "builds nothing"),
+            (
+                "services:\n  tests:\n    image: t\nvolumes:\n  v:\n    driver_opts: {o: bind, device: /}\n",
+                6,
+                "driver_opts",
+            ),
+        ] {
+            let e = plan_of("stack:\n  tests: [tests]\n", compose).expect_err(compose);
+            assert_eq!(
+                (e.file.as_str(), e.line),
+                ("docker-compose.yml", line),
+                "{compose}: {e}"
+            );
+            assert!(e.to_string().contains(needle), "{compose}: {e}");
+        }
+    }
+
+    #[test]
+    fn stack_file_errors_are_located() {
+        for (stack, line, needle) in [
+            ("stack:\n  members: {web: x}\n", 2, "stack.tests"),
+            ("stack:\n  tests: [t]\n  timeout: 0\n", 3, "positive"),
+            (
+                "stack:\n  tests: [t]\n  compose: ../x.yml\n",
+                3,
+                "inside the repository",
+            ),
+            ("stack:\n  tests: [t]\n  colour: red\n", 3, "colour"),
+            ("image: {}\n", 1, "stack"),
+        ] {
+            let e = StackFile::parse(stack).expect_err(stack);
+            assert_eq!(
+                (e.file.as_str(), e.line),
+                (".gantry.yml", line),
+                "{stack}: {e}"
+            );
+            assert!(e.to_string().contains(needle), "{stack}: {e}");
+        }
+        let e = plan_of(
+            "stack:\n  members: {db: db-project}\n  tests: [tests]\n",
+            COMPOSE,
+        )
+        .expect_err("unknown member");
+        assert_eq!(e.line, 2, "{e}");
+        let e = plan_of(
+            "stack:\n  members: {api: nobody}\n  tests: [tests]\n",
+            COMPOSE,
+        )
+        .expect_err("not a project");
+        assert!(e.message.contains("not a service project"), "{e}");
+    }
+}

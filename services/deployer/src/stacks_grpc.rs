@@ -1,0 +1,211 @@
+//! `gantry.v1.Stacks`: the configured stacks, their integration runs and
+//! their releases.
+
+use std::sync::Arc;
+
+use gantry_config::GantryConfig;
+use gantry_proto::v1::stacks_server::Stacks;
+use gantry_proto::v1::{
+    GetStackRequest, ListStackReleasesRequest, ListStackReleasesResponse, ListStackRunsRequest,
+    ListStackRunsResponse, ListStacksRequest, ListStacksResponse, StackInfo, StackReleaseInfo,
+    StackRun, StackRunInfo, StackServices,
+};
+use gantry_runtime::ApiError;
+use prost::Message as _;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::grpc::timestamp;
+
+pub struct StacksService {
+    pub pool: PgPool,
+    pub config: Arc<GantryConfig>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: Uuid,
+    stack: String,
+    number: i64,
+    state: String,
+    run: Vec<u8>,
+    pipeline_id: String,
+    build_id: Option<String>,
+    stack_commit: Option<String>,
+    failed_step: Option<String>,
+    reason: Option<String>,
+    services: Option<Vec<u8>>,
+    release: Option<i64>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+const RUN_COLUMNS: &str =
+    "r.id, r.stack, r.number, r.state, r.run, r.pipeline_id, r.build_id, r.stack_commit,
+     r.failed_step, r.reason, r.services, s.number AS release, r.created_at, r.finished_at
+     FROM stack_runs r LEFT JOIN stack_releases s ON s.run_id = r.id";
+
+fn services(bytes: Option<&[u8]>) -> Vec<gantry_proto::v1::StackService> {
+    bytes
+        .and_then(|b| StackServices::decode(b).ok())
+        .map(|s| s.services)
+        .unwrap_or_default()
+}
+
+impl From<RunRow> for StackRunInfo {
+    fn from(r: RunRow) -> Self {
+        let run = StackRun::decode(r.run.as_slice()).unwrap_or_default();
+        StackRunInfo {
+            run_id: r.id.to_string(),
+            stack: r.stack,
+            number: r.number as u64,
+            state: r.state,
+            stack_commit: r.stack_commit.unwrap_or_default(),
+            git_ref: run.revision.map(|rev| rev.git_ref).unwrap_or_default(),
+            build_id: r.build_id.unwrap_or_default(),
+            failed_step: r.failed_step.unwrap_or_default(),
+            reason: r.reason.unwrap_or_default(),
+            triggers: run.triggers,
+            services: services(r.services.as_deref()),
+            release: r.release.unwrap_or_default() as u64,
+            created_at: Some(timestamp(r.created_at)),
+            finished_at: r.finished_at.map(timestamp),
+            pipeline_id: r.pipeline_id,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ReleaseRow {
+    stack: String,
+    number: i64,
+    run_id: Uuid,
+    stack_commit: String,
+    services: Vec<u8>,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<ReleaseRow> for StackReleaseInfo {
+    fn from(r: ReleaseRow) -> Self {
+        StackReleaseInfo {
+            stack: r.stack,
+            number: r.number as u64,
+            run_id: r.run_id.to_string(),
+            stack_commit: r.stack_commit,
+            services: services(Some(&r.services)),
+            created_at: Some(timestamp(r.created_at)),
+        }
+    }
+}
+
+const RELEASE_COLUMNS: &str = "stack, number, run_id, stack_commit, services, created_at";
+
+fn limit(asked: u32) -> i64 {
+    match asked {
+        0 => 20,
+        n => i64::from(n.min(500)),
+    }
+}
+
+impl StacksService {
+    fn stack(&self, name: &str) -> Result<&gantry_config::Project, ApiError> {
+        self.config
+            .project(name)
+            .filter(|p| p.is_stack())
+            .ok_or_else(|| ApiError::NotFound(format!("no stack named {name:?}")))
+    }
+
+    async fn runs(&self, stack: &str, limit: i64) -> Result<Vec<StackRunInfo>, ApiError> {
+        let rows: Vec<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} WHERE r.stack = $1 ORDER BY r.number DESC LIMIT $2"
+        )))
+        .bind(stack)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn releases(&self, stack: &str, limit: i64) -> Result<Vec<StackReleaseInfo>, ApiError> {
+        let rows: Vec<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RELEASE_COLUMNS} FROM stack_releases WHERE stack = $1 ORDER BY number DESC LIMIT $2"
+        )))
+        .bind(stack)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn info(&self, stack: &gantry_config::Project) -> Result<StackInfo, ApiError> {
+        let members: Vec<String> = sqlx::query_scalar("SELECT members FROM stacks WHERE name = $1")
+            .bind(&stack.name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(ApiError::store)?
+            .unwrap_or_default();
+        let last_run = self.runs(&stack.name, 1).await?.into_iter().next();
+        // Members as services of the last run that named them.
+        let members = match &last_run {
+            Some(run) if !run.services.is_empty() => run
+                .services
+                .iter()
+                .filter(|s| !s.project.is_empty())
+                .map(|s| format!("{}={}", s.service, s.project))
+                .collect(),
+            _ => members,
+        };
+        Ok(StackInfo {
+            name: stack.name.clone(),
+            clone_url: stack.clone_url.clone(),
+            default_branch: stack.default_branch.clone(),
+            members,
+            last_run,
+            latest_release: self.releases(&stack.name, 1).await?.into_iter().next(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Stacks for StacksService {
+    async fn list(
+        &self,
+        _request: Request<ListStacksRequest>,
+    ) -> Result<Response<ListStacksResponse>, Status> {
+        let mut stacks = Vec::new();
+        for stack in self.config.projects.iter().filter(|p| p.is_stack()) {
+            stacks.push(self.info(stack).await?);
+        }
+        Ok(Response::new(ListStacksResponse { stacks }))
+    }
+
+    async fn get(&self, request: Request<GetStackRequest>) -> Result<Response<StackInfo>, Status> {
+        let stack = self.stack(&request.into_inner().stack)?;
+        Ok(Response::new(self.info(stack).await?))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListStackRunsRequest>,
+    ) -> Result<Response<ListStackRunsResponse>, Status> {
+        let req = request.into_inner();
+        let stack = self.stack(&req.stack)?;
+        Ok(Response::new(ListStackRunsResponse {
+            runs: self.runs(&stack.name, limit(req.limit)).await?,
+        }))
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<ListStackReleasesRequest>,
+    ) -> Result<Response<ListStackReleasesResponse>, Status> {
+        let req = request.into_inner();
+        let stack = self.stack(&req.stack)?;
+        Ok(Response::new(ListStackReleasesResponse {
+            releases: self.releases(&stack.name, limit(req.limit)).await?,
+        }))
+    }
+}

@@ -1,0 +1,501 @@
+//! Stacks end to end: a three-service stack (`web` fetches from `api`,
+//! `tests` checks the answer through `web`) whose members are Gantry
+//! projects. A push to the stack repository runs it and makes release 1; a
+//! release of `api` runs it again with the new `api` (release 2); an `api`
+//! that breaks the contract fails the run and makes no release; a fix makes
+//! release 3. Two member releases while a run is going make exactly one more
+//! run, which tests both. Nothing of any run stays in the engine.
+
+use std::time::Duration;
+
+use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::stacks_client::StacksClient;
+use gantry_proto::v1::{
+    GetStackRequest, ListStackReleasesRequest, ListStackRunsRequest, StackRunInfo,
+};
+use gantry_tests::stack::ProjectSpec;
+use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
+
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The stack's test service: what `web` says must come from a contract-keeping `api`.
+const CHECK: &str = "out=$$(wget -qO- http://web:8080/cgi-bin/v) && echo \"$$out\" && echo \"$$out\" | grep -q '^web sees: api v[0-9]'";
+
+fn member_dockerfile(extra: &str) -> String {
+    format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY index.html /www/index.html\n{extra}CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+    )
+}
+
+const MEMBER_PIPELINE: &str =
+    "image:\n  dockerfile: Dockerfile\ntest:\n  - name: page\n    run: test -s /www/index.html\n";
+
+/// `api`: answers its version at `/`.
+fn api_repo() -> SampleRepo {
+    let repo = SampleRepo::new();
+    repo.write("Dockerfile", &member_dockerfile(""));
+    repo.write(".gantry.yml", MEMBER_PIPELINE);
+    repo.commit_file("index.html", "api v1\n", "api v1");
+    repo
+}
+
+/// `web`: a CGI page that fetches `api` and says what it saw.
+fn web_repo() -> SampleRepo {
+    let repo = SampleRepo::new();
+    repo.write(
+        "Dockerfile",
+        &member_dockerfile(
+            "COPY v /www/cgi-bin/v\nRUN [\"/bin/chmod\", \"755\", \"/www/cgi-bin/v\"]\n",
+        ),
+    );
+    repo.write(".gantry.yml", MEMBER_PIPELINE);
+    repo.write("index.html", "web v1\n");
+    repo.write(
+        "v",
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"web sees: $(wget -qO- http://api:8080/)\"\n",
+    );
+    repo.commit("web v1");
+    repo
+}
+
+fn healthcheck(url: &str) -> String {
+    format!(
+        "    healthcheck:\n      test: [CMD, wget, -q, -O, /dev/null, '{url}']\n      interval: 1s\n      timeout: 2s\n      retries: 30\n"
+    )
+}
+
+/// The stack repository: the team's compose file (with what only makes
+/// sense on a laptop: `build`, `ports`) and the `stack:` section.
+fn stack_repo(tests_image: &str) -> SampleRepo {
+    let repo = SampleRepo::new();
+    for f in ["Dockerfile", "index.html", "busybox"] {
+        let _ = std::fs::remove_file(repo.path().join(f));
+    }
+    repo.write(
+        ".gantry.yml",
+        "stack:\n  members: {web: web, api: api}\n  tests: [tests]\n  timeout: 180\n",
+    );
+    let compose = format!(
+        "version: '3.8'\nservices:\n  api:\n    image: example.invalid/team/api:dev\n    build: ../api\n    init: true\n{}  web:\n    image: example.invalid/team/web:dev\n    init: true\n    ports: ['8080:8080']\n    depends_on: [api]\n{}  tests:\n    image: {tests_image}\n    depends_on: [web]\n    command: [sh, -c, \"{}\"]\n",
+        healthcheck("http://localhost:8080/"),
+        healthcheck("http://localhost:8080/index.html"),
+        CHECK.replace('"', "\\\"")
+    );
+    repo.write("docker-compose.yml", &compose);
+    repo.commit("the shop stack");
+    repo
+}
+
+/// Waits for the stack event `key` on `pipeline_id` and returns its payload.
+async fn stack_event(stack: &Stack, pipeline_id: &str, key: &str) -> Payload {
+    stack
+        .wait_event(pipeline_id, key, TIMEOUT)
+        .await
+        .event
+        .payload
+        .expect("payload")
+}
+
+async fn runs(stack: &Stack) -> Vec<StackRunInfo> {
+    StacksClient::new(stack.grpc("deployer").await)
+        .list_runs(ListStackRunsRequest {
+            stack: "shop".into(),
+            limit: 50,
+        })
+        .await
+        .expect("ListRuns")
+        .into_inner()
+        .runs
+}
+
+/// The deployer's record of a run once it has recorded the run's end.
+async fn ended(stack: &Stack, run_id: &str) -> StackRunInfo {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(r) = runs(stack)
+            .await
+            .into_iter()
+            .find(|r| r.run_id == run_id && (r.state == "passed" || r.state == "failed"))
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {run_id} never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Nothing of the run remains in the engine: containers, network, volumes.
+fn assert_torn_down(run_id: &str) {
+    let label = format!("io.gantry.stack-run={run_id}");
+    assert_eq!(
+        docker::labelled(&label),
+        Vec::<String>::new(),
+        "containers of run {run_id}"
+    );
+    assert_eq!(
+        docker::networks_labelled(&label),
+        Vec::<String>::new(),
+        "networks of run {run_id}"
+    );
+    assert_eq!(
+        docker::volumes_labelled(&label),
+        Vec::<String>::new(),
+        "volumes of run {run_id}"
+    );
+}
+
+/// Publishes a new commit of a member and returns (pipeline, digest).
+async fn release(
+    stack: &Stack,
+    spec: &ProjectSpec,
+    repo: &SampleRepo,
+    page: &str,
+) -> (String, String) {
+    let current = std::fs::read_to_string(repo.path().join("index.html")).unwrap_or_default();
+    let sha = if current == page {
+        repo.head()
+    } else {
+        repo.commit_file("index.html", page, page.trim())
+    };
+    let pipeline = stack.push(spec, "refs/heads/main", &sha).await;
+    match stack.wait_outcome(&pipeline, TIMEOUT).await.event.payload {
+        Some(Payload::ImagePublished(p)) => (pipeline, p.digest),
+        other => panic!("{} {page:?} was not published: {other:?}", spec.name),
+    }
+}
+
+#[tokio::test]
+async fn a_stack_is_tested_released_and_never_left_behind() {
+    let tests_image = format!(
+        "gantry-e2e/stack-tests:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    docker::build_busybox_image(&tests_image);
+    let (api, web) = (api_repo(), web_repo());
+    let shop = stack_repo(&tests_image);
+    let api_spec = ProjectSpec::new("api", &api.url());
+    let web_spec = ProjectSpec::new("web", &web.url());
+    let shop_spec = ProjectSpec::stack("shop", &shop.url());
+    let stack = Stack::start(StackOptions {
+        projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
+        lease_secs: 10,
+        // A run that waits must not keep the members' builds waiting.
+        env: vec![("GANTRY_BUILDER_CONCURRENCY".into(), "3".into())],
+        ..Default::default()
+    })
+    .await;
+
+    // Both members publish; the stack follows nobody yet.
+    let (_, api_v1) = release(&stack, &api_spec, &api, "api v1\n").await;
+    let (_, web_v1) = release(&stack, &web_spec, &web, "web v1\n").await;
+
+    // A push to the stack repository runs it with the members' releases.
+    let pushed = stack
+        .push(&shop_spec, "refs/heads/main", &shop.head())
+        .await;
+    let Payload::StackRunPassed(passed) = stack_event(&stack, &pushed, "stack.run_passed").await
+    else {
+        unreachable!()
+    };
+    let Payload::StackReleased(r1) = stack_event(&stack, &pushed, "stack.released").await else {
+        unreachable!()
+    };
+    assert_eq!(r1.release, 1);
+    assert_eq!(passed.stack_commit, shop.head());
+    let image_of = |services: &[gantry_proto::v1::StackService], name: &str| {
+        services
+            .iter()
+            .find(|s| s.service == name)
+            .map(|s| s.image.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        image_of(&r1.services, "api"),
+        format!("{}@{api_v1}", api_spec.image())
+    );
+    assert_eq!(
+        image_of(&r1.services, "web"),
+        format!("{}@{web_v1}", web_spec.image())
+    );
+    assert_eq!(image_of(&r1.services, "tests"), tests_image);
+    let run1 = passed.run.clone().expect("run");
+    assert_torn_down(&run1.run_id);
+    // The run's log has every service's output, the test's included.
+    let log: Vec<u8> = {
+        let mut db = stack.db().await;
+        sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT data FROM builder.build_logs WHERE build_id = $1::uuid ORDER BY seq",
+        )
+        .bind(&passed.build_id)
+        .fetch_all(&mut db)
+        .await
+        .expect("log")
+        .concat()
+    };
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("web sees: api v1"), "{log}");
+    assert!(log.contains("`ports` is ignored"), "{log}");
+
+    // api v2 is released: the stack runs with it and makes release 2.
+    let (p2, api_v2) = release(&stack, &api_spec, &api, "api v2\n").await;
+    let Payload::StackReleased(r2) = stack_event(&stack, &p2, "stack.released").await else {
+        unreachable!()
+    };
+    assert_eq!(r2.release, 2);
+    assert_eq!(
+        image_of(&r2.services, "api"),
+        format!("{}@{api_v2}", api_spec.image())
+    );
+    assert_eq!(
+        image_of(&r2.services, "web"),
+        format!("{}@{web_v1}", web_spec.image())
+    );
+
+    // api v3 breaks the contract: the run fails at the tests, no release.
+    let (p3, _) = release(&stack, &api_spec, &api, "API-3\n").await;
+    let Payload::StackRunFailed(failed) = stack_event(&stack, &p3, "stack.run_failed").await else {
+        unreachable!()
+    };
+    assert_eq!(
+        (failed.step.as_str(), failed.exit_code),
+        ("tests", 1),
+        "{failed:?}"
+    );
+    let last = &ended(&stack, &failed.run.clone().expect("run").run_id).await;
+    assert_eq!(runs(&stack).await[0].run_id, last.run_id, "the newest run");
+    assert_eq!(
+        (last.state.as_str(), last.release),
+        ("failed", 0),
+        "{last:?}"
+    );
+    assert!(
+        last.triggers
+            .iter()
+            .any(|t| t.project == "api" && t.pipeline_id == p3),
+        "{last:?}"
+    );
+    assert_torn_down(&last.run_id);
+
+    // The fix makes release 3.
+    let (p4, _) = release(&stack, &api_spec, &api, "api v4\n").await;
+    let Payload::StackReleased(r3) = stack_event(&stack, &p4, "stack.released").await else {
+        unreachable!()
+    };
+    assert_eq!(r3.release, 3);
+    let releases = StacksClient::new(stack.grpc("deployer").await)
+        .list_releases(ListStackReleasesRequest {
+            stack: "shop".into(),
+            limit: 0,
+        })
+        .await
+        .expect("ListReleases")
+        .into_inner()
+        .releases;
+    assert_eq!(
+        releases.iter().map(|r| r.number).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    let info = StacksClient::new(stack.grpc("deployer").await)
+        .get(GetStackRequest {
+            stack: "shop".into(),
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert_eq!(info.members, ["api=api", "web=web"]);
+    assert_eq!(info.latest_release.map(|r| r.number), Some(3));
+
+    two_releases_during_a_run_make_one_run(
+        &stack,
+        &shop,
+        &shop_spec,
+        (&api, &api_spec),
+        (&web, &web_spec),
+    )
+    .await;
+    a_killed_runner_leaves_nothing(&stack, &shop, &shop_spec).await;
+    docker::remove_image(&tests_image);
+}
+
+/// The gated tests container of `run_id` at `attempt`, once it runs.
+async fn gated_tests(run_id: &str, attempt: u32) -> String {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let found = docker::labelled(&format!("io.gantry.stack-run={run_id}"))
+            .into_iter()
+            .find(|c| {
+                docker::label(c, "com.docker.compose.service") == "tests"
+                    && docker::label(c, "io.gantry.attempt") == attempt.to_string()
+                    && docker::running(c)
+            });
+        if let Some(c) = found {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gated tests of attempt {attempt} never started"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The builder is killed while a run's services are up: the run is taken
+/// over (attempt 2) once the lease runs out, attempt 1's containers are
+/// removed first, and nothing of either attempt remains at the end.
+async fn a_killed_runner_leaves_nothing(stack: &Stack, shop: &SampleRepo, shop_spec: &ProjectSpec) {
+    shop.switch("gate");
+    let sha = shop.commit_file("notes.txt", "killed mid-run\n", "another gated run");
+    shop.switch("main");
+    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
+    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
+    else {
+        unreachable!()
+    };
+    let run_id = started.run.expect("run").run_id;
+    let first = gated_tests(&run_id, 1).await;
+    let up = docker::labelled(&format!("io.gantry.stack-run={run_id}"));
+    assert!(up.len() >= 3, "api, web and tests are up: {up:?}");
+    stack.kill("builder");
+    stack.start_service("builder");
+    let second = gated_tests(&run_id, 2).await;
+    assert_ne!(first, second);
+    for c in &up {
+        assert!(
+            !docker::labelled(&format!("io.gantry.stack-run={run_id}")).contains(c),
+            "attempt 1's container {c} was removed before attempt 2 started"
+        );
+    }
+    assert!(docker::exec(&second, &["touch", "/go"]));
+    let Payload::StackRunPassed(passed) = stack_event(stack, &pushed, "stack.run_passed").await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        passed.build_id, started.build_id,
+        "the same run, taken over"
+    );
+    assert_torn_down(&run_id);
+}
+
+/// A run that waits (a push to a branch whose tests wait for a signal),
+/// two member releases meanwhile, then exactly one more run with both.
+async fn two_releases_during_a_run_make_one_run(
+    stack: &Stack,
+    shop: &SampleRepo,
+    shop_spec: &ProjectSpec,
+    (api, api_spec): (&SampleRepo, &ProjectSpec),
+    (web, web_spec): (&SampleRepo, &ProjectSpec),
+) {
+    shop.branch("gate");
+    let compose = std::fs::read_to_string(shop.path().join("docker-compose.yml")).expect("compose");
+    let gated = compose.replace(
+        "command: [sh, -c, \"",
+        "command: [sh, -c, \"until [ -f /go ]; do sleep 0.2; done; ",
+    );
+    assert_ne!(gated, compose);
+    let sha = shop.commit_file("docker-compose.yml", &gated, "wait for a signal");
+    shop.switch("main");
+    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
+    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
+    else {
+        unreachable!()
+    };
+    let gate_run = started.run.expect("run");
+    let before = runs(stack).await.len();
+
+    let (pa, api_v5) = release(stack, api_spec, api, "api v5\n").await;
+    let (pw, web_v2) = release(stack, web_spec, web, "web v2\n").await;
+    // Both releases joined one waiting run; the gated run still runs.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let now = loop {
+        let now = runs(stack).await;
+        if now
+            .iter()
+            .any(|r| r.state == "waiting" && r.triggers.len() == 2)
+        {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no waiting run with both releases: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let gate = now
+        .iter()
+        .find(|r| r.run_id == gate_run.run_id)
+        .expect("gate run");
+    assert_eq!(gate.state, "running", "{gate:?}");
+    assert_eq!(now.len(), before + 1, "one waiting run: {now:?}");
+
+    // Let the gated run finish.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let tests = loop {
+        let found = docker::labelled(&format!("io.gantry.stack-run={}", gate_run.run_id))
+            .into_iter()
+            .find(|c| {
+                docker::label(c, "com.docker.compose.service") == "tests" && docker::running(c)
+            });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gated tests never started"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(docker::exec(&tests, &["touch", "/go"]));
+    let Payload::StackRunPassed(_) = stack_event(stack, &pushed, "stack.run_passed").await else {
+        unreachable!()
+    };
+
+    // The one more run has both releases and the default branch.
+    let Payload::StackRunPassed(both) = stack_event(stack, &pw, "stack.run_passed").await else {
+        unreachable!()
+    };
+    let Payload::StackReleased(_) = stack_event(stack, &pw, "stack.released").await else {
+        unreachable!()
+    };
+    let run = both.run.expect("run");
+    let kinds: Vec<(&str, &str)> = run
+        .triggers
+        .iter()
+        .map(|t| (t.project.as_str(), t.pipeline_id.as_str()))
+        .collect();
+    assert_eq!(kinds, [("api", pa.as_str()), ("web", pw.as_str())]);
+    let pinned = |name: &str| {
+        both.services
+            .iter()
+            .find(|s| s.service == name)
+            .map(|s| s.digest.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!((pinned("api"), pinned("web")), (api_v5, web_v2));
+    assert_eq!(
+        both.stack_commit,
+        shop.head(),
+        "member releases run the default branch"
+    );
+    let all = runs(stack).await;
+    assert_eq!(all.len(), before + 1, "exactly one more run: {all:?}");
+    assert!(
+        all.iter()
+            .all(|r| r.state == "passed" || r.state == "failed"),
+        "{all:?}"
+    );
+    let gate = all
+        .iter()
+        .find(|r| r.run_id == gate_run.run_id)
+        .expect("gate run");
+    assert_eq!(
+        gate.release, 0,
+        "a branch other than the default makes no release"
+    );
+    for r in &all {
+        assert_torn_down(&r.run_id);
+    }
+}
