@@ -59,6 +59,8 @@ pub struct ProjectSpec {
     pub registry: String,
     /// A stack (meta-project) rather than a service.
     pub stack: bool,
+    /// The projects a stack may follow.
+    pub follows: Vec<String>,
 }
 
 impl ProjectSpec {
@@ -73,13 +75,16 @@ impl ProjectSpec {
             image_path: format!("e2e/{unique}/{name}"),
             registry: crate::infra::registry(),
             stack: false,
+            follows: Vec::new(),
         }
     }
 
-    /// A stack (meta-project) named `name` cloned from `clone_url`.
-    pub fn stack(name: &str, clone_url: &str) -> Self {
+    /// A stack (meta-project) named `name` cloned from `clone_url`, which
+    /// may follow `follows`.
+    pub fn stack(name: &str, clone_url: &str, follows: &[&str]) -> Self {
         Self {
             stack: true,
+            follows: follows.iter().map(|f| f.to_string()).collect(),
             ..Self::new(name, clone_url)
         }
     }
@@ -318,7 +323,7 @@ impl Stack {
                 secret_path.display(),
             ));
             config.push_str(&if p.stack {
-                "    kind: stack\n".to_owned()
+                format!("    kind: stack\n    follows: [{}]\n", p.follows.join(", "))
             } else {
                 format!("    image: {}\n", p.image())
             });

@@ -18,8 +18,10 @@ use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// The stack's test service: what `web` says must come from a contract-keeping `api`.
-const CHECK: &str = "out=$$(wget -qO- http://web:8080/cgi-bin/v) && echo \"$$out\" && echo \"$$out\" | grep -q '^web sees: api v[0-9]'";
+/// The stack's test service: the run's network does not reach the host
+/// (RabbitMQ listens on all its addresses), and what `web` says must come
+/// from a contract-keeping `api`.
+const CHECK: &str = "for host in $$(ip route | awk '/default/ {print $$3}') 172.17.0.1; do if nc -w 1 $$host 5672 </dev/null; then echo \"reached $$host\"; exit 3; fi; done; out=$$(wget -qO- http://web:8080/cgi-bin/v) && echo \"$$out\" && echo \"$$out\" | grep -q '^web sees: api v[0-9]'";
 
 fn member_dockerfile(extra: &str) -> String {
     format!(
@@ -178,7 +180,7 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     let shop = stack_repo(&tests_image);
     let api_spec = ProjectSpec::new("api", &api.url());
     let web_spec = ProjectSpec::new("web", &web.url());
-    let shop_spec = ProjectSpec::stack("shop", &shop.url());
+    let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
         lease_secs: 10,

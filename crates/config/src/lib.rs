@@ -239,6 +239,9 @@ struct RawProject {
     webhook_secret: SecretSource,
     #[serde(default)]
     kind: ProjectKind,
+    /// A stack's: the projects its `.gantry.yml` may name as members.
+    #[serde(default)]
+    follows: Vec<String>,
     /// Required for services; a stack has none.
     #[serde(default)]
     image: Option<String>,
@@ -367,6 +370,9 @@ pub enum ProjectKind {
 pub struct Project {
     pub name: String,
     pub kind: ProjectKind,
+    /// For a stack: the service projects it may follow (name as members).
+    /// The stack repository cannot widen this: it would read their images.
+    pub follows: Vec<String>,
     /// Where git fetches from, without credentials (safe to show and to put in events).
     pub clone_url: String,
     /// Credentials for the clone URL, from `clone_credentials` or the URL's
@@ -631,6 +637,11 @@ impl Check<'_> {
     }
 
     fn projects(&mut self, raw: Vec<Spanned<RawProject>>) -> Vec<Project> {
+        let services: HashSet<String> = raw
+            .iter()
+            .filter(|sp| sp.value.kind == ProjectKind::Service)
+            .map(|sp| sp.value.name.clone())
+            .collect();
         let mut names = HashSet::new();
         let mut projects = Vec::new();
         for (i, sp) in raw.into_iter().enumerate() {
@@ -708,9 +719,19 @@ impl Check<'_> {
             for problem in problems {
                 self.located(at, problem);
             }
+            if p.kind == ProjectKind::Service && !p.follows.is_empty() {
+                self.located(at, "only a stack follows other projects".into());
+            }
+            for followed in p.follows.iter().filter(|f| !services.contains(*f)) {
+                self.located(
+                    at,
+                    format!("follows {followed:?}, which is not a configured service project"),
+                );
+            }
             projects.push(Project {
                 name: p.name,
                 kind: p.kind,
+                follows: p.follows,
                 clone_url,
                 clone_credentials,
                 gitlab: p.gitlab,
@@ -910,6 +931,7 @@ impl GantryConfig {
             .map(|p| p.name.clone())
             .collect();
         let environments = cx.environments(raw.environments, &names, &services);
+
         let gitlab = cx.forge("gitlab", raw.forges.gitlab);
         let github = cx.forge("github", raw.forges.github);
         let chat = cx.chat(raw.chat, &names);
@@ -1097,19 +1119,22 @@ mod tests {
     #[test]
     fn stacks_are_projects_without_image_or_environment() {
         let base = "projects:\n  - name: api\n    clone_url: x\n    webhook_secret: {value: s}\n    image: localhost/api\n  - name: shop\n    kind: stack\n    clone_url: y\n    webhook_secret: {value: t}\n";
-        let ok = GantryConfig::parse("g.yml", base).expect("valid");
+        let ok =
+            GantryConfig::parse("g.yml", &format!("{base}    follows: [api]\n")).expect("valid");
         let shop = ok.project("shop").expect("shop");
         assert!(shop.is_stack() && shop.image.is_empty());
+        assert_eq!(shop.follows, ["api"]);
         assert!(!ok.project("api").expect("api").is_stack());
         let err = GantryConfig::parse(
             "g.yml",
-            &format!("{base}    image: localhost/shop\nenvironments:\n  - name: prod\n    project: shop\n"),
+            &format!("{base}    image: localhost/shop\n    follows: [api, shop]\nenvironments:\n  - name: prod\n    project: shop\n"),
         )
         .expect_err("invalid");
         let msg = err.to_string();
         for needle in [
             "g.yml:6:5: projects[1] (shop): a stack has no image",
-            "g.yml:12:5: environments[0] (prod): project \"shop\" is a stack",
+            "g.yml:6:5: projects[1] (shop): follows \"shop\", which is not a configured service project",
+            "g.yml:13:5: environments[0] (prod): project \"shop\" is a stack",
         ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }

@@ -17,15 +17,20 @@
 //! hostile: the run gets a compose file written here from the parts of the
 //! team's file that cannot reach the host. Known keys are either kept
 //! (`image`, `command`, `entrypoint`, `environment`, `healthcheck`,
-//! `depends_on`, `labels`, named and anonymous `volumes`, …) or ignored with
-//! a note (`ports`, `restart`, `deploy`, `container_name`, `networks`,
-//! `build` of a member); anything else — `privileged`, host paths, host
-//! namespaces, devices, capabilities, `env_file`, a `build` of a service
-//! that is not a member — fails the run, located. The written file pins every
-//! member to `repository@digest`, labels every container with the stack,
-//! run and pipeline, puts the services on the run's own network, which is
-//! `internal` (no way out, not even to the host), and gives every container
-//! the project's memory, pids and CPU limits and `no-new-privileges`.
+//! `depends_on`, named and anonymous `volumes`, `tmpfs` mounts, …) or
+//! ignored with a note (`ports`, `restart`, `deploy`, `container_name`,
+//! `networks`, `labels`, `build` of a member); anything else —
+//! `privileged`, host paths, host namespaces, devices, capabilities,
+//! `env_file`, a `build` of a service that is not a member — fails the run,
+//! located. Members may only be projects the configuration lets the stack
+//! follow, and no other service may run an image of a project it does not
+//! follow (the engine may hold one). The written file pins every member to
+//! `repository@digest`, labels every container, network and volume with the
+//! stack, run and pipeline, puts the services on the run's own network —
+//! `internal`, and with no address of the host on its bridge, so no way
+//! out, not even to the host —, and gives every container the project's
+//! memory, pids and CPU limits, a capped log, `no-new-privileges` and only
+//! the capabilities an ordinary service needs.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -42,6 +47,21 @@ use crate::pipeline_file::FILE;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default compose file of a stack repository.
 pub const DEFAULT_COMPOSE: &str = "docker-compose.yml";
+/// Most services a stack may have.
+pub const MAX_SERVICES: usize = 30;
+/// The capabilities a container of a run keeps (Docker's default set
+/// without `FSETID`, `MKNOD`, `NET_RAW`, `SETFCAP`, `SETPCAP`,
+/// `SYS_CHROOT` and `AUDIT_WRITE`): enough for services that start as root
+/// and drop to their own user.
+pub const CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+    "KILL",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,9 +226,9 @@ struct RawService {
     #[serde(default)]
     expose: Option<Value>,
     #[serde(default)]
-    tmpfs: Option<Value>,
+    tmpfs: Option<Spanned<Value>>,
     #[serde(default)]
-    init: Option<Value>,
+    init: Option<bool>,
     #[serde(default)]
     read_only: Option<Value>,
     #[serde(default)]
@@ -239,8 +259,9 @@ struct RawService {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVolume {
-    #[serde(default)]
-    labels: Option<Value>,
+    /// Accepted and not used: only Gantry's labels are set.
+    #[serde(default, rename = "labels")]
+    _labels: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,8 +285,11 @@ pub struct RunContext<'a> {
     pub labels: &'a BTreeMap<String, String>,
     /// Limits of every container (the stack project's).
     pub limits: &'a gantry_config::Limits,
-    /// Whether a project is configured as a service (a stack can only follow those).
-    pub is_service: &'a dyn Fn(&str) -> bool,
+    /// The projects the configuration lets this stack follow.
+    pub follows: &'a [String],
+    /// The project whose registry repository an image reference is in,
+    /// if it is one of a configured project.
+    pub project_of_image: &'a dyn Fn(&str) -> Option<String>,
 }
 
 /// The compose file of one run, and what it runs.
@@ -283,27 +307,42 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-/// Names of compose services: what docker-compose accepts.
-fn valid_service_name(name: &str) -> bool {
-    !name.is_empty()
+/// Names of compose services and volumes: a letter or digit, then letters,
+/// digits, `-` or `_` — never an option (`-…`) or a path (`.`, `..`).
+fn valid_name(name: &str) -> bool {
+    name.as_bytes()
+        .first()
+        .is_some_and(u8::is_ascii_alphanumeric)
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
 
-/// Labels as a map, from either compose spelling (map, or list of `k=v`).
-fn labels_map(v: Option<&Value>) -> serde_json::Map<String, Value> {
-    match v {
-        Some(Value::Object(m)) => m.clone(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|i| i.as_str())
-            .map(|s| match s.split_once('=') {
-                Some((k, v)) => (k.to_owned(), Value::String(v.to_owned())),
-                None => (s.to_owned(), Value::String(String::new())),
-            })
-            .collect(),
-        _ => serde_json::Map::new(),
+/// Checks `tmpfs` (a path or a list of them, optionally `:size=…,mode=…`).
+fn check_tmpfs(file: &str, t: &Spanned<Value>) -> Result<(), LocatedError> {
+    let entries: Vec<&Value> = match &t.value {
+        Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    };
+    let ok = entries.iter().all(|e| {
+        e.as_str().is_some_and(|s| {
+            let (path, options) = s.split_once(':').unwrap_or((s, ""));
+            path.starts_with('/')
+                && options.split(',').filter(|o| !o.is_empty()).all(|o| {
+                    o.starts_with("size=")
+                        || o.starts_with("mode=")
+                        || ["ro", "rw", "noexec", "nosuid", "nodev"].contains(&o)
+                })
+        })
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(error_at(
+            file,
+            t,
+            "tmpfs: absolute paths, with only size=, mode=, ro, rw, noexec, nosuid or nodev",
+        ))
     }
 }
 
@@ -318,7 +357,7 @@ fn check_volume(
     let ok = match parts.as_slice() {
         [target] => target.starts_with('/'),
         [source, target] | [source, target, "ro" | "rw"] => {
-            target.starts_with('/') && declared.contains_key(*source)
+            target.starts_with('/') && valid_name(source) && declared.contains_key(*source)
         }
         _ => false,
     };
@@ -344,6 +383,25 @@ pub fn plan(
     let file = stack.compose.as_str();
     let raw: RawCompose = yaml::from_str(file, compose_text)?;
     let _ = (&raw.version, &raw.networks);
+    if raw.services.len() > MAX_SERVICES {
+        return Err(LocatedError::new(
+            file,
+            1,
+            1,
+            format!(
+                "{} services; an integration run starts at most {MAX_SERVICES}",
+                raw.services.len()
+            ),
+        ));
+    }
+    if let Some(name) = raw.volumes.keys().find(|n| !valid_name(n)) {
+        return Err(LocatedError::new(
+            file,
+            1,
+            1,
+            format!("volume name {name:?}: a letter or digit, then letters, digits, '-' or '_'"),
+        ));
+    }
     for (service, (project, (line, column))) in &stack.members {
         if !raw.services.contains_key(service) {
             return Err(LocatedError::new(
@@ -353,13 +411,13 @@ pub fn plan(
                 format!("member {service:?} is not a service of {file}"),
             ));
         }
-        if !(cx.is_service)(project) {
+        if !cx.follows.contains(project) {
             return Err(LocatedError::new(
                 FILE,
                 *line,
                 *column,
                 format!(
-                    "member {service:?} follows {project:?}, which is not a service project of the Gantry configuration"
+                    "member {service:?} follows {project:?}, which the Gantry configuration does not let this stack follow (`follows:` of the stack)"
                 ),
             ));
         }
@@ -378,11 +436,13 @@ pub fn plan(
     let mut services = Vec::new();
     let mut notes = Vec::new();
     for (name, sp) in &raw.services {
-        if !valid_service_name(name) {
+        if !valid_name(name) {
             return Err(error_at(
                 file,
                 sp,
-                format!("service name {name:?}: letters, digits, '-', '_' or '.'"),
+                format!(
+                    "service name {name:?}: a letter or digit, then letters, digits, '-' or '_'"
+                ),
             ));
         }
         let s = &sp.value;
@@ -425,6 +485,18 @@ pub fn plan(
                 }
                 match &s.image {
                     Some(i) if !i.value.trim().is_empty() => {
+                        if let Some(other) =
+                            (cx.project_of_image)(&i.value).filter(|p| !cx.follows.contains(p))
+                        {
+                            return Err(error_at(
+                                file,
+                                i,
+                                format!(
+                                    "image {:?} is of project {other:?}, which this stack does not follow",
+                                    i.value
+                                ),
+                            ));
+                        }
                         (i.value.clone(), String::new(), String::new())
                     }
                     _ => {
@@ -444,6 +516,7 @@ pub fn plan(
             ("deploy", s.deploy.is_some()),
             ("container_name", s.container_name.is_some()),
             ("networks", s.networks.is_some()),
+            ("labels", s.labels.is_some()),
         ] {
             if present {
                 notes.push(format!("{name}: `{key}` is ignored in an integration run"));
@@ -452,10 +525,15 @@ pub fn plan(
         for v in &s.volumes {
             check_volume(file, v, &raw.volumes)?;
         }
-        let mut labels = labels_map(s.labels.as_ref());
-        for (k, v) in cx.labels {
-            labels.insert(k.clone(), Value::String(v.clone()));
+        if let Some(t) = &s.tmpfs {
+            check_tmpfs(file, t)?;
         }
+        // Only Gantry's labels: other tools on the host act on labels.
+        let labels: serde_json::Map<String, Value> = cx
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         let mut out = serde_json::Map::new();
         out.insert("image".into(), Value::String(image.clone()));
         for (key, value) in [
@@ -467,8 +545,6 @@ pub fn plan(
             ("working_dir", &s.working_dir),
             ("user", &s.user),
             ("expose", &s.expose),
-            ("tmpfs", &s.tmpfs),
-            ("init", &s.init),
             ("read_only", &s.read_only),
             ("stop_signal", &s.stop_signal),
             ("stop_grace_period", &s.stop_grace_period),
@@ -477,6 +553,12 @@ pub fn plan(
             if let Some(v) = value {
                 out.insert(key.into(), v.clone());
             }
+        }
+        if let Some(t) = &s.tmpfs {
+            out.insert("tmpfs".into(), t.value.clone());
+        }
+        if let Some(init) = s.init {
+            out.insert("init".into(), Value::Bool(init));
         }
         if !s.volumes.is_empty() {
             out.insert(
@@ -495,9 +577,11 @@ pub fn plan(
         out.insert("pids_limit".into(), json!(cx.limits.pids));
         out.insert("cpus".into(), json!(cx.limits.cpus));
         out.insert("security_opt".into(), json!(["no-new-privileges:true"]));
+        out.insert("cap_drop".into(), json!(["ALL"]));
+        out.insert("cap_add".into(), json!(CAPABILITIES));
         out.insert(
-            "cap_drop".into(),
-            json!(["NET_RAW", "MKNOD", "AUDIT_WRITE"]),
+            "logging".into(),
+            json!({"driver": "json-file", "options": {"max-size": "10m", "max-file": "1"}}),
         );
         out_services.insert(name.clone(), Value::Object(out));
         services.push(StackService {
@@ -519,17 +603,18 @@ pub fn plan(
         .collect();
     let volumes: serde_json::Map<String, Value> = raw
         .volumes
-        .iter()
-        .map(|(name, v)| {
-            let mut l = labels_map(v.as_ref().and_then(|v| v.labels.as_ref()));
-            l.extend(labels.clone());
-            (name.clone(), json!({ "labels": l }))
-        })
+        .keys()
+        .map(|name| (name.clone(), json!({ "labels": labels })))
         .collect();
     let compose = json!({
         "version": "2.4",
         "services": out_services,
-        "networks": { "default": { "internal": true, "labels": labels } },
+        "networks": { "default": {
+            "internal": true,
+            // No address of the host on the bridge: the host is out of reach.
+            "driver_opts": { "com.docker.network.bridge.inhibit_ipv4": "true" },
+            "labels": labels,
+        } },
         "volumes": volumes,
     });
     let tests: Vec<String> = stack.tests.iter().map(|(t, _)| t.clone()).collect();
@@ -576,7 +661,11 @@ mod tests {
                 releases: &releases(),
                 labels: &labels,
                 limits: &gantry_config::Limits::default(),
-                is_service: &|p| p.ends_with("-project"),
+                follows: &["web-project".to_owned(), "api-project".to_owned()],
+                project_of_image: &|i| {
+                    i.starts_with("localhost:5000/secret")
+                        .then(|| "secret".to_owned())
+                },
             },
         )
     }
@@ -589,6 +678,12 @@ mod tests {
         assert!(api.get("build").is_none());
         assert_eq!(api["labels"]["io.gantry.stack"], "shop");
         assert_eq!(api["security_opt"][0], "no-new-privileges:true");
+        assert_eq!(api["cap_drop"][0], "ALL");
+        assert_eq!(api["logging"]["options"]["max-size"], "10m");
+        assert_eq!(
+            p.compose["networks"]["default"]["driver_opts"]["com.docker.network.bridge.inhibit_ipv4"],
+            "true"
+        );
         let web = &p.compose["services"]["web"];
         assert_eq!(
             web["image"], "localhost/web:dev",
@@ -645,6 +740,31 @@ mod tests {
             ),
             ("services:\n  tests:\n    build: .\n", 3, "builds nothing"),
             (
+                "services:\n  tests:\n    image: t\n    volumes: ['..:/host']\nvolumes:\n  ..: {}\n",
+                1,
+                "volume name",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n  --no-start:\n    image: t\n",
+                5,
+                "service name",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    tmpfs: ['/run:exec,suid,size=1g']\n",
+                4,
+                "tmpfs",
+            ),
+            (
+                "services:\n  tests:\n    image: t\n    init: /bin/evil\n",
+                4,
+                "boolean",
+            ),
+            (
+                "services:\n  tests:\n    image: localhost:5000/secret/app:1\n",
+                3,
+                "does not follow",
+            ),
+            (
                 "services:\n  tests:\n    image: t\nvolumes:\n  v:\n    driver_opts: {o: bind, device: /}\n",
                 6,
                 "driver_opts",
@@ -691,7 +811,7 @@ mod tests {
             "stack:\n  members: {api: nobody}\n  tests: [tests]\n",
             COMPOSE,
         )
-        .expect_err("not a project");
-        assert!(e.message.contains("not a service project"), "{e}");
+        .expect_err("not followed");
+        assert!(e.message.contains("does not let this stack follow"), "{e}");
     }
 }

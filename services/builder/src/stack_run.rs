@@ -52,6 +52,10 @@ const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 const COMPOSE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often health and exits are looked at.
 const POLL: Duration = Duration::from_millis(500);
+/// How long collecting the containers' logs may take, and how many of the
+/// last lines of each are kept.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(60);
+const LOG_TAIL: &str = "5000";
 
 /// The compose project name of a run.
 pub fn compose_project(build_id: Uuid) -> String {
@@ -138,14 +142,17 @@ async fn attempt(
             .await;
     }
     let _ = std::fs::remove_dir_all(&repo);
-    let compose_file = dir.path().join("compose.json");
+    // The compose file lives beside an empty project directory, which is
+    // all docker-compose may resolve relative paths (or a `.env`) against.
     let json = serde_json::to_vec_pretty(&plan.compose).unwrap_or_default();
-    std::fs::write(&compose_file, json).map_err(|e| {
-        failure(
-            "config",
-            format!("cannot write the run's compose file: {e}"),
-        )
-    })?;
+    std::fs::write(dir.path().join("compose.json"), json)
+        .and_then(|()| std::fs::create_dir(dir.path().join("project")))
+        .map_err(|e| {
+            failure(
+                "config",
+                format!("cannot write the run's compose file: {e}"),
+            )
+        })?;
     let compose = Compose {
         dir: dir.path(),
         project: compose_project(build.id),
@@ -159,7 +166,13 @@ async fn attempt(
                 format!("the run took longer than {}s", limit.as_secs()),
             ))
         });
-    collect_logs(&w.docker, &compose.project, log).await;
+    if tokio::time::timeout(LOGS_TIMEOUT, collect_logs(&w.docker, &compose.project, log))
+        .await
+        .is_err()
+    {
+        log.system("logs", "collecting the containers' logs took too long; cut")
+            .await;
+    }
     compose
         .run(&["down", "-v", "--remove-orphans", "-t", "5"], "down", log)
         .await
@@ -237,7 +250,19 @@ async fn prepare(
         (BUILD_LABEL.to_owned(), build.id.to_string()),
         (ATTEMPT_LABEL.to_owned(), build.attempt.to_string()),
     ]);
-    let is_service = |p: &str| w.config.project(p).is_some_and(|p| !p.is_stack());
+    let project_of_image = |image: &str| {
+        // `host/path:tag` or `host/path@digest` -> `host/path`
+        let repository = image.split('@').next().unwrap_or_default();
+        let repository = match repository.rsplit_once(':') {
+            Some((r, tag)) if !tag.contains('/') => r,
+            _ => repository,
+        };
+        w.config
+            .projects
+            .iter()
+            .find(|p| !p.is_stack() && p.image == repository)
+            .map(|p| p.name.clone())
+    };
     let plan = stack_file::plan(
         &file,
         &compose_text,
@@ -245,7 +270,8 @@ async fn prepare(
             releases: &run.releases,
             labels: &labels,
             limits: &project.limits,
-            is_service: &is_service,
+            follows: &project.follows,
+            project_of_image: &project_of_image,
         },
     )
     .map_err(|e| failure("config", e.to_string()))?;
@@ -311,14 +337,17 @@ impl Compose<'_> {
     /// going to the log under `step`.
     async fn run(&self, args: &[&str], step: &str, log: &LogSink) -> anyhow::Result<()> {
         let mut cmd = tokio::process::Command::new("docker-compose");
+        let empty = self.dir.join("project");
         cmd.arg("-p")
             .arg(&self.project)
             .arg("-f")
             .arg(self.dir.join("compose.json"))
+            .arg("--project-directory")
+            .arg(&empty)
             .args(args)
-            .current_dir(self.dir)
+            .current_dir(&empty)
             .env_clear()
-            .env("HOME", self.dir)
+            .env("HOME", &empty)
             .kill_on_drop(true);
         for var in [
             "PATH",
@@ -470,6 +499,7 @@ async fn collect_logs(docker: &Docker, project: &str, log: &LogSink) {
             Some(LogsOptions {
                 stdout: true,
                 stderr: true,
+                tail: LOG_TAIL.to_owned(),
                 ..Default::default()
             }),
         );
