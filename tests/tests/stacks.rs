@@ -13,6 +13,7 @@ use gantry_proto::v1::stacks_client::StacksClient;
 use gantry_proto::v1::{
     GetStackRequest, ListStackReleasesRequest, ListStackRunsRequest, StackRunInfo,
 };
+use gantry_tests::recorder::{Call, Recorder};
 use gantry_tests::stack::ProjectSpec;
 use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
 
@@ -86,6 +87,20 @@ fn stack_repo(tests_image: &str) -> SampleRepo {
     repo.write("docker-compose.yml", &compose);
     repo.commit("the shop stack");
     repo
+}
+
+/// The states of the `gantry/stack/shop` statuses among GitLab status calls.
+fn stack_states(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| c.body["name"] == "gantry/stack/shop")
+        .map(|c| c.body["state"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The text of a Slack-style chat call.
+fn text(call: &Call) -> String {
+    call.body["text"].as_str().unwrap_or_default().to_owned()
 }
 
 /// Waits for the stack event `key` on `pipeline_id` and returns its payload.
@@ -181,8 +196,15 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     let api_spec = ProjectSpec::new("api", &api.url());
     let web_spec = ProjectSpec::new("web", &web.url());
     let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
+    let recorder = Recorder::start().await;
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
+        forge: Some(recorder.url.clone()),
+        chat: vec![(
+            "team".into(),
+            "slack".into(),
+            format!("{}/chat/slack", recorder.url),
+        )],
         lease_secs: 10,
         // A run that waits must not keep the members' builds waiting.
         env: vec![("GANTRY_BUILDER_CONCURRENCY".into(), "3".into())],
@@ -281,12 +303,52 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     );
     assert_torn_down(&last.run_id);
 
-    // The fix makes release 3.
+    // The forge hears of it on api's commit, and chat once, naming it.
+    let api_v3_commit = api.head();
+    let statuses = format!("/api/v4/projects/team%2Fapi/statuses/{api_v3_commit}");
+    let calls = recorder
+        .wait_for(&statuses, TIMEOUT, |c| {
+            stack_states(c).contains(&"failed".to_owned())
+        })
+        .await;
+    assert_eq!(stack_states(&calls), ["running", "failed"]);
+    let chat = recorder
+        .wait_for("/chat/slack", TIMEOUT, |c| {
+            c.iter().any(|c| text(c).contains("broke"))
+        })
+        .await;
+    let broke: Vec<String> = chat
+        .iter()
+        .map(text)
+        .filter(|t| t.contains("stack"))
+        .collect();
+    assert_eq!(broke.len(), 1, "{broke:?}");
+    assert!(
+        broke[0].contains(&format!("api {}", &api_v3_commit[..12])) && broke[0].contains("tests"),
+        "{broke:?}"
+    );
+
+    // The fix makes release 3, and chat says the stack recovered.
     let (p4, _) = release(&stack, &api_spec, &api, "api v4\n").await;
     let Payload::StackReleased(r3) = stack_event(&stack, &p4, "stack.released").await else {
         unreachable!()
     };
     assert_eq!(r3.release, 3);
+    let chat = recorder
+        .wait_for("/chat/slack", TIMEOUT, |c| {
+            c.iter().any(|c| text(c).contains("green again"))
+        })
+        .await;
+    let stack_messages: Vec<String> = chat
+        .iter()
+        .map(text)
+        .filter(|t| t.contains("stack"))
+        .collect();
+    assert_eq!(
+        stack_messages.len(),
+        2,
+        "one failure, one recovery: {stack_messages:?}"
+    );
     let releases = StacksClient::new(stack.grpc("deployer").await)
         .list_releases(ListStackReleasesRequest {
             stack: "shop".into(),

@@ -157,6 +157,7 @@ impl Events {
             git_ref: rev.git_ref.clone(),
             pipeline_id: event.pipeline_id.clone(),
             kind: "push".into(),
+            author: rev.author_name.clone(),
         };
         let write = async {
             if let Some(mut tx) = self.first(event).await? {
@@ -250,6 +251,7 @@ impl Events {
                             git_ref: rev.git_ref.clone(),
                             pipeline_id: event.pipeline_id.clone(),
                             kind: "release".into(),
+                            author: rev.author_name.clone(),
                         };
                         stacks::trigger(&mut tx, stack, trigger, None).await?;
                     }

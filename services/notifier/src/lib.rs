@@ -4,7 +4,10 @@
 //! - The timeline (one row per event) and the pipeline projection
 //!   ([`projection`]): state, stage, failure, image, deployments.
 //! - Commit statuses on GitLab and GitHub, and chat messages with noise
-//!   control, queued with the projection change and sent by [`outbound`].
+//!   control, queued with the projection change and sent by [`outbound`];
+//!   for stacks' integration runs, `gantry/stack/<stack>` statuses on the
+//!   commits that triggered them and chat when a stack changes colour
+//!   ([`stacks`]).
 //! - gRPC `Pipelines` ([`grpc`]) and the pages links point at ([`http`]).
 //!
 //! Schema `notifier`: `timeline`, `pipelines`, `pipeline_deployments`,
@@ -14,6 +17,7 @@ pub mod grpc;
 pub mod http;
 pub mod outbound;
 pub mod projection;
+pub mod stacks;
 
 use std::sync::Arc;
 
@@ -175,7 +179,10 @@ impl Handler for Timeline {
                 .bind(summary(&event))
                 .execute(&mut *tx)
                 .await?;
-                queued = projection::apply(&mut tx, &self.config, &event).await?;
+                for seen in stacks::per_pipeline(&event) {
+                    queued |= projection::apply(&mut tx, &self.config, &seen).await?;
+                }
+                queued |= stacks::effects(&mut tx, &self.config, &event).await?;
             }
             tx.commit().await?;
             Ok::<_, anyhow::Error>(queued)

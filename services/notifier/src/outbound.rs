@@ -194,6 +194,16 @@ pub enum ChatEvent {
         reason: String,
         kept: String,
     },
+    /// A stack's run failed after a green one (or as its first): what came
+    /// in (`project commit by author`) and where it failed.
+    StackFailed {
+        number: u64,
+        step: String,
+        reason: String,
+        changes: Vec<String>,
+    },
+    /// A stack's run passed after a red one.
+    StackRecovered { number: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -296,6 +306,8 @@ impl Chat {
             ChatEvent::Deployed { .. } => "deploy.succeeded",
             ChatEvent::DeployFailed { .. } => "deploy.failed",
             ChatEvent::RolledBack { .. } => "deploy.rolled_back",
+            ChatEvent::StackFailed { .. } => "stack.failed",
+            ChatEvent::StackRecovered { .. } => "stack.recovered",
         }
     }
 
@@ -362,6 +374,28 @@ impl Chat {
                 escape(short(kept)),
                 link("pipeline", &self.links.pipeline)
             ),
+            ChatEvent::StackFailed {
+                number,
+                step,
+                reason,
+                changes,
+            } => format!(
+                ":red_circle: stack *{}* broke: run {number} failed at *{}*: {}. Came in: {}.{}",
+                escape(&self.project),
+                escape(step),
+                escape(reason),
+                changes
+                    .iter()
+                    .map(|c| escape(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::StackRecovered { number } => format!(
+                ":large_green_circle: stack *{}* is green again: run {number} passed.{}",
+                escape(&self.project),
+                link("pipeline", &self.links.pipeline)
+            ),
         }
     }
 
@@ -406,6 +440,19 @@ impl Chat {
                         body["environment"] = json!(environment);
                         body["reason"] = json!(clip(reason));
                     }
+                    ChatEvent::StackFailed {
+                        number,
+                        step,
+                        reason,
+                        changes,
+                    } => {
+                        body["run"] = json!(number);
+                        body["step"] = json!(clip(step));
+                        body["reason"] = json!(clip(reason));
+                        body["changes"] =
+                            json!(changes.iter().map(|c| clip(c)).collect::<Vec<_>>());
+                    }
+                    ChatEvent::StackRecovered { number } => body["run"] = json!(number),
                     ChatEvent::Recovered => {}
                 }
                 body
