@@ -5,7 +5,8 @@
 use clap::Subcommand;
 use gantry_proto::v1::stacks_client::StacksClient;
 use gantry_proto::v1::{
-    ListStackReleasesRequest, ListStackRunsRequest, ListStacksRequest, StackInfo, StackReleaseInfo,
+    DeployStackRequest, ListStackReleasesRequest, ListStackRunsRequest, ListStacksRequest,
+    RollbackStackRequest, StackDeploymentInfo, StackEnvironmentInfo, StackInfo, StackReleaseInfo,
     StackRunInfo, StackService,
 };
 use serde_json::{Value, json};
@@ -26,6 +27,10 @@ pub(crate) enum StackCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Deploys a release of a stack to one of its environments.
+    Deploy { environment: String, release: u64 },
+    /// Takes a stack's environment back to the release before the current one.
+    Rollback { environment: String },
 }
 
 fn service_json(s: &StackService) -> Value {
@@ -59,13 +64,74 @@ fn release_json(r: &StackReleaseInfo) -> Value {
     })
 }
 
+fn deployment_json(d: &StackDeploymentInfo) -> Value {
+    json!({
+        "deployment_id": d.deployment_id, "environment": d.environment, "stack": d.stack,
+        "release": d.release, "state": d.state, "trigger": d.trigger, "reason": d.reason,
+        "previous_release": d.previous_release, "created_at": time(&d.created_at),
+        "finished_at": time(&d.finished_at),
+    })
+}
+
+fn environment_json(e: &StackEnvironmentInfo) -> Value {
+    json!({
+        "name": e.name, "endpoint": e.endpoint, "service": e.service, "rules": e.rules,
+        "release": e.release, "since": time(&e.since),
+        "pending": e.pending.as_ref().map(deployment_json),
+        "last": e.last.as_ref().map(deployment_json),
+    })
+}
+
 fn stack_json(s: &StackInfo) -> Value {
     json!({
         "name": s.name, "clone_url": s.clone_url, "default_branch": s.default_branch,
         "members": s.members,
         "last_run": s.last_run.as_ref().map(run_json),
         "latest_release": s.latest_release.as_ref().map(release_json),
+        "environments": s.environments.iter().map(environment_json).collect::<Vec<_>>(),
     })
+}
+
+fn environment_lines(e: &StackEnvironmentInfo) -> String {
+    let mut out = format!(
+        "    environment {} ({}){}: ",
+        e.name,
+        if e.rules.is_empty() {
+            "manual".to_owned()
+        } else {
+            e.rules.join("; ")
+        },
+        if e.endpoint.is_empty() {
+            String::new()
+        } else {
+            format!(" at {} ({})", e.endpoint, e.service)
+        }
+    );
+    if e.release == 0 {
+        out.push_str("nothing deployed yet");
+    } else {
+        out.push_str(&format!("release {} since {}", e.release, time(&e.since)));
+    }
+    if let Some(p) = &e.pending {
+        out.push_str(&format!(
+            "\n      {} release {} ({})",
+            p.state, p.release, p.trigger
+        ));
+    }
+    if let Some(l) = e.last.as_ref().filter(|l| l.state != "succeeded") {
+        out.push_str(&format!(
+            "\n      last: release {} {}: {}",
+            l.release, l.state, l.reason
+        ));
+    }
+    out
+}
+
+fn queued_line(d: &StackDeploymentInfo) -> String {
+    format!(
+        "release {} of {} queued for {} ({}, deployment {})",
+        d.release, d.stack, d.environment, d.trigger, d.deployment_id
+    )
 }
 
 fn run_line(r: &StackRunInfo) -> String {
@@ -145,6 +211,9 @@ pub(crate) async fn list(cli: &Cli) -> anyhow::Result<()> {
             ),
             None => println!("    no release yet"),
         }
+        for e in &s.environments {
+            println!("{}", environment_lines(e));
+        }
     }
     Ok(())
 }
@@ -167,6 +236,34 @@ pub(crate) async fn run(cli: &Cli, command: StackCommand) -> anyhow::Result<()> 
                 for r in &runs {
                     println!("{}", run_line(r));
                 }
+            }
+        }
+        StackCommand::Deploy {
+            environment,
+            release,
+        } => {
+            let d = client
+                .deploy(DeployStackRequest {
+                    environment,
+                    release,
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&deployment_json(&d));
+            } else {
+                println!("{}", queued_line(&d));
+            }
+        }
+        StackCommand::Rollback { environment } => {
+            let d = client
+                .rollback(RollbackStackRequest { environment })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&deployment_json(&d));
+            } else {
+                println!("{}", queued_line(&d));
             }
         }
         StackCommand::Releases { stack, limit } => {

@@ -108,6 +108,10 @@ pub struct EnvSpec {
     /// HTTP health check path, if any.
     pub health_http: Option<String>,
     pub timeout_secs: u64,
+    /// Of a stack's environment: the service behind the endpoint.
+    pub service: Option<String>,
+    /// Environment variables of the environment's containers.
+    pub vars: Vec<(String, String)>,
 }
 
 impl EnvSpec {
@@ -124,6 +128,8 @@ impl EnvSpec {
             endpoint: free_port(),
             health_http: Some("/".into()),
             timeout_secs: 20,
+            service: None,
+            vars: Vec::new(),
         }
     }
 
@@ -355,6 +361,13 @@ impl Stack {
                 e.timeout_secs,
                 e.health_http.as_ref().map(|h| format!(", http: {h}")).unwrap_or_default(),
             ));
+            if let Some(service) = &e.service {
+                config.push_str(&format!("    service: {service}\n"));
+            }
+            if !e.vars.is_empty() {
+                let vars: Vec<String> = e.vars.iter().map(|(k, v)| format!("{k}: '{v}'")).collect();
+                config.push_str(&format!("    env: {{{}}}\n", vars.join(", ")));
+            }
         }
         if let Some(forge) = &options.forge {
             config.push_str(&format!(
@@ -889,6 +902,10 @@ impl Drop for Stack {
             .output();
         for env in &self.options.environments {
             crate::docker::remove_labelled(&format!("io.gantry.environment={}", env.name));
+            // A stack's environment has a network of its own.
+            let _ = Command::new("docker")
+                .args(["network", "rm", &format!("gantry-env-{}", env.name)])
+                .output();
         }
         let (admin, db) = (crate::infra::database_url(), self.db_name.clone());
         let _ = std::thread::spawn(move || {

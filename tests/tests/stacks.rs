@@ -4,18 +4,23 @@
 //! release of `api` runs it again with the new `api` (release 2); an `api`
 //! that breaks the contract fails the run and makes no release; a fix makes
 //! release 3. Two member releases while a run is going make exactly one more
-//! run, which tests both. Nothing of any run stays in the engine.
+//! run, which tests both. Nothing of any run stays in the engine. Every
+//! release is deployed to the stack's environment (only the services that
+//! changed are replaced); a release whose `web` fails in the environment
+//! takes the whole environment back to the previous release, and a manual
+//! rollback goes back one more.
 
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::stacks_client::StacksClient;
 use gantry_proto::v1::{
-    GetStackRequest, ListStackReleasesRequest, ListStackRunsRequest, StackRunInfo,
+    GetStackRequest, ListStackReleasesRequest, ListStackRunsRequest, RollbackStackRequest,
+    StackRunInfo,
 };
 use gantry_tests::recorder::{Call, Recorder};
 use gantry_tests::stack::ProjectSpec;
-use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
+use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions, docker};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -101,6 +106,44 @@ fn stack_states(calls: &[Call]) -> Vec<String> {
 /// The text of a Slack-style chat call.
 fn text(call: &Call) -> String {
     call.body["text"].as_str().unwrap_or_default().to_owned()
+}
+
+/// What the environment's endpoint answers at `/cgi-bin/v`, once it answers.
+async fn answer(env: &EnvSpec) -> String {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let url = format!("{}cgi-bin/v", env.endpoint_url());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => {
+                return r.text().await.unwrap_or_default().trim().to_owned();
+            }
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{url} does not answer: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The release running in the stack's environment, as `Stacks.Get` says.
+async fn environment_release(stack: &Stack) -> u64 {
+    StacksClient::new(stack.grpc("deployer").await)
+        .get(GetStackRequest {
+            stack: "shop".into(),
+        })
+        .await
+        .expect("Get")
+        .into_inner()
+        .environments
+        .first()
+        .map(|e| e.release)
+        .unwrap_or_default()
 }
 
 /// Waits for the stack event `key` on `pipeline_id` and returns its payload.
@@ -197,8 +240,14 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     let web_spec = ProjectSpec::new("web", &web.url());
     let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
     let recorder = Recorder::start().await;
+    let mut env = EnvSpec::new("shop");
+    env.service = Some("web".into());
+    env.health_http = Some("/cgi-bin/v".into());
+    // Only in the environment: a `web` that reads it refuses to start.
+    env.vars = vec![("DEPLOYED".into(), "1".into())];
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
+        environments: vec![env.clone()],
         forge: Some(recorder.url.clone()),
         chat: vec![(
             "team".into(),
@@ -247,6 +296,14 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     assert_eq!(image_of(&r1.services, "tests"), tests_image);
     let run1 = passed.run.clone().expect("run");
     assert_torn_down(&run1.run_id);
+    // Release 1 is deployed: web answers through the endpoint with api v1.
+    let Payload::StackDeploySucceeded(d1) =
+        stack_event(&stack, &pushed, "stack.deploy_succeeded").await
+    else {
+        unreachable!()
+    };
+    assert_eq!(d1.deployment.as_ref().map(|d| d.release), Some(1));
+    assert_eq!(answer(&env).await, "web sees: api v1");
     // The run's log has every service's output, the test's included.
     let log: Vec<u8> = {
         let mut db = stack.db().await;
@@ -269,6 +326,13 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
         unreachable!()
     };
     assert_eq!(r2.release, 2);
+    let Payload::StackDeploySucceeded(d2) =
+        stack_event(&stack, &p2, "stack.deploy_succeeded").await
+    else {
+        unreachable!()
+    };
+    assert_eq!(d2.changed, ["api"], "only what changed is replaced");
+    assert_eq!(answer(&env).await, "web sees: api v2");
     assert_eq!(
         image_of(&r2.services, "api"),
         format!("{}@{api_v2}", api_spec.image())
@@ -320,7 +384,7 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     let broke: Vec<String> = chat
         .iter()
         .map(text)
-        .filter(|t| t.contains("stack"))
+        .filter(|t| t.contains("broke"))
         .collect();
     assert_eq!(broke.len(), 1, "{broke:?}");
     assert!(
@@ -334,21 +398,19 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
         unreachable!()
     };
     assert_eq!(r3.release, 3);
+    stack_event(&stack, &p4, "stack.deploy_succeeded").await;
+    assert_eq!(answer(&env).await, "web sees: api v4");
     let chat = recorder
         .wait_for("/chat/slack", TIMEOUT, |c| {
             c.iter().any(|c| text(c).contains("green again"))
         })
         .await;
-    let stack_messages: Vec<String> = chat
+    let colours: Vec<String> = chat
         .iter()
         .map(text)
-        .filter(|t| t.contains("stack"))
+        .filter(|t| t.contains("broke") || t.contains("green again"))
         .collect();
-    assert_eq!(
-        stack_messages.len(),
-        2,
-        "one failure, one recovery: {stack_messages:?}"
-    );
+    assert_eq!(colours.len(), 2, "one failure, one recovery: {colours:?}");
     let releases = StacksClient::new(stack.grpc("deployer").await)
         .list_releases(ListStackReleasesRequest {
             stack: "shop".into(),
@@ -381,6 +443,15 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     )
     .await;
     a_killed_runner_leaves_nothing(&stack, &shop, &shop_spec).await;
+    a_release_that_fails_in_the_environment_is_rolled_back(
+        &stack,
+        &env,
+        &recorder,
+        (&shop, &shop_spec),
+        (&api, &api_spec),
+        (&web, &web_spec),
+    )
+    .await;
     docker::remove_image(&tests_image);
 }
 
@@ -562,4 +633,111 @@ async fn two_releases_during_a_run_make_one_run(
     for r in &all {
         assert_torn_down(&r.run_id);
     }
+}
+
+/// A release whose `api` is fine but whose `web` refuses to start in the
+/// environment: `api` is replaced first, `web` fails its health check, and
+/// the whole environment goes back to the previous release (`api`'s old
+/// container runs again); the release is blocked there. A manual rollback
+/// then goes back one more release.
+async fn a_release_that_fails_in_the_environment_is_rolled_back(
+    stack: &Stack,
+    env: &EnvSpec,
+    recorder: &Recorder,
+    (shop, shop_spec): (&SampleRepo, &ProjectSpec),
+    (api, api_spec): (&SampleRepo, &ProjectSpec),
+    (web, web_spec): (&SampleRepo, &ProjectSpec),
+) {
+    let before = environment_release(stack).await;
+    let answered = answer(env).await;
+    // Both changes come in while a gated run holds the stack, so one run
+    // (and one release) has them both.
+    shop.switch("gate");
+    let sha = shop.commit_file("notes.txt", "one more gated run\n", "gated");
+    shop.switch("main");
+    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
+    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
+    else {
+        unreachable!()
+    };
+    let run_id = started.run.expect("run").run_id;
+    let gated = gated_tests(&run_id, 1).await;
+    release(stack, api_spec, api, "api v6\n").await;
+    web.write(
+        "Dockerfile",
+        &member_dockerfile(
+            "COPY v /www/cgi-bin/v\nRUN [\"/bin/chmod\", \"755\", \"/www/cgi-bin/v\"]\nCMD [\"sh\", \"-c\", \"if [ -n \\\"$DEPLOYED\\\" ]; then echo broken here; exit 1; fi; exec httpd -f -p 8080 -h /www\"]\n",
+        )
+        .replace("CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n", ""),
+    );
+    let (pw, _) = release(stack, web_spec, web, "web v3\n").await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !runs(stack)
+        .await
+        .iter()
+        .any(|r| r.state == "waiting" && r.triggers.len() == 2)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two releases never joined one run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(docker::exec(&gated, &["touch", "/go"]));
+
+    let Payload::StackReleased(bad) = stack_event(stack, &pw, "stack.released").await else {
+        unreachable!()
+    };
+    let Payload::StackDeployRolledBack(back) =
+        stack_event(stack, &pw, "stack.deploy_rolled_back").await
+    else {
+        unreachable!()
+    };
+    assert!(back.reason.contains("service web"), "{back:?}");
+    assert_eq!(
+        back.deployment
+            .as_ref()
+            .map(|d| (d.release, d.previous_release)),
+        Some((bad.release, before))
+    );
+    assert_eq!(answer(env).await, answered, "the previous release answers");
+    assert_eq!(environment_release(stack).await, before);
+    let label = format!("io.gantry.environment={}", env.name);
+    let releases: Vec<String> = docker::labelled(&label)
+        .iter()
+        .map(|c| docker::label(c, "io.gantry.stack-release"))
+        .collect();
+    assert_eq!(
+        releases,
+        vec![before.to_string(); 2],
+        "api and web of release {before}, nothing of release {}",
+        bad.release
+    );
+    recorder
+        .wait_for("/chat/slack", TIMEOUT, |c| {
+            c.iter().any(|c| text(c).contains("was rolled back"))
+        })
+        .await;
+
+    // By hand: back one more release.
+    let queued = StacksClient::new(stack.grpc("deployer").await)
+        .rollback(RollbackStackRequest {
+            environment: env.name.clone(),
+        })
+        .await
+        .expect("Rollback")
+        .into_inner();
+    assert_eq!(
+        (queued.trigger.as_str(), queued.release),
+        ("rollback", before - 1)
+    );
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while environment_release(stack).await != before - 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the manual rollback never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(answer(env).await, "web sees: api v4");
 }

@@ -210,6 +210,9 @@ struct RawEnvironment {
     env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     health: RawHealth,
+    /// Of a stack's environment: the compose service behind the endpoint.
+    #[serde(default)]
+    service: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -487,10 +490,14 @@ pub struct Environment {
     /// A stable `host:port` the deployer serves and forwards to whichever
     /// version is live, so that a replacement has no gap in answers.
     pub endpoint: Option<String>,
-    /// Docker network of the containers (`bridge` if unset).
+    /// Docker network of the containers (`bridge` if unset; a stack's
+    /// environment gets a network of its own, `gantry-env-<name>`, when unset).
     pub network: String,
     pub env: std::collections::BTreeMap<String, String>,
     pub health: HealthCheck,
+    /// Of a stack's environment (its `project` is the stack): the compose
+    /// service the endpoint, `port` and HTTP health check are about.
+    pub service: Option<String>,
 }
 
 impl Environment {
@@ -779,9 +786,22 @@ impl Check<'_> {
     fn environments(
         &mut self,
         raw: Vec<Spanned<RawEnvironment>>,
-        projects: &HashSet<String>,
-        services: &HashSet<String>,
+        projects: &[Project],
     ) -> Vec<Environment> {
+        let is_stack = |name: &str| projects.iter().any(|p| p.name == name && p.is_stack());
+        // Services that a stack with environments follows: they are deployed
+        // through the stack's releases, not by environments of their own.
+        let stack_envs: HashSet<String> = raw
+            .iter()
+            .filter(|sp| is_stack(&sp.value.project))
+            .map(|sp| sp.value.project.clone())
+            .collect();
+        let through_stack = |service: &str| {
+            projects
+                .iter()
+                .find(|p| stack_envs.contains(&p.name) && p.follows.iter().any(|f| f == service))
+                .map(|p| p.name.clone())
+        };
         let mut environments = Vec::new();
         let mut names = HashSet::new();
         for (i, sp) in raw.into_iter().enumerate() {
@@ -797,16 +817,24 @@ impl Check<'_> {
             if !names.insert(e.name.clone()) {
                 self.located(at, "duplicate environment name".into());
             }
-            if !projects.contains(&e.project) {
+            let stack = is_stack(&e.project);
+            if !projects.iter().any(|p| p.name == e.project) {
                 self.located(at, format!("project {:?} is not configured", e.project));
-            } else if !services.contains(&e.project) {
+            } else if let Some(via) = through_stack(&e.project) {
                 self.located(
                     at,
-                    format!(
-                        "project {:?} is a stack: an environment deploys a service's images",
-                        e.project
-                    ),
+                    format!("project {:?} is deployed through the releases of stack {via:?}, which has environments; an environment of its own would run it twice", e.project),
                 );
+            }
+            if stack && e.port.is_some() != e.service.is_some() {
+                self.located(
+                    at,
+                    "a stack's environment names the service and its port together (service, port)"
+                        .into(),
+                );
+            }
+            if !stack && e.service.is_some() {
+                self.located(at, "only a stack's environment names a service".into());
             }
             if e.target != "docker" {
                 self.located(
@@ -830,15 +858,23 @@ impl Check<'_> {
             {
                 self.located(at, "health.http must be a path starting with '/'".into());
             }
+            let name = e.name;
             environments.push(Environment {
-                name: e.name,
+                name: name.clone(),
                 project: e.project,
                 target: e.target,
                 rules: e.rules,
                 port: e.port,
                 endpoint: e.endpoint,
-                network: e.network.unwrap_or_else(|| "bridge".to_owned()),
+                network: e.network.unwrap_or_else(|| {
+                    if stack {
+                        format!("gantry-env-{name}")
+                    } else {
+                        "bridge".to_owned()
+                    }
+                }),
                 env: e.env,
+                service: e.service,
                 health: HealthCheck {
                     http: e.health.http,
                     timeout: std::time::Duration::from_secs(e.health.timeout_secs.unwrap_or(60)),
@@ -925,12 +961,7 @@ impl GantryConfig {
         let projects = cx.projects(raw.projects);
         let names: HashSet<String> = projects.iter().map(|p| p.name.clone()).collect();
         let registries = cx.registries(raw.registries);
-        let services: HashSet<String> = projects
-            .iter()
-            .filter(|p| !p.is_stack())
-            .map(|p| p.name.clone())
-            .collect();
-        let environments = cx.environments(raw.environments, &names, &services);
+        let environments = cx.environments(raw.environments, &projects);
 
         let gitlab = cx.forge("gitlab", raw.forges.gitlab);
         let github = cx.forge("github", raw.forges.github);
@@ -1127,14 +1158,15 @@ mod tests {
         assert!(!ok.project("api").expect("api").is_stack());
         let err = GantryConfig::parse(
             "g.yml",
-            &format!("{base}    image: localhost/shop\n    follows: [api, shop]\nenvironments:\n  - name: prod\n    project: shop\n"),
+            &format!("{base}    image: localhost/shop\n    follows: [api, shop]\nenvironments:\n  - name: prod\n    project: shop\n    port: 80\n  - name: api-alone\n    project: api\n"),
         )
         .expect_err("invalid");
         let msg = err.to_string();
         for needle in [
+            "environments[1] (api-alone): project \"api\" is deployed through the releases of stack \"shop\"",
             "g.yml:6:5: projects[1] (shop): a stack has no image",
             "g.yml:6:5: projects[1] (shop): follows \"shop\", which is not a configured service project",
-            "g.yml:13:5: environments[0] (prod): project \"shop\" is a stack",
+            "g.yml:13:5: environments[0] (prod): a stack's environment names the service and its port together",
         ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }

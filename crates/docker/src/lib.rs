@@ -7,6 +7,20 @@
 
 use std::time::Duration;
 
+/// The capabilities a container of a stack keeps, in integration runs and
+/// in environments: Docker's default set without `FSETID`, `MKNOD`,
+/// `NET_RAW`, `SETFCAP`, `SETPCAP`, `SYS_CHROOT` and `AUDIT_WRITE` — enough
+/// for services that start as root and drop to their own user.
+pub const SERVICE_CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+    "KILL",
+];
+
 /// Credentials the Docker engine uses for `registry` (none when it needs no login).
 pub fn credentials(registry: &gantry_config::Registry) -> Option<bollard::auth::DockerCredentials> {
     registry

@@ -30,6 +30,10 @@ pub mod routing {
     pub const STACK_RUN_PASSED: &str = "stack.run_passed";
     pub const STACK_RUN_FAILED: &str = "stack.run_failed";
     pub const STACK_RELEASED: &str = "stack.released";
+    pub const STACK_DEPLOY_STARTED: &str = "stack.deploy_started";
+    pub const STACK_DEPLOY_SUCCEEDED: &str = "stack.deploy_succeeded";
+    pub const STACK_DEPLOY_FAILED: &str = "stack.deploy_failed";
+    pub const STACK_DEPLOY_ROLLED_BACK: &str = "stack.deploy_rolled_back";
 }
 
 /// The routing key of a payload.
@@ -50,6 +54,10 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::StackRunPassed(_) => routing::STACK_RUN_PASSED,
         Payload::StackRunFailed(_) => routing::STACK_RUN_FAILED,
         Payload::StackReleased(_) => routing::STACK_RELEASED,
+        Payload::StackDeployStarted(_) => routing::STACK_DEPLOY_STARTED,
+        Payload::StackDeploySucceeded(_) => routing::STACK_DEPLOY_SUCCEEDED,
+        Payload::StackDeployFailed(_) => routing::STACK_DEPLOY_FAILED,
+        Payload::StackDeployRolledBack(_) => routing::STACK_DEPLOY_ROLLED_BACK,
     }
 }
 

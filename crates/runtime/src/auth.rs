@@ -28,6 +28,8 @@ pub const SCOPES: &[(&str, Scope)] = &[
     ("/gantry.v1.Stacks/Get", Scope::Read),
     ("/gantry.v1.Stacks/ListRuns", Scope::Read),
     ("/gantry.v1.Stacks/ListReleases", Scope::Read),
+    ("/gantry.v1.Stacks/Deploy", Scope::Deploy),
+    ("/gantry.v1.Stacks/Rollback", Scope::Deploy),
     ("/gantry.v1.Pipelines/List", Scope::Read),
     ("/gantry.v1.Pipelines/Get", Scope::Read),
     ("/gantry.v1.Pipelines/Watch", Scope::Read),

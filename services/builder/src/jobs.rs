@@ -192,6 +192,8 @@ pub struct StackVerdict {
     /// `None` when the tests passed; else the step, exit code and reason.
     pub failure: Option<(String, i32, String)>,
     pub services: Vec<StackService>,
+    /// The run's compose file (JSON).
+    pub compose: String,
 }
 
 /// How a job ended: a build's verdict or a stack run's.
@@ -215,6 +217,7 @@ impl End {
                 stack_commit: String::new(),
                 failure: Some((step.to_owned(), 0, reason)),
                 services: Vec::new(),
+                compose: String::new(),
             }),
         }
     }
@@ -301,6 +304,7 @@ async fn finish_stack(
         stack_commit,
         failure,
         services,
+        compose,
     } = verdict;
     let (state, payload) = match &failure {
         None => (
@@ -310,6 +314,7 @@ async fn finish_stack(
                 build_id,
                 stack_commit,
                 services,
+                compose,
             }),
         ),
         Some((step, exit_code, reason)) => (

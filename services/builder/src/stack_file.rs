@@ -49,19 +49,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_COMPOSE: &str = "docker-compose.yml";
 /// Most services a stack may have.
 pub const MAX_SERVICES: usize = 30;
-/// The capabilities a container of a run keeps (Docker's default set
-/// without `FSETID`, `MKNOD`, `NET_RAW`, `SETFCAP`, `SETPCAP`,
-/// `SYS_CHROOT` and `AUDIT_WRITE`): enough for services that start as root
-/// and drop to their own user.
-pub const CAPABILITIES: [&str; 7] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "SETGID",
-    "SETUID",
-    "NET_BIND_SERVICE",
-    "KILL",
-];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -578,7 +565,7 @@ pub fn plan(
         out.insert("cpus".into(), json!(cx.limits.cpus));
         out.insert("security_opt".into(), json!(["no-new-privileges:true"]));
         out.insert("cap_drop".into(), json!(["ALL"]));
-        out.insert("cap_add".into(), json!(CAPABILITIES));
+        out.insert("cap_add".into(), json!(gantry_docker::SERVICE_CAPABILITIES));
         out.insert(
             "logging".into(),
             json!({"driver": "json-file", "options": {"max-size": "10m", "max-file": "1"}}),

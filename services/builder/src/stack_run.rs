@@ -81,6 +81,7 @@ pub async fn run(
         stack_commit: String::new(),
         failure: None,
         services: Vec::new(),
+        compose: String::new(),
     };
     if let Err((step, code, reason)) = attempt(w, build, run, project, log, &mut verdict).await {
         log.system(&step, &reason).await;
@@ -129,6 +130,7 @@ async fn attempt(
     verdict.stack_commit = checkout(project, run, &repo, log).await?;
     let (file, plan) = prepare(w, build, run, project, &repo, &verdict.stack_commit).await?;
     verdict.services = plan.services.clone();
+    verdict.compose = plan.compose.to_string();
     for note in &plan.notes {
         log.system("config", note).await;
     }

@@ -14,7 +14,9 @@
 //! - Stacks ([`stacks`]): member releases and pushes to stack repositories
 //!   start integration runs (run by the builder), one at a time per stack,
 //!   with the newest release of every member; green runs become numbered
-//!   stack releases. gRPC `Stacks` ([`stacks_grpc`]).
+//!   stack releases, rolled out to the stack's environments
+//!   ([`stack_deploy`], Docker side in [`stack_target`]). gRPC `Stacks`
+//!   ([`stacks_grpc`]).
 //!
 //! Schema `deployer`: `images`, `environments`, `deployments`, `live`,
 //! `blocked`, `stacks`, `stack_runs`, `stack_releases`, plus the outbox and
@@ -24,6 +26,8 @@ pub mod docker;
 pub mod edge;
 pub mod grpc;
 pub mod queue;
+pub mod stack_deploy;
+pub mod stack_target;
 pub mod stacks;
 pub mod stacks_grpc;
 pub mod worker;
@@ -65,7 +69,10 @@ pub struct Settings {
 struct Events {
     pool: PgPool,
     config: Arc<GantryConfig>,
+    /// Wakes the deployment loop.
     wake: Arc<Notify>,
+    /// Wakes the stack deployment loop.
+    stack_wake: Arc<Notify>,
 }
 
 impl Handler for Events {
@@ -98,6 +105,7 @@ impl Handler for Events {
                         stack_commit: &passed.stack_commit,
                         failure: None,
                         services: &passed.services,
+                        compose: &passed.compose,
                     },
                 )
                 .await
@@ -114,6 +122,7 @@ impl Handler for Events {
                         stack_commit: &failed.stack_commit,
                         failure: Some((&failed.step, &failed.reason)),
                         services: &failed.services,
+                        compose: "",
                     },
                 )
                 .await
@@ -176,8 +185,13 @@ impl Events {
         };
         let write = async {
             if let Some(mut tx) = self.first(event).await? {
-                stacks::record_end(&mut tx, stack, &event.pipeline_id, end).await?;
+                let release =
+                    stacks::record_end(&mut tx, &self.config, stack, &event.pipeline_id, end)
+                        .await?;
                 tx.commit().await?;
+                if release.is_some() {
+                    self.stack_wake.notify_one();
+                }
             }
             anyhow::Ok(())
         };
@@ -312,8 +326,12 @@ impl gantry_runtime::Service for Service {
         stacks::sync_stacks(&pool, &config).await?;
         let docker = bollard::Docker::connect_with_defaults()?;
         let wake = Arc::new(Notify::new());
+        let stack_wake = Arc::new(Notify::new());
         let backends = edge::Backends::default();
         for (env, address) in queue::live_addresses(&pool).await? {
+            backends.set(&env, address.and_then(|a| a.parse().ok()));
+        }
+        for (env, address) in stack_deploy::live_addresses(&pool).await? {
             backends.set(&env, address.and_then(|a| a.parse().ok()));
         }
         for env in &config.environments {
@@ -335,9 +353,22 @@ impl gantry_runtime::Service for Service {
                 pool: pool.clone(),
                 config: config.clone(),
                 wake: wake.clone(),
+                stack_wake: stack_wake.clone(),
             },
             shutdown,
         );
+        let stack_worker = Arc::new(stack_deploy::StackWorker {
+            pool: pool.clone(),
+            target: Arc::new(docker::DockerTarget::new(docker.clone())?),
+            config: config.clone(),
+            backends: backends.clone(),
+            owner: format!("deployer-{}", uuid::Uuid::new_v4().simple()),
+            wake: stack_wake.clone(),
+            relay_wake: base.relay_wake.clone(),
+            concurrency: s.concurrency.max(1),
+            lease: std::time::Duration::from_secs(s.lease_secs.max(4)),
+        });
+        base.spawn(stack_worker.run(shutdown.clone()));
         let worker = Arc::new(worker::Worker {
             pool: pool.clone(),
             target: docker::DockerTarget::new(docker.clone())?,
@@ -353,6 +384,7 @@ impl gantry_runtime::Service for Service {
         let stacks = stacks_grpc::StacksService {
             pool: pool.clone(),
             config: config.clone(),
+            wake: stack_wake.clone(),
         };
         let grpc = grpc::DeploymentsService { pool, config, wake };
         Ok(Parts {

@@ -248,13 +248,17 @@ pub struct RunEnd<'a> {
     /// `None` when it passed; else the failed step and the reason.
     pub failure: Option<(&'a str, &'a str)>,
     pub services: &'a [StackService],
+    /// The run's compose file (JSON), for a release.
+    pub compose: &'a str,
 }
 
 /// `stack.run_passed` / `stack.run_failed`: records the end, learns the
-/// members, makes the release of a green run of the default branch, and
-/// starts the next waiting run. Returns the release made, if any.
+/// members, makes the release of a green run of the default branch (queued
+/// for the stack's environments whose rules take it), and starts the next
+/// waiting run. Returns the release made, if any.
 pub async fn record_end(
     tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
     stack: &Project,
     pipeline_id: &str,
     end: RunEnd<'_>,
@@ -311,16 +315,28 @@ pub async fn record_end(
     let mut release = None;
     if end.failure.is_none() && of_default {
         let number: i64 = sqlx::query_scalar(
-            "INSERT INTO stack_releases (stack, number, run_id, stack_commit, services)
-             SELECT $1, COALESCE(MAX(number), 0) + 1, $2, $3, $4 FROM stack_releases WHERE stack = $1
+            "INSERT INTO stack_releases (stack, number, run_id, stack_commit, services, compose)
+             SELECT $1, COALESCE(MAX(number), 0) + 1, $2, $3, $4, $5 FROM stack_releases WHERE stack = $1
              RETURNING number",
         )
         .bind(&stack.name)
         .bind(id)
         .bind(end.stack_commit)
         .bind(&services)
+        .bind(end.compose)
         .fetch_one(&mut **tx)
         .await?;
+        for env in crate::stack_deploy::auto_environments(config, stack) {
+            crate::stack_deploy::enqueue(
+                tx,
+                &env.name,
+                &stack.name,
+                number,
+                pipeline_id,
+                crate::queue::Trigger::Auto,
+            )
+            .await?;
+        }
         let event = Event::new(
             pipeline_id,
             &stack.name,

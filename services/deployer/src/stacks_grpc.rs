@@ -1,13 +1,15 @@
-//! `gantry.v1.Stacks`: the configured stacks, their integration runs and
-//! their releases.
+//! `gantry.v1.Stacks`: the configured stacks, their integration runs,
+//! their releases and their environments; deploying a release, rolling an
+//! environment back.
 
 use std::sync::Arc;
 
 use gantry_config::GantryConfig;
 use gantry_proto::v1::stacks_server::Stacks;
 use gantry_proto::v1::{
-    GetStackRequest, ListStackReleasesRequest, ListStackReleasesResponse, ListStackRunsRequest,
-    ListStackRunsResponse, ListStacksRequest, ListStacksResponse, StackInfo, StackReleaseInfo,
+    DeployStackRequest, GetStackRequest, ListStackReleasesRequest, ListStackReleasesResponse,
+    ListStackRunsRequest, ListStackRunsResponse, ListStacksRequest, ListStacksResponse,
+    RollbackStackRequest, StackDeploymentInfo, StackEnvironmentInfo, StackInfo, StackReleaseInfo,
     StackRun, StackRunInfo, StackServices,
 };
 use gantry_runtime::ApiError;
@@ -21,6 +23,25 @@ use crate::grpc::timestamp;
 pub struct StacksService {
     pub pool: PgPool,
     pub config: Arc<GantryConfig>,
+    /// Wakes the stack deployment loop.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl From<crate::stack_deploy::Row> for StackDeploymentInfo {
+    fn from(r: crate::stack_deploy::Row) -> Self {
+        StackDeploymentInfo {
+            deployment_id: r.id.to_string(),
+            environment: r.environment,
+            stack: r.stack,
+            release: r.release as u64,
+            state: r.state,
+            trigger: r.trigger,
+            reason: r.reason.unwrap_or_default(),
+            previous_release: r.previous_release.unwrap_or_default() as u64,
+            created_at: Some(timestamp(r.created_at)),
+            finished_at: r.finished_at.map(timestamp),
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -140,6 +161,123 @@ impl StacksService {
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
+    /// The stack environment named `name`, with its stack.
+    fn environment(
+        &self,
+        name: &str,
+    ) -> Result<(&gantry_config::Environment, &gantry_config::Project), ApiError> {
+        let env = self
+            .config
+            .environment(name)
+            .ok_or_else(|| ApiError::NotFound(format!("no environment named {name:?}")))?;
+        let stack = self
+            .config
+            .project(&env.project)
+            .filter(|p| p.is_stack())
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "environment {name:?} deploys project {:?}, not a stack (use Deployments)",
+                    env.project
+                ))
+            })?;
+        Ok((env, stack))
+    }
+
+    async fn deployments(
+        &self,
+        environment: &str,
+        condition: &str,
+    ) -> Result<Option<StackDeploymentInfo>, ApiError> {
+        let row: Option<crate::stack_deploy::Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM stack_deployments WHERE environment = $1 AND {condition}
+             ORDER BY created_at DESC LIMIT 1",
+            crate::stack_deploy::COLUMNS
+        )))
+        .bind(environment)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn environments(
+        &self,
+        stack: &gantry_config::Project,
+    ) -> Result<Vec<StackEnvironmentInfo>, ApiError> {
+        let mut out = Vec::new();
+        for env in self
+            .config
+            .environments
+            .iter()
+            .filter(|e| e.project == stack.name)
+        {
+            let live = crate::stack_deploy::live_release(&self.pool, &env.name)
+                .await
+                .map_err(ApiError::store)?;
+            out.push(StackEnvironmentInfo {
+                name: env.name.clone(),
+                endpoint: env.endpoint.clone().unwrap_or_default(),
+                service: env.service.clone().unwrap_or_default(),
+                rules: env.rules.iter().map(ToString::to_string).collect(),
+                release: live.map(|l| l.0 as u64).unwrap_or_default(),
+                since: live.map(|l| timestamp(l.1)),
+                pending: self
+                    .deployments(&env.name, "state IN ('waiting', 'running')")
+                    .await?,
+                last: self
+                    .deployments(&env.name, "state NOT IN ('waiting', 'running')")
+                    .await?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Queues `release` for the environment (in one transaction with the
+    /// blocking of a rolled-back release).
+    async fn queue(
+        &self,
+        env: &gantry_config::Environment,
+        stack: &gantry_config::Project,
+        release: i64,
+        trigger: crate::queue::Trigger,
+        block_current: Option<i64>,
+    ) -> Result<StackDeploymentInfo, ApiError> {
+        let pipeline_id: Option<String> = sqlx::query_scalar(
+            "SELECT r.pipeline_id FROM stack_releases s JOIN stack_runs r ON r.id = s.run_id
+             WHERE s.stack = $1 AND s.number = $2",
+        )
+        .bind(&stack.name)
+        .bind(release)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        let Some(pipeline_id) = pipeline_id else {
+            return Err(ApiError::NotFound(format!(
+                "stack {} has no release {release}",
+                stack.name
+            )));
+        };
+        let mut tx = self.pool.begin().await.map_err(ApiError::store)?;
+        if let Some(current) = block_current {
+            crate::stack_deploy::block(&mut tx, &env.name, current, "rolled back by hand")
+                .await
+                .map_err(ApiError::store)?;
+        }
+        let row = crate::stack_deploy::enqueue(
+            &mut tx,
+            &env.name,
+            &stack.name,
+            release,
+            &pipeline_id,
+            trigger,
+        )
+        .await
+        .map_err(ApiError::store)?;
+        tx.commit().await.map_err(ApiError::store)?;
+        self.wake.notify_one();
+        Ok(row.into())
+    }
+
     async fn info(&self, stack: &gantry_config::Project) -> Result<StackInfo, ApiError> {
         let members: Vec<String> = sqlx::query_scalar("SELECT members FROM stacks WHERE name = $1")
             .bind(&stack.name)
@@ -165,6 +303,7 @@ impl StacksService {
             members,
             last_run,
             latest_release: self.releases(&stack.name, 1).await?.into_iter().next(),
+            environments: self.environments(stack).await?,
         })
     }
 }
@@ -207,5 +346,66 @@ impl Stacks for StacksService {
         Ok(Response::new(ListStackReleasesResponse {
             releases: self.releases(&stack.name, limit(req.limit)).await?,
         }))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<DeployStackRequest>,
+    ) -> Result<Response<StackDeploymentInfo>, Status> {
+        let req = request.into_inner();
+        let (env, stack) = self.environment(&req.environment)?;
+        let release = i64::try_from(req.release)
+            .ok()
+            .filter(|r| *r > 0)
+            .ok_or_else(|| ApiError::InvalidArgument("release must be a release number".into()))?;
+        let queued = self
+            .queue(env, stack, release, crate::queue::Trigger::Manual, None)
+            .await?;
+        Ok(Response::new(queued))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackStackRequest>,
+    ) -> Result<Response<StackDeploymentInfo>, Status> {
+        let req = request.into_inner();
+        let (env, stack) = self.environment(&req.environment)?;
+        let current = crate::stack_deploy::live_release(&self.pool, &env.name)
+            .await
+            .map_err(ApiError::store)?
+            .map(|l| l.0)
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!("nothing runs in {} yet", env.name))
+            })?;
+        // The release that ran before the current one: the newest succeeded
+        // deployment there of another release.
+        let previous: Option<i64> = sqlx::query_scalar(
+            "SELECT release FROM stack_deployments
+             WHERE environment = $1 AND state = 'succeeded' AND release <> $2
+               AND release NOT IN (SELECT release FROM stack_blocked WHERE environment = $1)
+             ORDER BY finished_at DESC LIMIT 1",
+        )
+        .bind(&env.name)
+        .bind(current)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        let Some(previous) = previous else {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} has run no other release to go back to",
+                env.name
+            ))
+            .into());
+        };
+        let queued = self
+            .queue(
+                env,
+                stack,
+                previous,
+                crate::queue::Trigger::Rollback,
+                Some(current),
+            )
+            .await?;
+        Ok(Response::new(queued))
     }
 }

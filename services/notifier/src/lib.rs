@@ -142,6 +142,37 @@ pub fn summary(event: &Event) -> String {
         Some(Payload::StackReleased(r)) => {
             format!("stack {} release {} made", r.stack, r.release)
         }
+        Some(Payload::StackDeployStarted(d)) => {
+            let d = d.deployment.clone().unwrap_or_default();
+            format!(
+                "deploying release {} of stack {} to {} ({})",
+                d.release, d.stack, d.environment, d.trigger
+            )
+        }
+        Some(Payload::StackDeploySucceeded(s)) => {
+            let d = s.deployment.clone().unwrap_or_default();
+            format!(
+                "release {} of stack {} runs in {} (replaced: {})",
+                d.release,
+                d.stack,
+                d.environment,
+                s.changed.join(", ")
+            )
+        }
+        Some(Payload::StackDeployFailed(f)) => {
+            let d = f.deployment.clone().unwrap_or_default();
+            format!(
+                "deploying release {} of stack {} to {} failed: {}",
+                d.release, d.stack, d.environment, f.reason
+            )
+        }
+        Some(Payload::StackDeployRolledBack(r)) => {
+            let d = r.deployment.clone().unwrap_or_default();
+            format!(
+                "{} went back to release {} of stack {}: {}",
+                d.environment, d.previous_release, d.stack, r.reason
+            )
+        }
         None => "event without payload".to_owned(),
     }
 }

@@ -204,6 +204,25 @@ pub enum ChatEvent {
     },
     /// A stack's run passed after a red one.
     StackRecovered { number: u64 },
+    /// A new release of a stack runs in one of its environments.
+    StackDeployed {
+        environment: String,
+        release: u64,
+        endpoint: String,
+    },
+    /// A release failed in an environment, which went back to `kept`.
+    StackRolledBack {
+        environment: String,
+        release: u64,
+        kept: u64,
+        reason: String,
+    },
+    /// A stack's first deployment to an environment failed.
+    StackDeployFailed {
+        environment: String,
+        release: u64,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +327,9 @@ impl Chat {
             ChatEvent::RolledBack { .. } => "deploy.rolled_back",
             ChatEvent::StackFailed { .. } => "stack.failed",
             ChatEvent::StackRecovered { .. } => "stack.recovered",
+            ChatEvent::StackDeployed { .. } => "stack.deployed",
+            ChatEvent::StackRolledBack { .. } => "stack.rolled_back",
+            ChatEvent::StackDeployFailed { .. } => "stack.deploy_failed",
         }
     }
 
@@ -396,6 +418,41 @@ impl Chat {
                 escape(&self.project),
                 link("pipeline", &self.links.pipeline)
             ),
+            ChatEvent::StackDeployed {
+                environment,
+                release,
+                endpoint,
+            } => format!(
+                ":rocket: release {release} of stack *{}* now runs in *{}*{}.",
+                escape(&self.project),
+                escape(environment),
+                if endpoint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", escape(endpoint))
+                },
+            ),
+            ChatEvent::StackRolledBack {
+                environment,
+                release,
+                kept,
+                reason,
+            } => format!(
+                ":leftwards_arrow_with_hook: release {release} of stack *{}* was rolled back in *{}*: {}; release {kept} keeps running.",
+                escape(&self.project),
+                escape(environment),
+                escape(reason),
+            ),
+            ChatEvent::StackDeployFailed {
+                environment,
+                release,
+                reason,
+            } => format!(
+                ":red_circle: deploying release {release} of stack *{}* to *{}* failed: {}.",
+                escape(&self.project),
+                escape(environment),
+                escape(reason),
+            ),
         }
     }
 
@@ -453,6 +510,35 @@ impl Chat {
                             json!(changes.iter().map(|c| clip(c)).collect::<Vec<_>>());
                     }
                     ChatEvent::StackRecovered { number } => body["run"] = json!(number),
+                    ChatEvent::StackDeployed {
+                        environment,
+                        release,
+                        endpoint,
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["release"] = json!(release);
+                        body["endpoint"] = json!(endpoint);
+                    }
+                    ChatEvent::StackRolledBack {
+                        environment,
+                        release,
+                        kept,
+                        reason,
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["release"] = json!(release);
+                        body["kept"] = json!(kept);
+                        body["reason"] = json!(clip(reason));
+                    }
+                    ChatEvent::StackDeployFailed {
+                        environment,
+                        release,
+                        reason,
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["release"] = json!(release);
+                        body["reason"] = json!(clip(reason));
+                    }
                     ChatEvent::Recovered => {}
                 }
                 body

@@ -28,7 +28,11 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::StackRunStarted(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunPassed(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunFailed(p) => p.run.as_ref()?.revision.as_ref(),
-        Payload::StackReleased(_) => None,
+        Payload::StackReleased(_)
+        | Payload::StackDeployStarted(_)
+        | Payload::StackDeploySucceeded(_)
+        | Payload::StackDeployFailed(_)
+        | Payload::StackDeployRolledBack(_) => None,
     }
 }
 
@@ -129,7 +133,11 @@ fn change(event: &Event) -> Change {
             | Payload::StackRunStarted(_)
             | Payload::StackRunPassed(_)
             | Payload::StackRunFailed(_)
-            | Payload::StackReleased(_),
+            | Payload::StackReleased(_)
+            | Payload::StackDeployStarted(_)
+            | Payload::StackDeploySucceeded(_)
+            | Payload::StackDeployFailed(_)
+            | Payload::StackDeployRolledBack(_),
         )
         | None => {}
     }

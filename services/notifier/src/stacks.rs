@@ -79,12 +79,102 @@ fn revision_of(t: &StackTrigger) -> Revision {
     }
 }
 
-/// Statuses and chat of a stack run event. Returns whether anything was queued.
+/// Chat of a stack deploy event: a new release running in an environment
+/// (once per release), a rollback (always), a first deployment that failed.
+async fn deploy_effects(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    event: &Event,
+) -> anyhow::Result<bool> {
+    let (d, what) = match event.payload.as_ref() {
+        Some(Payload::StackDeploySucceeded(s)) => {
+            let Some(d) = s.deployment.as_ref() else {
+                return Ok(false);
+            };
+            let current = format!("stack-release:{}", d.release);
+            let announced: Option<String> =
+                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
+                    .bind(&d.environment)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
+                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+            )
+            .bind(&d.environment)
+            .bind(&current)
+            .execute(&mut **tx)
+            .await?;
+            if announced.as_deref() == Some(current.as_str()) {
+                return Ok(false);
+            }
+            (
+                d,
+                ChatEvent::StackDeployed {
+                    environment: d.environment.clone(),
+                    release: d.release,
+                    endpoint: s.endpoint.clone(),
+                },
+            )
+        }
+        Some(Payload::StackDeployRolledBack(r)) => {
+            let Some(d) = r.deployment.as_ref() else {
+                return Ok(false);
+            };
+            (
+                d,
+                ChatEvent::StackRolledBack {
+                    environment: d.environment.clone(),
+                    release: d.release,
+                    kept: d.previous_release,
+                    reason: r.reason.clone(),
+                },
+            )
+        }
+        Some(Payload::StackDeployFailed(f)) => {
+            let Some(d) = f.deployment.as_ref().filter(|d| d.previous_release == 0) else {
+                return Ok(false);
+            };
+            (
+                d,
+                ChatEvent::StackDeployFailed {
+                    environment: d.environment.clone(),
+                    release: d.release,
+                    reason: f.reason.clone(),
+                },
+            )
+        }
+        _ => return Ok(false),
+    };
+    let message = Chat {
+        project: d.stack.clone(),
+        pipeline_id: event.pipeline_id.clone(),
+        revision: Revision {
+            commit_sha: d.stack_commit.clone(),
+            ..Default::default()
+        },
+        links: Links::new(config, &event.pipeline_id),
+        what,
+    };
+    Ok(outbound::queue_chat(tx, config, &message).await?)
+}
+
+/// Statuses and chat of a stack event. Returns whether anything was queued.
 pub async fn effects(
     tx: &mut Transaction<'_, Postgres>,
     config: &GantryConfig,
     event: &Event,
 ) -> anyhow::Result<bool> {
+    if matches!(
+        event.payload,
+        Some(
+            Payload::StackDeploySucceeded(_)
+                | Payload::StackDeployRolledBack(_)
+                | Payload::StackDeployFailed(_)
+        )
+    ) {
+        return deploy_effects(tx, config, event).await;
+    }
     let (run, stack_commit, status, chat) = match event.payload.as_ref() {
         Some(Payload::StackRunStarted(r)) => (
             r.run.as_ref(),
