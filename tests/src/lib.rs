@@ -16,6 +16,7 @@ pub mod git_http;
 pub mod recorder;
 pub mod repo;
 pub mod stack;
+pub mod stack_sample;
 
 pub use repo::SampleRepo;
 pub use stack::{EnvSpec, Stack, StackOptions};
