@@ -266,6 +266,11 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     let last = &ended(&stack, &failed.run.clone().expect("run").run_id).await;
     assert_eq!(runs(&stack).await[0].run_id, last.run_id, "the newest run");
     assert_eq!(
+        environment_release(&stack).await,
+        2,
+        "the environment stays on release 2"
+    );
+    assert_eq!(
         (last.state.as_str(), last.release),
         ("failed", 0),
         "{last:?}"
