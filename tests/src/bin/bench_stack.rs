@@ -161,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
+        lease_secs: 30,
         ..Default::default()
     })
     .await;
