@@ -43,7 +43,7 @@ use uuid::Uuid;
 use crate::docker::{DRAIN, DockerTarget};
 use crate::edge::Backends;
 use crate::queue::Trigger;
-use crate::stack_target::{self, Placement, Running, ServiceSpec};
+use crate::stack_target::{self, Placement, ServiceSpec};
 
 /// The stack deployments queue: waiting deployments of environments where
 /// none runs, oldest first, and running ones whose lease ran out. A claim
@@ -142,21 +142,6 @@ pub async fn enqueue(
     .bind(pipeline_id)
     .bind(trigger.as_str())
     .bind(gantry_telemetry::current_traceparent())
-    .fetch_one(&mut **tx)
-    .await
-}
-
-/// Whether `release` failed in `environment` before.
-pub async fn is_blocked(
-    tx: &mut Transaction<'_, Postgres>,
-    environment: &str,
-    release: i64,
-) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM stack_blocked WHERE environment = $1 AND release = $2)",
-    )
-    .bind(environment)
-    .bind(release)
     .fetch_one(&mut **tx)
     .await
 }
@@ -338,39 +323,81 @@ impl StackWorker {
             .filter(|p| p.is_stack())
             .cloned();
         let (Some(env), Some(stack)) = (env, stack) else {
-            self.finish(
-                row,
-                &commit,
-                Err(Failed {
-                    reason: "the environment or its stack is no longer configured".into(),
-                    release_fault: false,
-                }),
-                Vec::new(),
-                None,
-            )
-            .await;
+            let failed = Failed {
+                reason: "the environment or its stack is no longer configured".into(),
+                release_fault: false,
+            };
+            self.finish(row, &commit, Err(failed), &Rollout::default())
+                .await;
             return;
         };
-        let outcome = self.roll_out(row, &env, &stack).await;
-        let (changed, address) = match &outcome {
-            Ok((changed, address)) => (changed.clone(), *address),
-            Err(_) => (Vec::new(), None),
-        };
-        let result = outcome.map(|_| ());
-        if result.is_ok() && env.endpoint.is_some() && address.is_some() {
-            self.backends.set(&env.name, address);
+        let mut rollout = Rollout::default();
+        let result = self.roll_out(row, &env, &stack, &mut rollout).await;
+        if result.is_err() {
+            // The environment is back on what ran: point the endpoint at it.
+            if let Some(exposed) = env.service.as_deref()
+                && let Some(c) = rollout.live.get(exposed)
+                && let Ok(addr) = self.target.wait_healthy(&service_env(&env, true), c).await
+            {
+                rollout.address = addr;
+            }
         }
-        self.finish(row, &commit, result, changed, address).await;
+        let recorded = self.finish(row, &commit, result, &rollout).await;
+        if env.endpoint.is_some()
+            && rollout.address.is_some()
+            && (recorded || rollout.switched.is_empty())
+        {
+            self.backends.set(&env.name, rollout.address);
+        }
+        if recorded {
+            // Only once the new release is recorded do the old containers go.
+            for old in &rollout.remove {
+                self.target.remove(old).await;
+            }
+            for old in &rollout.retire {
+                self.target.retire(old).await;
+            }
+        }
     }
 
-    /// Rolls the release out; the services it replaced and the address of
-    /// the environment's service.
+    /// What runs now, from the database; everything else of the
+    /// environment (what an interrupted deployment left) is removed, and
+    /// what it stopped runs again.
+    async fn current(&self, env: &Environment) -> Result<HashMap<String, String>, Failed> {
+        let not_release = |reason: String| Failed {
+            reason,
+            release_fault: false,
+        };
+        let live: Vec<(String, String)> = sqlx::query_as(
+            "SELECT service, container FROM stack_live_services WHERE environment = $1",
+        )
+        .bind(&env.name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| not_release(format!("cannot read what runs: {e}")))?;
+        let live: HashMap<String, String> = live.into_iter().collect();
+        let found = stack_target::containers(&self.target.docker, &env.name)
+            .await
+            .map_err(|e| not_release(format!("{e:#}")))?;
+        for (_, c) in found {
+            if live.values().any(|id| id == &c.container) {
+                let _ = self.target.docker.start_container(&c.container, None).await;
+            } else {
+                self.target.remove(&c.container).await;
+            }
+        }
+        Ok(live)
+    }
+
+    /// Rolls the release out into `rollout`: start-first, service by
+    /// service; on a failure, the services switched so far go back.
     async fn roll_out(
         &self,
         row: &Row,
         env: &Environment,
         stack: &Project,
-    ) -> Result<(Vec<String>, Option<SocketAddr>), Failed> {
+        rollout: &mut Rollout,
+    ) -> Result<(), Failed> {
         let docker = &self.target.docker;
         let not_release = |reason: String| Failed {
             reason,
@@ -396,43 +423,53 @@ impl StackWorker {
             .map_err(|e| not_release(format!("the release's services: {e}")))?
             .services;
         let specs = stack_target::services_of(&compose, &services);
+        if let Some(s) = specs.iter().find(|s| !s.def.is_object()) {
+            return Err(not_release(format!(
+                "release {} has no definition of service {} (made before stack deployments); deploy a newer one",
+                row.release, s.name
+            )));
+        }
         stack_target::ensure_network(docker, env)
             .await
             .map_err(|e| not_release(format!("{e:#}")))?;
-
-        // What runs now: the live release's containers; anything an earlier
-        // attempt of this deployment left is removed, and what it stopped
-        // runs again.
-        let mut current: HashMap<String, Running> = HashMap::new();
-        for (service, c) in stack_target::containers(docker, &env.name).await {
-            if c.deployment == row.id.to_string() {
-                self.target.remove(&c.container).await;
-            } else {
-                let _ = docker.start_container(&c.container, None).await;
-                current.insert(service, c);
-            }
-        }
+        rollout.live = self.current(env).await?;
         let placement = Placement {
             env,
             limits: &stack.limits,
             stack: &stack.name,
             release: row.release as u64,
             deployment: &row.id.to_string(),
+            attempt: row.attempt,
         };
-        // (service, old container, new container) of the services switched so far.
-        let mut switched: Vec<(String, Option<String>, String)> = Vec::new();
-        let mut address = None;
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT address FROM stack_live WHERE environment = $1")
+                .bind(&env.name)
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten()
+                .flatten();
+        rollout.address = previous.and_then(|a| a.parse().ok());
         for spec in &specs {
             let exposed = env.service.as_deref() == Some(spec.name.as_str());
-            let old = current.get(&spec.name);
-            if let Some(old) = old.filter(|o| o.image == spec.image) {
-                if exposed {
-                    address = self
-                        .target
-                        .wait_healthy(&service_env(env, exposed), &old.container)
-                        .await
-                        .ok()
-                        .flatten();
+            let wanted = stack_target::spec_hash(&placement, spec);
+            let old = rollout.live.get(&spec.name).cloned();
+            let unchanged = match &old {
+                Some(old) => {
+                    stack_target::hash_of(docker, old).await.as_deref() == Some(wanted.as_str())
+                }
+                None => false,
+            };
+            if unchanged {
+                rollout
+                    .next
+                    .insert(spec.name.clone(), old.clone().unwrap_or_default());
+                if exposed
+                    && let Some(old) = &old
+                    && let Ok(Some(addr)) =
+                        self.target.wait_healthy(&service_env(env, true), old).await
+                {
+                    rollout.address = Some(addr);
                 }
                 continue;
             }
@@ -440,59 +477,60 @@ impl StackWorker {
             match self.start_service(&placement, spec, exposed).await {
                 Ok((new, addr)) => {
                     if exposed {
-                        address = addr;
+                        rollout.address = addr;
                         if env.endpoint.is_some() {
+                            // New connections go to the new version; the
+                            // old one keeps what it has while it drains.
                             self.backends.set(&env.name, addr);
+                            tokio::time::sleep(DRAIN).await;
                         }
                     }
-                    if let Some(old) = old {
-                        tokio::time::sleep(if exposed { DRAIN } else { Duration::ZERO }).await;
+                    if let Some(old) = &old {
                         let _ = docker
                             .stop_container(
-                                &old.container,
+                                old,
                                 Some(bollard::query_parameters::StopContainerOptions {
                                     t: Some(10),
                                     ..Default::default()
                                 }),
                             )
                             .await;
+                        rollout.remove.push(old.clone());
                     }
-                    switched.push((spec.name.clone(), old.map(|o| o.container.clone()), new));
+                    rollout.next.insert(spec.name.clone(), new.clone());
+                    rollout.switched.push((spec.name.clone(), old, new));
                 }
-                Err((reason, new)) => {
-                    if let Some(new) = new {
-                        self.target.remove(&new).await;
-                    }
-                    self.roll_back(env, &current, switched).await;
+                Err(failed) => {
+                    self.roll_back(env, rollout).await;
                     return Err(Failed {
-                        reason: format!("service {}: {reason}", spec.name),
-                        release_fault: true,
+                        reason: format!("service {}: {}", spec.name, failed.reason),
+                        release_fault: failed.release_fault,
                     });
                 }
             }
         }
-        // The release runs: the old containers go, and so do services it no longer has.
-        for (_, old, _) in &switched {
-            if let Some(old) = old {
-                self.target.remove(old).await;
-            }
-        }
-        for (service, c) in &current {
+        // Services the release no longer has go once it is recorded.
+        for (service, c) in &rollout.live {
             if !specs.iter().any(|s| &s.name == service) {
-                self.target.retire(&c.container).await;
+                rollout.retire.push(c.clone());
             }
         }
-        Ok((switched.into_iter().map(|(s, _, _)| s).collect(), address))
+        Ok(())
     }
 
     /// Pulls, creates, starts and health-checks a service's new container.
+    /// A failure that is not the release's (registry, engine) says so.
     async fn start_service(
         &self,
         at: &Placement<'_>,
         spec: &ServiceSpec,
         exposed: bool,
-    ) -> Result<(String, Option<SocketAddr>), (String, Option<String>)> {
+    ) -> Result<(String, Option<SocketAddr>), Failed> {
         let docker = &self.target.docker;
+        let engine = |reason: String| Failed {
+            reason,
+            release_fault: false,
+        };
         let present = docker.inspect_image(&spec.image).await.is_ok();
         if spec.member || !present {
             let repository = spec.image.split('@').next().unwrap_or_default();
@@ -502,33 +540,35 @@ impl StackWorker {
                     gantry_docker::pull(docker, &spec.image, &registry)
                 })
                 .await
-                .map_err(|g| (format!("{:#}", g.error), None))?;
+                .map_err(|g| engine(format!("{:#}", g.error)))?;
         }
         let id = stack_target::create(docker, at, spec)
             .await
-            .map_err(|e| (format!("{e:#}"), None))?;
-        if let Err(e) = self.target.start(&id).await {
-            return Err((format!("{e:#}"), Some(id)));
-        }
-        match self
-            .target
-            .wait_healthy(&service_env(at.env, exposed), &id)
-            .await
-        {
+            .map_err(|e| engine(format!("{e:#}")))?;
+        let started = match self.target.start(&id).await {
+            Ok(()) => {
+                self.target
+                    .wait_healthy(&service_env(at.env, exposed), &id)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(addr) => Ok((id, addr)),
-            Err(e) => Err((format!("{e:#}"), Some(id))),
+            Err(e) => {
+                self.target.remove(&id).await;
+                Err(Failed {
+                    reason: format!("{e:#}"),
+                    release_fault: true,
+                })
+            }
         }
     }
 
     /// Puts the services switched so far back on their old containers.
-    async fn roll_back(
-        &self,
-        env: &Environment,
-        current: &HashMap<String, Running>,
-        switched: Vec<(String, Option<String>, String)>,
-    ) {
+    async fn roll_back(&self, env: &Environment, rollout: &mut Rollout) {
         let docker = &self.target.docker;
-        for (service, old, new) in switched.into_iter().rev() {
+        for (service, old, new) in std::mem::take(&mut rollout.switched).into_iter().rev() {
             if let Some(old) = &old {
                 let _ = docker.start_container(old, None).await;
                 let exposed = env.service.as_deref() == Some(service.as_str());
@@ -537,25 +577,31 @@ impl StackWorker {
                     .wait_healthy(&service_env(env, exposed), old)
                     .await
                     && exposed
-                    && env.endpoint.is_some()
                 {
-                    self.backends.set(&env.name, addr);
+                    rollout.address = addr;
+                    if env.endpoint.is_some() {
+                        self.backends.set(&env.name, addr);
+                    }
                 }
             }
             self.target.remove(&new).await;
         }
-        let _ = current;
+        rollout.remove.clear();
+        rollout.retire.clear();
+        rollout.next.clear();
     }
 
-    /// Records how the deployment ended, with its events.
+    /// Records how the deployment ended, with its events; whether it was
+    /// recorded (a lost claim, or a database away too long, records nothing).
     async fn finish(
         &self,
         row: &Row,
         commit: &str,
         result: Result<(), Failed>,
-        changed: Vec<String>,
-        address: Option<SocketAddr>,
-    ) {
+        rollout: &Rollout,
+    ) -> bool {
+        let address = rollout.address.map(|a| a.to_string());
+        let changed: Vec<String> = rollout.switched.iter().map(|(s, _, _)| s.clone()).collect();
         let write = || async {
             let mut tx = self.pool.begin().await?;
             let (state, reason) = match &result {
@@ -578,7 +624,7 @@ impl StackWorker {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
-                return anyhow::Ok(());
+                return anyhow::Ok(false);
             }
             let message = row.message(commit);
             match &result {
@@ -592,7 +638,22 @@ impl StackWorker {
                     .bind(&row.environment)
                     .bind(row.id)
                     .bind(row.release)
-                    .bind(address.map(|a| a.to_string()))
+                    .bind(&address)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("DELETE FROM stack_live_services WHERE environment = $1")
+                        .bind(&row.environment)
+                        .execute(&mut *tx)
+                        .await?;
+                    let (services, containers): (Vec<&String>, Vec<&String>) =
+                        rollout.next.iter().unzip();
+                    sqlx::query(
+                        "INSERT INTO stack_live_services (environment, service, container)
+                         SELECT $1, s, c FROM unnest($2::text[], $3::text[]) AS t(s, c)",
+                    )
+                    .bind(&row.environment)
+                    .bind(services)
+                    .bind(containers)
                     .execute(&mut *tx)
                     .await?;
                     let endpoint = self
@@ -608,6 +669,12 @@ impl StackWorker {
                     gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
                 }
                 Err(f) => {
+                    // What runs may answer at another address after a restart.
+                    sqlx::query("UPDATE stack_live SET address = COALESCE($2, address) WHERE environment = $1")
+                        .bind(&row.environment)
+                        .bind(&address)
+                        .execute(&mut *tx)
+                        .await?;
                     if f.release_fault {
                         block(&mut tx, &row.environment, row.release, &f.reason).await?;
                     }
@@ -629,23 +696,47 @@ impl StackWorker {
                 }
             }
             tx.commit().await?;
-            anyhow::Ok(())
+            anyhow::Ok(true)
         };
-        match Policy::Record
+        let recorded = match Policy::Record
             .retry("record the stack deployment", write)
             .await
         {
-            Ok(()) => self.relay_wake.notify_one(),
-            Err(gave_up) => tracing::error!(
-                error = format!("{:#}", gave_up.error),
-                "stack deployment outcome not recorded"
-            ),
+            Ok(recorded) => recorded,
+            Err(gave_up) => {
+                tracing::error!(
+                    error = format!("{:#}", gave_up.error),
+                    "stack deployment outcome not recorded; it is taken over when its lease runs out"
+                );
+                false
+            }
+        };
+        if recorded {
+            self.relay_wake.notify_one();
         }
         match &result {
-            Ok(()) => tracing::info!(?changed, "stack release deployed"),
-            Err(f) => tracing::warn!(reason = %f.reason, "stack deployment failed"),
+            Ok(()) => tracing::info!(?changed, recorded, "stack release deployed"),
+            Err(f) => tracing::warn!(reason = %f.reason, recorded, "stack deployment failed"),
         }
+        recorded
     }
+}
+
+/// What a deployment did and has to finish doing once it is recorded.
+#[derive(Debug, Default)]
+struct Rollout {
+    /// Service → container that ran when it started (from the database).
+    live: HashMap<String, String>,
+    /// Service → container of each service once the release runs.
+    next: HashMap<String, String>,
+    /// (service, old container, new container) switched so far.
+    switched: Vec<(String, Option<String>, String)>,
+    /// Stopped old containers, removed once the release is recorded.
+    remove: Vec<String>,
+    /// Containers of services the release no longer has.
+    retire: Vec<String>,
+    /// Where the environment's service answers.
+    address: Option<SocketAddr>,
 }
 
 /// The environment as one service sees it: the endpoint's port and HTTP

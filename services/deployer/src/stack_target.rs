@@ -56,7 +56,14 @@ pub fn services_of(compose: &Value, services: &[StackService]) -> Vec<ServiceSpe
                     name: s.service.clone(),
                     image: s.image.clone(),
                     member: !s.digest.is_empty(),
-                    def: compose["services"][&s.service].clone(),
+                    // Without the run's own labels (its run, build and attempt).
+                    def: {
+                        let mut def = compose["services"][&s.service].clone();
+                        if let Some(d) = def.as_object_mut() {
+                            d.remove("labels");
+                        }
+                        def
+                    },
                 },
             )
         })
@@ -217,6 +224,40 @@ pub struct Placement<'a> {
     pub stack: &'a str,
     pub release: u64,
     pub deployment: &'a str,
+    pub attempt: i32,
+}
+
+/// Label of a container: the hash of what it was made from (the service's
+/// definition and image, the environment's variables and network, the
+/// stack's limits). A service whose hash is unchanged is left running.
+pub const SPEC_LABEL: &str = "io.gantry.spec";
+
+/// The hash of what `spec`'s container is made from at `at`.
+pub fn spec_hash(at: &Placement<'_>, spec: &ServiceSpec) -> String {
+    use sha2::Digest as _;
+    let what = serde_json::json!({
+        "image": spec.image,
+        "def": spec.def,
+        "env": at.env.env,
+        "network": at.env.network,
+        "limits": [at.limits.memory_mb.to_string(), at.limits.pids.to_string(), at.limits.cpus.to_string()],
+    });
+    hex::encode(sha2::Sha256::digest(what.to_string().as_bytes()))
+}
+
+/// The spec hash a container was made from, if it has one.
+pub async fn hash_of(docker: &Docker, container: &str) -> Option<String> {
+    docker
+        .inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .ok()?
+        .config?
+        .labels?
+        .get(SPEC_LABEL)
+        .cloned()
 }
 
 /// Creates the container of `spec` for `at`; returns its id.
@@ -226,8 +267,16 @@ pub async fn create(
     spec: &ServiceSpec,
 ) -> anyhow::Result<String> {
     let def = &spec.def;
-    let short = &at.deployment.replace('-', "")[..12.min(at.deployment.len())];
-    let name = format!("gantry-{}-{}-{short}", at.env.name, spec.name);
+    let short: String = at
+        .deployment
+        .chars()
+        .filter(|c| *c != '-')
+        .take(12)
+        .collect();
+    let name = format!(
+        "gantry-{}-{}-{short}-{}",
+        at.env.name, spec.name, at.attempt
+    );
     let labels = HashMap::from([
         (labels::MANAGED.to_owned(), "true".to_owned()),
         (labels::ENVIRONMENT.to_owned(), at.env.name.clone()),
@@ -236,6 +285,7 @@ pub async fn create(
         (stack_labels::RELEASE.to_owned(), at.release.to_string()),
         (stack_labels::SERVICE.to_owned(), spec.name.clone()),
         (stack_labels::IMAGE.to_owned(), spec.image.clone()),
+        (SPEC_LABEL.to_owned(), spec_hash(at, spec)),
     ]);
     let mut vars = environment(&def["environment"]);
     vars.extend(at.env.env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -277,7 +327,11 @@ pub async fn create(
                 name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
                 maximum_retry_count: None,
             }),
-            memory: Some(i64::try_from(at.limits.memory_mb).unwrap_or(i64::MAX / 2) * 1024 * 1024),
+            memory: Some(
+                i64::try_from(at.limits.memory_mb)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1024 * 1024),
+            ),
             pids_limit: Some(at.limits.pids),
             nano_cpus: Some((at.limits.cpus * 1e9) as i64),
             cap_drop: Some(vec!["ALL".into()]),
@@ -334,11 +388,24 @@ pub struct Running {
     pub deployment: String,
 }
 
-/// The environment's service containers, by service (all of them, running or not).
-pub async fn containers(docker: &Docker, env: &str) -> Vec<(String, Running)> {
-    let label = format!("{}={env}", labels::ENVIRONMENT);
-    gantry_docker::labelled_containers(docker, &label)
+/// The environment's service containers, by service (all of them, running
+/// or not); an error when the engine cannot be asked.
+pub async fn containers(docker: &Docker, env: &str) -> anyhow::Result<Vec<(String, Running)>> {
+    use bollard::query_parameters::ListContainersOptions;
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={env}", labels::ENVIRONMENT)],
+    )]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
         .await
+        .map_err(EngineError)
+        .context("listing the environment's containers")?;
+    Ok(list
         .into_iter()
         .filter_map(|c| {
             let labels = c.labels?;
@@ -351,7 +418,7 @@ pub async fn containers(docker: &Docker, env: &str) -> Vec<(String, Running)> {
                 },
             ))
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

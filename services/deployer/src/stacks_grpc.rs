@@ -370,6 +370,13 @@ impl Stacks for StacksService {
     ) -> Result<Response<StackDeploymentInfo>, Status> {
         let req = request.into_inner();
         let (env, stack) = self.environment(&req.environment)?;
+        if let Some(running) = self.deployments(&env.name, "state = 'running'").await? {
+            return Err(ApiError::FailedPrecondition(format!(
+                "release {} is being deployed to {}; roll back once it ends",
+                running.release, env.name
+            ))
+            .into());
+        }
         let current = crate::stack_deploy::live_release(&self.pool, &env.name)
             .await
             .map_err(ApiError::store)?
