@@ -122,3 +122,10 @@ pub fn build_busybox_image(tag: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A container's name (without the leading `/`).
+pub fn name(container: &str) -> String {
+    docker(&["inspect", "-f", "{{.Name}}", container])
+        .trim_start_matches('/')
+        .to_owned()
+}

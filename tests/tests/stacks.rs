@@ -368,6 +368,13 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
         (&web, &web_spec),
     )
     .await;
+    a_deployer_killed_mid_deployment_is_taken_over(
+        &stack,
+        &env,
+        (&shop, &shop_spec),
+        (&web, &web_spec),
+    )
+    .await;
     docker::remove_image(&tests_image);
 }
 
@@ -656,4 +663,93 @@ async fn a_release_that_fails_in_the_environment_is_rolled_back(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(answer(env).await, "web sees: api v4");
+}
+
+/// The deployer is killed while a release's new `api` waits for its health
+/// check (gated: healthy only once the test says so, and only in the
+/// environment): the deployment is taken over, the first attempt's container
+/// is removed, and the release ends up running with one container per
+/// service.
+async fn a_deployer_killed_mid_deployment_is_taken_over(
+    stack: &Stack,
+    env: &EnvSpec,
+    (shop, shop_spec): (&SampleRepo, &ProjectSpec),
+    (web, web_spec): (&SampleRepo, &ProjectSpec),
+) {
+    // A good web again (the last one refused to start in the environment).
+    web.write(
+        "Dockerfile",
+        &member_dockerfile(
+            "COPY v /www/cgi-bin/v\nRUN [\"/bin/chmod\", \"755\", \"/www/cgi-bin/v\"]\n",
+        ),
+    );
+    let (pw, _) = release(stack, web_spec, web, "web v4\n").await;
+    stack_event(stack, &pw, "stack.deploy_succeeded").await;
+
+    let compose = std::fs::read_to_string(shop.path().join("docker-compose.yml")).expect("compose");
+    let gated = compose.replacen(
+        "test: [CMD, wget, -q, -O, /dev/null, 'http://localhost:8080/']",
+        "test: [CMD-SHELL, 'test -z \"$$DEPLOYED\" || test -f /www/go']",
+        1,
+    );
+    assert_ne!(gated, compose);
+    let sha = shop.commit_file(
+        "docker-compose.yml",
+        &gated,
+        "api: healthy in the environment on a signal",
+    );
+    let pushed = stack.push(shop_spec, "refs/heads/main", &sha).await;
+    let Payload::StackDeployStarted(started) =
+        stack_event(stack, &pushed, "stack.deploy_started").await
+    else {
+        unreachable!()
+    };
+    let deployment = started.deployment.expect("deployment");
+    let of_attempt = |attempt: u32| {
+        docker::labelled(&format!(
+            "io.gantry.deployment={}",
+            deployment.deployment_id
+        ))
+        .into_iter()
+        .find(|c| docker::name(c).ends_with(&format!("-{attempt}")))
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let first = loop {
+        if let Some(c) = of_attempt(1) {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempt 1 never started api"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stack.kill("deployer");
+    stack.start_service("deployer");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let second = loop {
+        if let Some(c) = of_attempt(2) {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deployment was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !docker::labelled(&format!("io.gantry.environment={}", env.name)).contains(&first),
+        "attempt 1's container is gone"
+    );
+    assert!(docker::exec(&second, &["touch", "/www/go"]));
+    let Payload::StackDeploySucceeded(done) =
+        stack_event(stack, &pushed, "stack.deploy_succeeded").await
+    else {
+        unreachable!()
+    };
+    assert_eq!(done.changed, ["api"]);
+    let left = docker::labelled(&format!("io.gantry.environment={}", env.name));
+    assert_eq!(left.len(), 2, "one container per service: {left:?}");
+    assert!(left.contains(&second));
+    assert_eq!(answer(env).await, "web sees: api v6");
 }

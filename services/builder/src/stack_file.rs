@@ -31,6 +31,10 @@
 //! out, not even to the host —, and gives every container the project's
 //! memory, pids and CPU limits, a capped log, `no-new-privileges` and only
 //! the capabilities an ordinary service needs.
+//!
+//! Values are read as docker-compose reads them with an empty environment
+//! (`$$` is `$`, `${X:-d}` is `d`, `$X` is empty): the plan holds the literal
+//! values a release deploys, and docker-compose gets them escaped.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -333,6 +337,69 @@ fn check_tmpfs(file: &str, t: &Spanned<Value>) -> Result<(), LocatedError> {
     }
 }
 
+/// A value of the compose file as docker-compose reads it with an empty
+/// environment (the run's): `$$` is a `$`, `${NAME:-default}` and
+/// `${NAME-default}` are the default, `${NAME}` and `$NAME` are empty. The
+/// plan holds these literal values — what a release deploys — and the run
+/// hands docker-compose an escaped copy ([`escaped`]).
+pub fn interpolate(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(braced) = after.strip_prefix('{') {
+            match braced.find('}') {
+                Some(end) => {
+                    let inner = &braced[..end];
+                    if let Some((_, default)) =
+                        inner.split_once(":-").or_else(|| inner.split_once('-'))
+                    {
+                        out.push_str(default);
+                    }
+                    rest = &braced[end + 1..];
+                }
+                None => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        } else {
+            let name_len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            if name_len == 0 {
+                out.push('$');
+            }
+            rest = &after[name_len..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every string of `v` (not the keys) through `f`.
+pub fn map_strings(v: &Value, f: &dyn Fn(&str) -> String) -> Value {
+    match v {
+        Value::String(s) => Value::String(f(s)),
+        Value::Array(items) => items.iter().map(|i| map_strings(i, f)).collect(),
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), map_strings(v, f)))
+            .collect(),
+        other => other.clone(),
+    }
+}
+
+/// The plan's compose file as docker-compose must be given it: every `$`
+/// escaped, so that it runs the literal values.
+pub fn escaped(compose: &Value) -> Value {
+    map_strings(compose, &|s| s.replace('$', "$$"))
+}
+
 /// Checks a short-syntax volume: a declared named volume or an anonymous one,
 /// never a host path.
 fn check_volume(
@@ -538,7 +605,7 @@ pub fn plan(
             ("hostname", &s.hostname),
         ] {
             if let Some(v) = value {
-                out.insert(key.into(), v.clone());
+                out.insert(key.into(), map_strings(v, &interpolate));
             }
         }
         if let Some(t) = &s.tmpfs {
@@ -655,6 +722,20 @@ mod tests {
                 },
             },
         )
+    }
+
+    #[test]
+    fn values_are_read_as_docker_compose_reads_them_with_no_environment() {
+        assert_eq!(interpolate("a $$b $${c}"), "a $b ${c}");
+        assert_eq!(interpolate("x${HOME}y $PATH/z"), "xy /z");
+        assert_eq!(interpolate("${PORT:-8080} ${N-1}"), "8080 1");
+        assert_eq!(interpolate("cost: 5$ ${unclosed"), "cost: 5$ ${unclosed");
+        let v = serde_json::json!({"command": ["sh", "-c", "echo $$HOME"]});
+        assert_eq!(map_strings(&v, &interpolate)["command"][2], "echo $HOME");
+        assert_eq!(
+            escaped(&map_strings(&v, &interpolate))["command"][2],
+            "echo $$HOME"
+        );
     }
 
     #[test]

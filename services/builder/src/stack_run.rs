@@ -146,7 +146,7 @@ async fn attempt(
     let _ = std::fs::remove_dir_all(&repo);
     // The compose file lives beside an empty project directory, which is
     // all docker-compose may resolve relative paths (or a `.env`) against.
-    let json = serde_json::to_vec_pretty(&plan.compose).unwrap_or_default();
+    let json = serde_json::to_vec_pretty(&stack_file::escaped(&plan.compose)).unwrap_or_default();
     std::fs::write(dir.path().join("compose.json"), json)
         .and_then(|()| std::fs::create_dir(dir.path().join("project")))
         .map_err(|e| {
