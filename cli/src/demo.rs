@@ -189,7 +189,7 @@ fn init_repo(home: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// A secret or token: 32 random bytes in hex, with a prefix.
-fn random(prefix: &str) -> anyhow::Result<String> {
+pub(crate) fn random(prefix: &str) -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
     Ok(format!(

@@ -154,10 +154,7 @@ pub(crate) async fn channel(cli: &Cli, url: &str) -> anyhow::Result<Authed> {
 fn token_command(command: &TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::New { name, scopes } => {
-            let mut bytes = [0u8; 32];
-            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let token = format!("gty_{token}");
+            let token = demo::random("gty_")?;
             println!("token:  {token}");
             println!(
                 "config: - {{name: {name}, sha256: {}, scopes: [{}]}}",

@@ -401,6 +401,21 @@ impl Project {
     pub fn is_stack(&self) -> bool {
         self.kind == ProjectKind::Stack
     }
+
+    /// Whether the project is the GitLab project at `path` (case-insensitive,
+    /// as GitLab paths are).
+    pub fn is_gitlab(&self, path: &str) -> bool {
+        self.gitlab
+            .as_deref()
+            .is_some_and(|g| g.eq_ignore_ascii_case(path))
+    }
+
+    /// Whether the project is the GitHub repository `full_name` (case-insensitive).
+    pub fn is_github(&self, full_name: &str) -> bool {
+        self.github
+            .as_deref()
+            .is_some_and(|g| g.eq_ignore_ascii_case(full_name))
+    }
 }
 
 /// Credentials for one registry host.
@@ -1000,24 +1015,6 @@ impl GantryConfig {
         self.projects.iter().find(|p| p.name == name)
     }
 
-    /// The project whose GitLab path is `path` (case-insensitive, as GitLab paths are).
-    pub fn project_by_gitlab(&self, path: &str) -> Option<&Project> {
-        self.projects.iter().find(|p| {
-            p.gitlab
-                .as_deref()
-                .is_some_and(|g| g.eq_ignore_ascii_case(path))
-        })
-    }
-
-    /// The project whose GitHub full name is `full_name` (case-insensitive).
-    pub fn project_by_github(&self, full_name: &str) -> Option<&Project> {
-        self.projects.iter().find(|p| {
-            p.github
-                .as_deref()
-                .is_some_and(|g| g.eq_ignore_ascii_case(full_name))
-        })
-    }
-
     /// Credentials and transport for the registry that holds `repository`.
     pub fn registry_for(&self, repository: &str) -> Registry {
         let host = registry_host(repository);
@@ -1078,9 +1075,9 @@ mod tests {
             cfg.projects[0].webhook_secret.as_ref().map(Secret::expose),
             Some("s3cret")
         );
-        assert_eq!(
-            cfg.project_by_gitlab("Team/Hello").map(|p| p.name.as_str()),
-            Some("hello")
+        assert!(cfg.projects[0].is_gitlab("Team/Hello"));
+        assert!(
+            !cfg.projects[0].is_gitlab("team/hello2") && !cfg.projects[0].is_github("team/hello")
         );
         assert_eq!(
             cfg.registry_for("127.0.0.1:5000/team/hello").host,

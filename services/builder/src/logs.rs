@@ -66,6 +66,21 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer of one attempt of `build_id` that keeps at most `limit` bytes.
+    fn new(pool: PgPool, build_id: Uuid, attempt: i32, limit: usize) -> Self {
+        Self {
+            pool,
+            build_id,
+            attempt,
+            limit,
+            kept: 0,
+            dropped: 0,
+            cut: false,
+            rows: Vec::new(),
+            pending: 0,
+        }
+    }
+
     fn push(&mut self, step: &str, stream: &'static str, data: &[u8]) {
         if let Some(last) = self.rows.last_mut()
             && last.step == step
@@ -207,18 +222,7 @@ impl LogSink {
     /// of output. Starts its writer task.
     pub fn new(pool: PgPool, build_id: Uuid, attempt: i32, limit: usize) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer = Writer {
-            pool,
-            build_id,
-            attempt,
-            limit,
-            kept: 0,
-            dropped: 0,
-            cut: false,
-            rows: Vec::new(),
-            pending: 0,
-        };
-        tokio::spawn(writer.run(rx));
+        tokio::spawn(Writer::new(pool, build_id, attempt, limit).run(rx));
         Self { tx }
     }
 
@@ -259,17 +263,12 @@ mod tests {
     use super::*;
 
     fn writer(limit: usize) -> Writer {
-        Writer {
-            pool: PgPool::connect_lazy("postgres://nowhere/none").expect("lazy pool"),
-            build_id: Uuid::nil(),
-            attempt: 1,
+        Writer::new(
+            PgPool::connect_lazy("postgres://nowhere/none").expect("lazy pool"),
+            Uuid::nil(),
+            1,
             limit,
-            kept: 0,
-            dropped: 0,
-            cut: false,
-            rows: Vec::new(),
-            pending: 0,
-        }
+        )
     }
 
     #[tokio::test]

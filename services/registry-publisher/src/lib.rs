@@ -47,7 +47,6 @@ struct Publisher {
     /// Failed pushes of one image in a row before the pipeline fails.
     max_attempts: i32,
     pool: PgPool,
-    registry: registry::RegistryApi,
     relay_wake: Arc<Notify>,
 }
 
@@ -84,11 +83,7 @@ impl Handler for Publisher {
         let tags = tags::tags_for(&revision);
         let registry = self.config.registry_for(&built.repository);
         let digest = built.digest.clone();
-        if let Err(e) = self
-            .registry
-            .tag(&registry, &built.repository, &digest, &tags)
-            .await
-        {
+        if let Err(e) = registry::tag(&registry, &built.repository, &digest, &tags).await {
             return self.push_failed(&event, built, &built.repository, e).await;
         }
         tracing::info!(repository = %built.repository, ?tags, %digest, "image tagged");
@@ -225,7 +220,6 @@ impl gantry_runtime::Service for Service {
             config,
             max_attempts: s.publish_attempts,
             pool: base.pool.clone(),
-            registry: registry::RegistryApi::new()?,
             relay_wake: base.relay_wake.clone(),
         };
         base.consume(

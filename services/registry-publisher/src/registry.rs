@@ -22,8 +22,6 @@ const MANIFEST_TYPES: [&str; 4] = [
 /// The type of a manifest that does not say its own.
 const DEFAULT_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-pub struct RegistryApi;
-
 /// Where the API of `registry` is: its `api` setting, else plain HTTP for a
 /// loopback host (as the Docker engine does) and HTTPS otherwise.
 pub fn base_url(registry: &Registry) -> String {
@@ -47,68 +45,59 @@ fn media_type(manifest: &[u8]) -> Option<String> {
     value["mediaType"].as_str().map(str::to_owned)
 }
 
-impl RegistryApi {
-    pub fn new() -> anyhow::Result<Self> {
-        Ok(Self)
-    }
-
-    /// Puts the manifest `digest` of `repository` under each of `tags`.
-    pub async fn tag(
-        &self,
-        registry: &Registry,
-        repository: &str,
-        digest: &str,
-        tags: &[String],
-    ) -> anyhow::Result<()> {
-        let base = base_url(registry);
-        let (scheme, host) = base
-            .split_once("://")
-            .ok_or_else(|| anyhow::anyhow!("the registry API {base:?} has no scheme"))?;
-        let client = Client::new(ClientConfig {
-            protocol: if scheme == "http" {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            ..Default::default()
-        });
-        let auth = match (&registry.username, &registry.password) {
-            (Some(user), Some(password)) => {
-                RegistryAuth::Basic(user.clone(), password.expose().to_owned())
-            }
-            _ => RegistryAuth::Anonymous,
-        };
-        let path = path_of(repository).to_owned();
-        let by_digest = Reference::with_digest(host.to_owned(), path.clone(), digest.to_owned());
-        // One authentication for reading and writing the repository.
-        client
-            .auth(&by_digest, &auth, RegistryOperation::Push)
-            .await
-            .map_err(|e| anyhow::Error::new(e).context(format!("logging in to {host}")))?;
-        let (manifest, _) = client
-            .pull_manifest_raw(&by_digest, &auth, &MANIFEST_TYPES)
-            .await
-            .map_err(|e| anyhow::Error::new(e).context(format!("reading {repository}@{digest}")))?;
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
-        anyhow::ensure!(
-            actual == digest,
-            "the registry returned manifest {actual} for {digest}"
-        );
-        let content_type = media_type(&manifest).unwrap_or_else(|| DEFAULT_TYPE.to_owned());
-        let content_type: reqwest::header::HeaderValue = content_type
-            .parse()
-            .map_err(|_| anyhow::anyhow!("manifest type {content_type:?} is not a header value"))?;
-        for tag in tags {
-            let by_tag = Reference::with_tag(host.to_owned(), path.clone(), tag.clone());
-            client
-                .push_manifest_raw(&by_tag, manifest.clone(), content_type.clone())
-                .await
-                .map_err(|e| {
-                    anyhow::Error::new(e).context(format!("tagging {repository}:{tag}"))
-                })?;
+/// Puts the manifest `digest` of `repository` under each of `tags`.
+pub async fn tag(
+    registry: &Registry,
+    repository: &str,
+    digest: &str,
+    tags: &[String],
+) -> anyhow::Result<()> {
+    let base = base_url(registry);
+    let (scheme, host) = base
+        .split_once("://")
+        .ok_or_else(|| anyhow::anyhow!("the registry API {base:?} has no scheme"))?;
+    let client = Client::new(ClientConfig {
+        protocol: if scheme == "http" {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        ..Default::default()
+    });
+    let auth = match (&registry.username, &registry.password) {
+        (Some(user), Some(password)) => {
+            RegistryAuth::Basic(user.clone(), password.expose().to_owned())
         }
-        Ok(())
+        _ => RegistryAuth::Anonymous,
+    };
+    let path = path_of(repository).to_owned();
+    let by_digest = Reference::with_digest(host.to_owned(), path.clone(), digest.to_owned());
+    // One authentication for reading and writing the repository.
+    client
+        .auth(&by_digest, &auth, RegistryOperation::Push)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("logging in to {host}")))?;
+    let (manifest, _) = client
+        .pull_manifest_raw(&by_digest, &auth, &MANIFEST_TYPES)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("reading {repository}@{digest}")))?;
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+    anyhow::ensure!(
+        actual == digest,
+        "the registry returned manifest {actual} for {digest}"
+    );
+    let content_type = media_type(&manifest).unwrap_or_else(|| DEFAULT_TYPE.to_owned());
+    let content_type: reqwest::header::HeaderValue = content_type
+        .parse()
+        .map_err(|_| anyhow::anyhow!("manifest type {content_type:?} is not a header value"))?;
+    for tag in tags {
+        let by_tag = Reference::with_tag(host.to_owned(), path.clone(), tag.clone());
+        client
+            .push_manifest_raw(&by_tag, manifest.clone(), content_type.clone())
+            .await
+            .map_err(|e| anyhow::Error::new(e).context(format!("tagging {repository}:{tag}")))?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

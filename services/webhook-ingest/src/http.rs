@@ -254,11 +254,7 @@ async fn gitlab(
     let path = str_at(&value, "/project/path_with_namespace")?;
     let project = candidates
         .into_iter()
-        .find(|p| {
-            p.gitlab
-                .as_deref()
-                .is_some_and(|g| g.eq_ignore_ascii_case(path))
-        })
+        .find(|p| p.is_gitlab(path))
         .ok_or(HookError::Unauthorized)?;
     tracing::Span::current().record("project", project.name.as_str());
     let event = header(headers, "x-gitlab-event")
@@ -316,11 +312,7 @@ async fn github(
     let name = str_at(&value, "/repository/full_name")?;
     let project = candidates
         .into_iter()
-        .find(|p| {
-            p.github
-                .as_deref()
-                .is_some_and(|g| g.eq_ignore_ascii_case(name))
-        })
+        .find(|p| p.is_github(name))
         .ok_or(HookError::Unauthorized)?;
     tracing::Span::current().record("project", project.name.as_str());
     let event = header(headers, "x-github-event")
