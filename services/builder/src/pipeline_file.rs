@@ -130,8 +130,20 @@ pub struct TestStep {
     pub network_at: Option<(u64, u64)>,
 }
 
+/// The `version:` of a `.gantry.yml`, when given, must be 1.
+pub(crate) fn check_version(version: Option<&Spanned<u32>>) -> Result<(), LocatedError> {
+    match version {
+        Some(v) if v.value != 1 => Err(error_at(
+            FILE,
+            v,
+            format!("unsupported version {}; expected 1", v.value),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A relative path that stays inside the repository.
-fn inside_repo(p: &str) -> bool {
+pub(crate) fn inside_repo(p: &str) -> bool {
     let path = Path::new(p);
     !p.is_empty()
         && !path.is_absolute()
@@ -152,15 +164,7 @@ impl PipelineFile {
             ));
         }
         let raw: Raw = yaml::from_str(FILE, text)?;
-        if let Some(v) = &raw.version
-            && v.value != 1
-        {
-            return Err(error_at(
-                FILE,
-                v,
-                format!("unsupported version {}; expected 1", v.value),
-            ));
-        }
+        check_version(raw.version.as_ref())?;
         let mut image = ImageSpec {
             dockerfile: "Dockerfile".into(),
             context: ".".into(),

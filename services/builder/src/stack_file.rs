@@ -37,7 +37,6 @@
 //! values a release deploys, and docker-compose gets them escaped.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path};
 use std::time::Duration;
 
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
@@ -45,7 +44,7 @@ use gantry_proto::v1::{ReleasedImage, StackService};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::pipeline_file::FILE;
+use crate::pipeline_file::{FILE, check_version, inside_repo};
 
 /// Default time a whole run may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -91,15 +90,6 @@ fn at<T>(s: &Spanned<T>) -> (u64, u64) {
     (s.defined.line(), s.defined.column())
 }
 
-fn inside_repo(p: &str) -> bool {
-    let path = Path::new(p);
-    !p.is_empty()
-        && !path.is_absolute()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-}
-
 impl StackFile {
     /// Parses the `.gantry.yml` of a stack repository.
     pub fn parse(text: &str) -> Result<Self, LocatedError> {
@@ -112,15 +102,7 @@ impl StackFile {
             ));
         }
         let raw: Raw = yaml::from_str(FILE, text)?;
-        if let Some(v) = &raw.version
-            && v.value != 1
-        {
-            return Err(error_at(
-                FILE,
-                v,
-                format!("unsupported version {}; expected 1", v.value),
-            ));
-        }
+        check_version(raw.version.as_ref())?;
         let stack_at = LocatedError::new(
             FILE,
             raw.stack.defined.line(),

@@ -368,7 +368,7 @@ impl gantry_runtime::Service for Service {
             concurrency: s.concurrency.max(1),
             lease: std::time::Duration::from_secs(s.lease_secs.max(4)),
         });
-        base.spawn(stack_worker.run(shutdown.clone()));
+        base.spawn(worker::run(stack_worker, shutdown.clone()));
         let worker = Arc::new(worker::Worker {
             pool: pool.clone(),
             target: docker::DockerTarget::new(docker.clone())?,
@@ -380,7 +380,7 @@ impl gantry_runtime::Service for Service {
             concurrency: s.concurrency.max(1),
             lease: std::time::Duration::from_secs(s.lease_secs.max(4)),
         });
-        base.spawn(worker.run(shutdown.clone()));
+        base.spawn(worker::run(worker, shutdown.clone()));
         let stacks = stacks_grpc::StacksService {
             pool: pool.clone(),
             config: config.clone(),

@@ -36,7 +36,6 @@ use gantry_retry::Policy;
 use prost::Message as _;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -59,9 +58,6 @@ pub const STACK_DEPLOYMENTS: Queue = Queue {
                previous_release = (SELECT l.release FROM stack_live l
                                    WHERE l.environment = stack_deployments.environment)",
 };
-
-/// How often the queue is looked at without a wake-up.
-const POLL: Duration = Duration::from_secs(2);
 
 /// One row of `stack_deployments`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -213,36 +209,32 @@ struct Failed {
     release_fault: bool,
 }
 
-impl StackWorker {
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut running = tokio::task::JoinSet::new();
-        while !shutdown.is_cancelled() {
-            while running.len() < self.concurrency {
-                match self.claim().await {
-                    Ok(Some(row)) => {
-                        self.relay_wake.notify_one();
-                        running.spawn(self.clone().deploy(row));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "cannot claim a stack deployment");
-                        break;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-            }
-        }
-        let _ = tokio::time::timeout(gantry_runtime::GRACE_PERIOD, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
+impl crate::worker::Claims for StackWorker {
+    type Row = Row;
+    const WHAT: &'static str = "stack deployment";
+
+    async fn claim(&self) -> anyhow::Result<Option<Row>> {
+        self.claim_next().await
     }
 
+    fn work(self: Arc<Self>, row: Row) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.deploy(row)
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    fn relay_wake(&self) -> &Notify {
+        &self.relay_wake
+    }
+}
+
+impl StackWorker {
     async fn stack_commit(&self, row: &Row) -> String {
         sqlx::query_scalar(
             "SELECT stack_commit FROM stack_releases WHERE stack = $1 AND number = $2",
@@ -257,7 +249,7 @@ impl StackWorker {
     }
 
     /// Claims the next stack deployment and writes `stack.deploy_started`.
-    async fn claim(&self) -> anyhow::Result<Option<Row>> {
+    async fn claim_next(&self) -> anyhow::Result<Option<Row>> {
         let mut tx = self.pool.begin().await?;
         let Some(claim) = STACK_DEPLOYMENTS
             .claim::<Uuid>(&mut tx, &self.owner, self.lease)

@@ -42,41 +42,93 @@ pub struct Worker {
     pub lease: Duration,
 }
 
-impl Worker {
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut running = tokio::task::JoinSet::new();
-        while !shutdown.is_cancelled() {
-            if let Err(e) = queue::supersede_expired(&self.pool).await {
-                tracing::warn!(error = %e, "cannot look for expired deployments");
-            }
-            while running.len() < self.concurrency {
-                match queue::claim(&self.pool, &self.owner, self.lease).await {
-                    Ok(Some(row)) => {
-                        self.relay_wake.notify_one();
-                        running.spawn(self.clone().deploy(row));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "cannot claim a deployment");
-                        break;
-                    }
+/// A deployment loop's own parts: how it claims work and carries it out.
+/// One loop ([`run`]) serves image deployments ([`Worker`]) and stack
+/// deployments (`stack_deploy::StackWorker`).
+pub trait Claims: Send + Sync + 'static {
+    type Row: Send + 'static;
+    /// What is claimed, for logs.
+    const WHAT: &'static str;
+    /// Work done once per turn before claiming.
+    fn tidy(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// Claims the next piece of work (its start event written with it).
+    fn claim(&self) -> impl Future<Output = anyhow::Result<Option<Self::Row>>> + Send;
+    /// Carries a claimed piece of work out, holding its lease.
+    fn work(self: Arc<Self>, row: Self::Row) -> impl Future<Output = ()> + Send + 'static;
+    fn concurrency(&self) -> usize;
+    /// Woken when work was queued.
+    fn wake(&self) -> &Notify;
+    /// Woken when an event is in the outbox.
+    fn relay_wake(&self) -> &Notify;
+}
+
+/// Claims and carries out work (several at once) until `shutdown`; a
+/// piece cut there is taken over when its lease runs out, so the running
+/// ones get the grace period to finish first.
+pub async fn run<C: Claims>(me: Arc<C>, shutdown: CancellationToken) {
+    let mut running = tokio::task::JoinSet::new();
+    while !shutdown.is_cancelled() {
+        me.tidy().await;
+        while running.len() < me.concurrency() {
+            match me.claim().await {
+                Ok(Some(row)) => {
+                    me.relay_wake().notify_one();
+                    running.spawn(me.clone().work(row));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot claim a {}", C::WHAT);
+                    break;
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-            }
         }
-        // A deployment cut here is taken over when its lease runs out; give
-        // the running ones the grace period to finish first.
-        let _ = tokio::time::timeout(gantry_runtime::GRACE_PERIOD, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = me.wake().notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    let _ = tokio::time::timeout(gantry_runtime::GRACE_PERIOD, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+impl Claims for Worker {
+    type Row = Row;
+    const WHAT: &'static str = "deployment";
+
+    async fn tidy(&self) {
+        if let Err(e) = queue::supersede_expired(&self.pool).await {
+            tracing::warn!(error = %e, "cannot look for expired deployments");
+        }
     }
 
+    async fn claim(&self) -> anyhow::Result<Option<Row>> {
+        queue::claim(&self.pool, &self.owner, self.lease).await
+    }
+
+    fn work(self: Arc<Self>, row: Row) -> impl Future<Output = ()> + Send + 'static {
+        self.deploy(row)
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    fn relay_wake(&self) -> &Notify {
+        &self.relay_wake
+    }
+}
+
+impl Worker {
     async fn deploy(self: Arc<Self>, row: Row) {
         let span = tracing::info_span!(
             "deploy",
