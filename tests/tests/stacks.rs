@@ -378,6 +378,45 @@ async fn a_stack_is_tested_released_and_never_left_behind() {
     docker::remove_image(&tests_image);
 }
 
+/// Commits `content` to `file` on the stack's `gate` branch, pushes it and
+/// waits until its run started; the push's pipeline, the run's id and its
+/// build id.
+async fn gated_run(
+    stack: &Stack,
+    shop: &SampleRepo,
+    shop_spec: &ProjectSpec,
+    (file, content, message): (&str, &str, &str),
+) -> (String, String, String) {
+    shop.switch("gate");
+    let sha = shop.commit_file(file, content, message);
+    shop.switch("main");
+    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
+    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
+    else {
+        unreachable!()
+    };
+    (pushed, started.run.expect("run").run_id, started.build_id)
+}
+
+/// The runs once two member releases joined one waiting run.
+async fn joined_run(stack: &Stack) -> Vec<StackRunInfo> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let now = runs(stack).await;
+        if now
+            .iter()
+            .any(|r| r.state == "waiting" && r.triggers.len() == 2)
+        {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no waiting run with both releases: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The gated tests container of `run_id` at `attempt`, once it runs.
 async fn gated_tests(run_id: &str, attempt: u32) -> String {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -404,15 +443,13 @@ async fn gated_tests(run_id: &str, attempt: u32) -> String {
 /// over (attempt 2) once the lease runs out, attempt 1's containers are
 /// removed first, and nothing of either attempt remains at the end.
 async fn a_killed_runner_leaves_nothing(stack: &Stack, shop: &SampleRepo, shop_spec: &ProjectSpec) {
-    shop.switch("gate");
-    let sha = shop.commit_file("notes.txt", "killed mid-run\n", "another gated run");
-    shop.switch("main");
-    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
-    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
-    else {
-        unreachable!()
-    };
-    let run_id = started.run.expect("run").run_id;
+    let (pushed, run_id, build_id) = gated_run(
+        stack,
+        shop,
+        shop_spec,
+        ("notes.txt", "killed mid-run\n", "another gated run"),
+    )
+    .await;
     let first = gated_tests(&run_id, 1).await;
     let up = docker::labelled(&format!("io.gantry.stack-run={run_id}"));
     assert!(up.len() >= 3, "api, web and tests are up: {up:?}");
@@ -431,10 +468,7 @@ async fn a_killed_runner_leaves_nothing(stack: &Stack, shop: &SampleRepo, shop_s
     else {
         unreachable!()
     };
-    assert_eq!(
-        passed.build_id, started.build_id,
-        "the same run, taken over"
-    );
+    assert_eq!(passed.build_id, build_id, "the same run, taken over");
     assert_torn_down(&run_id);
 }
 
@@ -448,64 +482,32 @@ async fn two_releases_during_a_run_make_one_run(
     (web, web_spec): (&SampleRepo, &ProjectSpec),
 ) {
     shop.branch("gate");
+    shop.switch("main");
     let compose = std::fs::read_to_string(shop.path().join("docker-compose.yml")).expect("compose");
     let gated = compose.replace(
         "command: [sh, -c, \"",
         "command: [sh, -c, \"until [ -f /go ]; do sleep 0.2; done; ",
     );
     assert_ne!(gated, compose);
-    let sha = shop.commit_file("docker-compose.yml", &gated, "wait for a signal");
-    shop.switch("main");
-    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
-    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
-    else {
-        unreachable!()
-    };
-    let gate_run = started.run.expect("run");
+    let (pushed, gate_run, _) = gated_run(
+        stack,
+        shop,
+        shop_spec,
+        ("docker-compose.yml", &gated, "wait for a signal"),
+    )
+    .await;
     let before = runs(stack).await.len();
 
     let (pa, api_v5) = release(stack, api_spec, api, "api v5\n").await;
     let (pw, web_v2) = release(stack, web_spec, web, "web v2\n").await;
     // Both releases joined one waiting run; the gated run still runs.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let now = loop {
-        let now = runs(stack).await;
-        if now
-            .iter()
-            .any(|r| r.state == "waiting" && r.triggers.len() == 2)
-        {
-            break now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no waiting run with both releases: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let gate = now
-        .iter()
-        .find(|r| r.run_id == gate_run.run_id)
-        .expect("gate run");
+    let now = joined_run(stack).await;
+    let gate = now.iter().find(|r| r.run_id == gate_run).expect("gate run");
     assert_eq!(gate.state, "running", "{gate:?}");
     assert_eq!(now.len(), before + 1, "one waiting run: {now:?}");
 
     // Let the gated run finish.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let tests = loop {
-        let found = docker::labelled(&format!("io.gantry.stack-run={}", gate_run.run_id))
-            .into_iter()
-            .find(|c| {
-                docker::label(c, "com.docker.compose.service") == "tests" && docker::running(c)
-            });
-        if let Some(c) = found {
-            break c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gated tests never started"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let tests = gated_tests(&gate_run, 1).await;
     assert!(docker::exec(&tests, &["touch", "/go"]));
     let Payload::StackRunPassed(_) = stack_event(stack, &pushed, "stack.run_passed").await else {
         unreachable!()
@@ -545,10 +547,7 @@ async fn two_releases_during_a_run_make_one_run(
             .all(|r| r.state == "passed" || r.state == "failed"),
         "{all:?}"
     );
-    let gate = all
-        .iter()
-        .find(|r| r.run_id == gate_run.run_id)
-        .expect("gate run");
+    let gate = all.iter().find(|r| r.run_id == gate_run).expect("gate run");
     assert_eq!(
         gate.release, 0,
         "a branch other than the default makes no release"
@@ -575,15 +574,13 @@ async fn a_release_that_fails_in_the_environment_is_rolled_back(
     let answered = answer(env).await;
     // Both changes come in while a gated run holds the stack, so one run
     // (and one release) has them both.
-    shop.switch("gate");
-    let sha = shop.commit_file("notes.txt", "one more gated run\n", "gated");
-    shop.switch("main");
-    let pushed = stack.push(shop_spec, "refs/heads/gate", &sha).await;
-    let Payload::StackRunStarted(started) = stack_event(stack, &pushed, "stack.run_started").await
-    else {
-        unreachable!()
-    };
-    let run_id = started.run.expect("run").run_id;
+    let (_, run_id, _) = gated_run(
+        stack,
+        shop,
+        shop_spec,
+        ("notes.txt", "one more gated run\n", "gated"),
+    )
+    .await;
     let gated = gated_tests(&run_id, 1).await;
     release(stack, api_spec, api, "api v6\n").await;
     web.write(
@@ -594,18 +591,7 @@ async fn a_release_that_fails_in_the_environment_is_rolled_back(
         .replace("CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n", ""),
     );
     let (pw, _) = release(stack, web_spec, web, "web v3\n").await;
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !runs(stack)
-        .await
-        .iter()
-        .any(|r| r.state == "waiting" && r.triggers.len() == 2)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the two releases never joined one run"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    joined_run(stack).await;
     assert!(docker::exec(&gated, &["touch", "/go"]));
 
     let Payload::StackReleased(bad) = stack_event(stack, &pw, "stack.released").await else {
