@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 const SETTLE: Duration = Duration::from_secs(3);
 
 mod demo;
+mod lint;
 mod stacks;
 
 #[derive(Parser, Debug)]
@@ -116,6 +117,11 @@ enum Command {
     /// The demo project: set it up, and push new versions of it.
     #[command(subcommand)]
     Demo(demo::DemoCommand),
+    /// Checks a `.gantry.yml` as the builder will (exit 1 and FILE:LINE:COLUMN when it is wrong).
+    Lint {
+        /// The file (default: ./.gantry.yml).
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -325,6 +331,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stack(command) => stacks::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
+        // Answered in `main`: it needs no service and has its own exit codes.
+        Command::Lint { .. } => {}
     }
     Ok(())
 }
@@ -512,6 +520,9 @@ fn report_queued(json: bool, d: &DeploymentInfo) {
 async fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    if let Command::Lint { file } = &cli.command {
+        return lint::run(cli.json, file.clone());
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

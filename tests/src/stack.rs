@@ -189,25 +189,47 @@ pub struct Stack {
     tap_stop: CancellationToken,
 }
 
-/// A loopback port that is free now and was not handed out before in this
-/// process. It is taken below the kernel's ephemeral range (read from
-/// `ip_local_port_range`), so no outgoing connection can take it between
-/// now and the moment a service binds it; end-to-end tests run one at a
-/// time, so no other test takes it either.
+/// A loopback port reserved for this test process until it exits.
+///
+/// Test processes run side by side (nextest starts one per test), so "free
+/// now" is not enough: two of them could pick the same port before either
+/// service binds it. A port is therefore reserved with an exclusive lock on
+/// `gantry-test-ports/<port>.lock` in the temporary directory, held by this
+/// process until it exits (the kernel drops the lock then, even on a crash),
+/// and every process skips ports whose lock another one holds. Ports are
+/// taken below the kernel's ephemeral range (read from `ip_local_port_range`),
+/// so no outgoing connection can take one between now and the moment a
+/// service binds it, and one that something else listens on is skipped.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static HELD: Mutex<Vec<(u16, std::fs::File)>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("gantry-test-ports");
+    std::fs::create_dir_all(&dir).expect("make the port reservation directory");
     let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
     let (low, high) = (20000u16, ephemeral_start.clamp(20001, 32768));
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        if held.iter().any(|(p, _)| *p == port) {
             continue;
         }
-        given.push(port);
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+        else {
+            continue;
+        };
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        held.push((port, lock));
         return port;
     }
 }
@@ -764,10 +786,24 @@ impl Stack {
         event: &str,
         delivery: &str,
     ) -> reqwest::Response {
+        self.post_github_as("application/json", body, secret, event, delivery)
+            .await
+    }
+
+    /// POSTs a GitHub delivery with the given content type (GitHub signs
+    /// the body as sent, whatever its type).
+    pub async fn post_github_as(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        secret: Option<&str>,
+        event: &str,
+        delivery: &str,
+    ) -> reqwest::Response {
         let mut req = self
             .http_client()
             .post(self.ingest_url("/hooks/github"))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("x-github-event", event)
             .header("x-github-delivery", delivery)
             .body(body.to_vec());

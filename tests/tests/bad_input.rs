@@ -87,6 +87,16 @@ async fn each_bad_webhook_gets_its_status_code() {
         "main",
     ))
     .expect("json");
+    let org_ping = serde_json::to_vec(&serde_json::json!({
+        "zen": "Design for failure.",
+        "hook_id": 12345678,
+        "hook": {"type": "Organization", "id": 12345678, "name": "web", "active": true,
+                 "events": ["push", "pull_request"],
+                 "config": {"content_type": "json", "insecure_ssl": "0", "url": "https://ci.example/hooks/github"}},
+        "organization": {"login": "team", "id": 1},
+        "sender": {"login": "octocat", "id": 1}
+    }))
+    .expect("json");
     let mut gh_cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
         (
             "GitHub signature by another secret",
@@ -101,10 +111,49 @@ async fn each_bad_webhook_gets_its_status_code() {
             "secret",
         ),
         (
-            "GitHub ping",
+            "GitHub ping of a repository hook",
             stack.post_github(&gh, Some(SECRET), "ping", "d3").await,
-            202,
-            "ignored",
+            200,
+            "pong",
+        ),
+        (
+            // As GitHub documents an organisation hook's ping: no `repository`.
+            "GitHub ping of an organisation hook",
+            stack
+                .post_github(&org_ping, Some(SECRET), "ping", "d3-org")
+                .await,
+            200,
+            "pong",
+        ),
+        (
+            "GitHub ping with a wrong signature",
+            stack
+                .post_github(&org_ping, Some("other"), "ping", "d3-bad")
+                .await,
+            401,
+            "secret",
+        ),
+        (
+            "form-encoded delivery without a payload field",
+            stack
+                .post_github_as(
+                    "application/x-www-form-urlencoded",
+                    b"event=push",
+                    Some(SECRET),
+                    "push",
+                    "d6",
+                )
+                .await,
+            400,
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            "a content type GitHub does not send",
+            stack
+                .post_github_as("text/plain", &gh, Some(SECRET), "push", "d7")
+                .await,
+            400,
+            "is not supported",
         ),
         (
             "truncated JSON",
@@ -159,11 +208,28 @@ async fn each_bad_webhook_gets_its_status_code() {
         Err(e) => assert!(e.is_request() || e.is_body(), "{e:?}"),
     }
 
-    // None of it started a pipeline, and the service still accepts good deliveries.
+    // None of it started a pipeline, and the service still accepts good
+    // deliveries, a form-encoded GitHub one (signed as sent) among them.
     let resp = stack
         .post_gitlab(&push, Some(SECRET), "Push Hook", None)
         .await;
     assert_eq!(resp.status(), 202);
+    let form: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", std::str::from_utf8(&gh).expect("utf-8"))
+        .finish();
+    let resp = stack
+        .post_github_as(
+            "application/x-www-form-urlencoded",
+            form.as_bytes(),
+            Some(SECRET),
+            "push",
+            "d8",
+        )
+        .await;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 202, "{text}");
+    assert!(text.contains("accepted"), "{text}");
     use sqlx::Row as _;
     let mut db = stack.db().await;
     let n: i64 = sqlx::query("SELECT count(*) AS n FROM ingest.pipelines")
@@ -171,7 +237,7 @@ async fn each_bad_webhook_gets_its_status_code() {
         .await
         .expect("count")
         .get("n");
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }
 
 #[test]

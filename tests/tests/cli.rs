@@ -140,3 +140,82 @@ async fn the_cli_drives_a_pipeline_from_trigger_to_deployment() {
     assert_eq!(queued["commit"], sha.as_str());
     assert_eq!(queued["trigger"], "manual");
 }
+
+/// `gantry lint` checks files with the builder's parser, without any service.
+#[test]
+fn lint_checks_pipeline_files_like_the_builder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lint = |name: &str, text: &str, json: bool| -> Output {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        let mut args = vec!["lint".to_owned(), path.display().to_string()];
+        if json {
+            args.push("--json".into());
+        }
+        Command::new(bin_dir().join("gantry"))
+            .args(&args)
+            // No service is reachable: the lint must not need one.
+            .env("GANTRY_NOTIFIER_URL", "http://127.0.0.1:1")
+            .output()
+            .expect("gantry runs")
+    };
+
+    let good = lint(
+        "good.yml",
+        "image:\n  dockerfile: Dockerfile\ntest:\n  - name: unit\n    run: make test\n",
+        false,
+    );
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert_eq!(good.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("valid") && stdout.contains("1 test step"),
+        "{stdout}"
+    );
+
+    let stack = lint(
+        "stack.yml",
+        "stack:\n  members: {web: hello-web}\n  tests: [e2e]\n",
+        false,
+    );
+    let stdout = String::from_utf8_lossy(&stack.stdout);
+    assert_eq!(stack.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("a stack: 1 member, tests e2e"), "{stdout}");
+
+    // A misspelt key: the place, what was expected and the closest key.
+    let typo = lint("typo.yml", "image:\n  dockerfil: Dockerfile\n", false);
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(1), "{stderr}");
+    let path = dir.path().join("typo.yml");
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:2:3: unknown field `dockerfil`",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did you mean `dockerfile`?"), "{stderr}");
+
+    // An error found after parsing keeps its place too, also in JSON.
+    let reserved = lint("reserved.yml", "test:\n  - name: build\n    run: x\n", true);
+    assert_eq!(reserved.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&reserved.stdout).expect("JSON output");
+    assert_eq!(v["valid"], false);
+    assert_eq!(
+        (v["line"].as_u64(), v["column"].as_u64()),
+        (Some(2), Some(11))
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reserved"),
+        "{v}"
+    );
+
+    // A file that cannot be read is another exit code.
+    let missing = Command::new(bin_dir().join("gantry"))
+        .args(["lint", "/nonexistent/.gantry.yml"])
+        .output()
+        .expect("gantry runs");
+    assert_eq!(missing.status.code(), Some(2));
+}

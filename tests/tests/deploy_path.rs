@@ -395,14 +395,11 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
         first.body
     );
     assert_eq!(first.body["ref"], "main");
-    // GitHub got the same states in its own words.
+    // The project is on GitHub too, but the push came from GitLab: GitHub,
+    // which may never have seen the commit, got nothing (its statuses would
+    // have been queued with GitLab's, all of which have arrived).
     let github = recorder.calls("/repos/team/web/statuses/");
-    let gh: Vec<&str> = github
-        .iter()
-        .filter(|c| c.path.ends_with(&v4) && c.body["context"] == "gantry")
-        .map(|c| c.body["state"].as_str().unwrap_or_default())
-        .collect();
-    assert_eq!(gh, ["pending", "pending", "failure"]);
+    assert!(github.is_empty(), "{github:?}");
 
     // Pipelines over gRPC.
     let mut pipelines = PipelinesClient::new(stack.grpc("notifier").await);

@@ -15,21 +15,7 @@ use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
 /// The outbox: events a service must publish after a state change, written in
 /// the same transaction as the change and relayed to the broker afterwards.
 /// The processed-event ledger makes consumers idempotent by event id.
-const PLUMBING: &str = r#"
-CREATE TABLE IF NOT EXISTS outbox (
-    seq          BIGSERIAL PRIMARY KEY,
-    event_id     TEXT NOT NULL UNIQUE,
-    routing_key  TEXT NOT NULL,
-    pipeline_id  TEXT NOT NULL,
-    payload      BYTEA NOT NULL,
-    traceparent  TEXT,
-    created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS processed_events (
-    event_id     TEXT PRIMARY KEY,
-    processed_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-"#;
+const PLUMBING: &str = include_str!("../plumbing.sql");
 
 /// Connects to `database_url`, prepares `schema` and runs `migrator` in it.
 pub async fn connect(
@@ -83,7 +69,7 @@ pub async fn ping(pool: &PgPool) -> bool {
 }
 
 /// One row of the outbox.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub seq: i64,
     pub event_id: String,
@@ -102,15 +88,15 @@ pub async fn outbox_insert(
     payload: &[u8],
     traceparent: Option<&str>,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO outbox (event_id, routing_key, pipeline_id, payload, traceparent)
          VALUES ($1, $2, $3, $4, $5)",
+        event_id,
+        routing_key,
+        pipeline_id,
+        payload,
+        traceparent,
     )
-    .bind(event_id)
-    .bind(routing_key)
-    .bind(pipeline_id)
-    .bind(payload)
-    .bind(traceparent)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -122,19 +108,19 @@ pub async fn outbox_lock_batch(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        OutboxRow,
         "SELECT seq, event_id, routing_key, pipeline_id, payload, traceparent
          FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit,
     )
-    .bind(limit)
     .fetch_all(&mut **tx)
     .await
 }
 
 /// Removes relayed rows (the broker confirmed them).
 pub async fn outbox_delete(tx: &mut Transaction<'_, Postgres>, seqs: &[i64]) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-        .bind(seqs)
+    sqlx::query!("DELETE FROM outbox WHERE seq = ANY($1)", seqs)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -146,10 +132,11 @@ pub async fn first_delivery(
     tx: &mut Transaction<'_, Postgres>,
     event_id: &str,
 ) -> sqlx::Result<bool> {
-    let done =
-        sqlx::query("INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(event_id)
-            .execute(&mut **tx)
-            .await?;
+    let done = sqlx::query!(
+        "INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        event_id
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(done.rows_affected() == 1)
 }

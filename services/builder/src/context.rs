@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::pipeline_file::{FILE, ImageSpec};
+use gantry_pipeline::FILE;
+use gantry_pipeline::service::ImageSpec;
 
 /// Largest `.gantry.yml` read.
 pub const MAX_PIPELINE_FILE: u64 = 1024 * 1024;

@@ -24,7 +24,7 @@ use gantry_config::Limits;
 
 use crate::context::Context;
 use crate::logs::LogSink;
-use crate::pipeline_file::{ImageSpec, TestStep};
+use gantry_pipeline::service::{ImageSpec, TestStep};
 
 /// Label on every image and container a build creates: the build id.
 pub const BUILD_LABEL: &str = "io.gantry.build";

@@ -73,26 +73,26 @@ impl Builds for BuildsService {
                 .parse()
                 .map_err(|_| ApiError::InvalidArgument("build_id is not a UUID".into()))?
         } else if !req.pipeline_id.is_empty() {
-            let row: Option<(Uuid,)> = sqlx::query_as(
+            sqlx::query_scalar!(
                 "SELECT id FROM builds WHERE pipeline_id = $1 ORDER BY created_at DESC LIMIT 1",
+                req.pipeline_id
             )
-            .bind(&req.pipeline_id)
             .fetch_optional(&self.pool)
             .await
-            .map_err(ApiError::store)?;
-            row.ok_or_else(|| ApiError::NotFound("no build for this pipeline (yet)".into()))?
-                .0
+            .map_err(ApiError::store)?
+            .ok_or_else(|| ApiError::NotFound("no build for this pipeline (yet)".into()))?
         } else {
             return Err(
                 ApiError::InvalidArgument("give a build_id or a pipeline_id".into()).into(),
             );
         };
-        let exists: Option<(BuildState,)> =
-            sqlx::query_as("SELECT state FROM builds WHERE id = $1")
-                .bind(build_id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(ApiError::store)?;
+        let exists = sqlx::query_scalar!(
+            r#"SELECT state AS "state: BuildState" FROM builds WHERE id = $1"#,
+            build_id
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
         if exists.is_none() {
             return Err(ApiError::NotFound("no such build".into()).into());
         }
@@ -102,18 +102,19 @@ impl Builds for BuildsService {
             let mut last = 0i64;
             loop {
                 // Read the state before the rows: a build seen finished has all its rows.
-                let state: Result<(BuildState,), _> =
-                    sqlx::query_as("SELECT state FROM builds WHERE id = $1")
-                        .bind(build_id)
-                        .fetch_one(&pool)
-                        .await;
-                let finished = matches!(&state, Ok((s,)) if s.is_finished());
-                let rows: Vec<(i64, String, String, Vec<u8>)> = match sqlx::query_as(
-                    "SELECT seq, step, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                let state = sqlx::query_scalar!(
+                    r#"SELECT state AS "state: BuildState" FROM builds WHERE id = $1"#,
+                    build_id
                 )
-                .bind(build_id)
-                .bind(last)
-                .bind(PAGE)
+                .fetch_one(&pool)
+                .await;
+                let finished = matches!(&state, Ok(s) if s.is_finished());
+                let rows = match sqlx::query!(
+                    "SELECT seq, step, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    build_id,
+                    last,
+                    PAGE,
+                )
                 .fetch_all(&pool)
                 .await
                 {
@@ -124,14 +125,14 @@ impl Builds for BuildsService {
                     }
                 };
                 let full_page = rows.len() as i64 == PAGE;
-                for (seq, step, stream, data) in rows {
-                    last = seq;
+                for row in rows {
+                    last = row.seq;
                     let chunk = LogChunk {
                         build_id: build_id.to_string(),
-                        seq: seq as u64,
-                        step,
-                        stream,
-                        data,
+                        seq: row.seq as u64,
+                        step: row.step,
+                        stream: row.stream,
+                        data: row.data,
                     };
                     if tx.send(Ok(chunk)).await.is_err() {
                         return; // the client went away

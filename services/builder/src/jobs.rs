@@ -108,25 +108,22 @@ pub async fn enqueue_request(pool: &PgPool, event: &Event, job: &Job) -> anyhow:
     if !gantry_store::first_delivery(&mut tx, &event.id).await? {
         return Ok(false);
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO builds (id, pipeline_id, project, event_id, kind, request, traceparent)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+        Uuid::now_v7(),
+        event.pipeline_id,
+        event.project,
+        event.id,
+        job.kind(),
+        job.encode(),
+        gantry_telemetry::current_traceparent(),
     )
-    .bind(Uuid::now_v7())
-    .bind(&event.pipeline_id)
-    .bind(&event.project)
-    .bind(&event.id)
-    .bind(job.kind())
-    .bind(job.encode())
-    .bind(gantry_telemetry::current_traceparent())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(true)
 }
-
-/// pipeline_id, project, kind, request, traceparent
-type ClaimRow = (String, String, String, Vec<u8>, Option<String>);
 
 /// Takes the next build (see [`BUILDS`]) and emits `build.started` in the
 /// same transaction.
@@ -139,12 +136,19 @@ pub async fn claim(
     let Some(claim) = BUILDS.claim::<Uuid>(&mut tx, worker, lease).await? else {
         return Ok(None);
     };
-    let (pipeline_id, project, kind, request, traceparent): ClaimRow = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT pipeline_id, project, kind, request, traceparent FROM builds WHERE id = $1",
+        claim.id
     )
-    .bind(claim.id)
     .fetch_one(&mut *tx)
     .await?;
+    let (pipeline_id, project, kind, request, traceparent) = (
+        row.pipeline_id,
+        row.project,
+        row.kind,
+        row.request,
+        row.traceparent,
+    );
     let job = Job::decode(&kind, &request)?;
     let id = claim.id;
     let span = tracing::info_span!("build.claim", build_id = %id, pipeline_id = %pipeline_id);

@@ -5,12 +5,13 @@
 //!   no broker consumer timeout can cut a long build);
 //! - `worker`: claims builds under a renewable lease and runs them —
 //!   `checkout` (git at the exact commit), `context` (what is read from the
-//!   hostile checkout, confined to it), `pipeline_file` (`.gantry.yml`),
+//!   hostile checkout, confined to it), `.gantry.yml` read with
+//!   `gantry-pipeline`,
 //!   `docker` (image build and sandboxed test containers), `push` (the
 //!   tested image to the registry under its commit sha), `logs` (batched,
 //!   capped);
 //! - `stack_file` and `stack_run`: a stack's integration run (the
-//!   `stack:` section of its `.gantry.yml`, its compose file made safe and
+//!   `stack:` section of its `.gantry.yml` from `gantry-pipeline`, its compose file made safe and
 //!   pinned, `docker-compose` up, health, test services, logs, always torn
 //!   down);
 //! - `jobs`: the `builds` table (service builds and stack runs) and the
@@ -25,7 +26,6 @@ pub mod docker;
 pub mod grpc;
 pub mod jobs;
 pub mod logs;
-pub mod pipeline_file;
 pub mod push;
 pub mod stack_file;
 pub mod stack_run;

@@ -142,17 +142,17 @@ impl Writer {
         // (never the build).
         let stored = gantry_retry::Policy::LogWrite
             .retry("store log lines", || {
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO build_logs (build_id, attempt, step, stream, data)
                      SELECT $1, $2, s.step, s.stream, s.data
                      FROM unnest($3::text[], $4::text[], $5::bytea[]) WITH ORDINALITY AS s(step, stream, data, n)
                      ORDER BY s.n",
+                    self.build_id,
+                    self.attempt,
+                    &steps,
+                    &streams as &[&str],
+                    &data,
                 )
-                .bind(self.build_id)
-                .bind(self.attempt)
-                .bind(&steps)
-                .bind(&streams)
-                .bind(&data)
                 .execute(&self.pool)
             })
             .await;

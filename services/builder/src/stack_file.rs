@@ -37,140 +37,14 @@
 //! values a release deploys, and docker-compose gets them escaped.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use gantry_proto::v1::{ReleasedImage, StackService};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::pipeline_file::{FILE, check_version, inside_repo};
-
-/// Default time a whole run may take.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default compose file of a stack repository.
-pub const DEFAULT_COMPOSE: &str = "docker-compose.yml";
-/// Most services a stack may have.
-pub const MAX_SERVICES: usize = 30;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    #[serde(default)]
-    version: Option<Spanned<u32>>,
-    stack: Spanned<RawStack>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStack {
-    #[serde(default)]
-    compose: Option<Spanned<String>>,
-    #[serde(default)]
-    members: BTreeMap<String, Spanned<String>>,
-    #[serde(default)]
-    tests: Vec<Spanned<String>>,
-    #[serde(default)]
-    timeout: Option<Spanned<u64>>,
-}
-
-/// The `stack:` section, checked.
-#[derive(Debug, Clone)]
-pub struct StackFile {
-    /// Relative to the repository root.
-    pub compose: String,
-    /// Compose service → project, with where each was written (line, column).
-    pub members: BTreeMap<String, (String, (u64, u64))>,
-    /// The integration-test services, in order, with where each was written.
-    pub tests: Vec<(String, (u64, u64))>,
-    pub timeout: Duration,
-}
-
-fn at<T>(s: &Spanned<T>) -> (u64, u64) {
-    (s.defined.line(), s.defined.column())
-}
-
-impl StackFile {
-    /// Parses the `.gantry.yml` of a stack repository.
-    pub fn parse(text: &str) -> Result<Self, LocatedError> {
-        if text.trim().is_empty() {
-            return Err(LocatedError::new(
-                FILE,
-                1,
-                1,
-                "the file is empty; a stack repository needs a `stack:` section",
-            ));
-        }
-        let raw: Raw = yaml::from_str(FILE, text)?;
-        check_version(raw.version.as_ref())?;
-        let stack_at = LocatedError::new(
-            FILE,
-            raw.stack.defined.line(),
-            raw.stack.defined.column(),
-            "`stack.tests` is missing: name the compose service(s) whose exit code decides the run",
-        );
-        let stack = raw.stack.value;
-        let compose = match stack.compose {
-            Some(c) if !inside_repo(&c.value) => {
-                return Err(error_at(
-                    FILE,
-                    &c,
-                    format!(
-                        "{:?} must be a relative path inside the repository",
-                        c.value
-                    ),
-                ));
-            }
-            Some(c) => c.value,
-            None => DEFAULT_COMPOSE.to_owned(),
-        };
-        if stack.tests.is_empty() {
-            return Err(stack_at);
-        }
-        let mut tests = Vec::new();
-        for t in &stack.tests {
-            if tests.iter().any(|(n, _)| n == &t.value) {
-                return Err(error_at(
-                    FILE,
-                    t,
-                    format!("test service {:?} is listed twice", t.value),
-                ));
-            }
-            if stack.members.contains_key(&t.value) {
-                return Err(error_at(
-                    FILE,
-                    t,
-                    format!(
-                        "{:?} is a member: a test service runs a test image, not a released one",
-                        t.value
-                    ),
-                ));
-            }
-            tests.push((t.value.clone(), at(t)));
-        }
-        let timeout = match &stack.timeout {
-            Some(t) if t.value == 0 => {
-                return Err(error_at(
-                    FILE,
-                    t,
-                    "timeout must be a positive number of seconds",
-                ));
-            }
-            Some(t) => Duration::from_secs(t.value),
-            None => DEFAULT_TIMEOUT,
-        };
-        Ok(Self {
-            compose,
-            members: stack
-                .members
-                .iter()
-                .map(|(service, project)| (service.clone(), (project.value.clone(), at(project))))
-                .collect(),
-            tests,
-            timeout,
-        })
-    }
-}
+use gantry_pipeline::FILE;
+pub use gantry_pipeline::stack::{MAX_SERVICES, StackFile};
 
 /// One service of the team's compose file: the keys a run keeps, the keys
 /// it ignores, and nothing else.

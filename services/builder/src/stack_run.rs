@@ -37,9 +37,9 @@ use crate::context;
 use crate::docker::{ATTEMPT_LABEL, BUILD_LABEL};
 use crate::jobs::{Claimed, StackVerdict};
 use crate::logs::LogSink;
-use crate::pipeline_file::FILE;
 use crate::stack_file::{self, Plan, RunContext, StackFile};
 use crate::worker::{MAX_ATTEMPTS, Worker};
+use gantry_pipeline::FILE;
 
 /// Label of everything a stack run starts: the run's id.
 pub const RUN_LABEL: &str = "io.gantry.stack-run";
@@ -568,10 +568,10 @@ pub async fn sweep(docker: &Docker, pool: &sqlx::PgPool) {
         return;
     }
     let ids: Vec<Uuid> = ids.into_iter().collect();
-    let ended: Vec<Uuid> = match sqlx::query_scalar(
+    let ended: Vec<Uuid> = match sqlx::query_scalar!(
         "SELECT id FROM builds WHERE id = ANY($1) AND state IN ('succeeded', 'failed')",
+        &ids
     )
-    .bind(&ids)
     .fetch_all(pool)
     .await
     {

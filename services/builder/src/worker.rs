@@ -23,8 +23,8 @@ use crate::context::{self, Context};
 use crate::docker::{self, ATTEMPT_LABEL, BUILD_LABEL, Sandbox, StepEnd};
 use crate::jobs::{self, Claimed, End, Job, Verdict};
 use crate::logs::LogSink;
-use crate::pipeline_file::{self, PipelineFile};
 use crate::stack_run;
+use gantry_pipeline::{self as pipeline_file, PipelineFile};
 
 /// How often an idle worker looks for builds whose lease ran out.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -188,22 +188,24 @@ impl Worker {
             return;
         }
         let ids: Vec<uuid::Uuid> = found.iter().map(|(_, b, _)| *b).collect();
-        let builds: Vec<(uuid::Uuid, i32, gantry_states::BuildState)> =
-            match sqlx::query_as("SELECT id, attempt, state FROM builds WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot sweep step containers now");
-                    return;
-                }
-            };
+        let builds = match sqlx::query!(
+            r#"SELECT id, attempt, state AS "state: gantry_states::BuildState"
+               FROM builds WHERE id = ANY($1)"#,
+            &ids
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot sweep step containers now");
+                return;
+            }
+        };
         for (container, build, attempt) in found {
-            let stale = builds.iter().any(|(id, current, state)| {
-                *id == build && (state.is_finished() || attempt < *current)
-            });
+            let stale = builds
+                .iter()
+                .any(|b| b.id == build && (b.state.is_finished() || attempt < b.attempt));
             if stale {
                 tracing::info!(build_id = %build, attempt, "removing a step container no build uses");
                 docker::remove_container(&self.docker, &container).await;

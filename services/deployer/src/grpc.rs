@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use crate::queue::{self, COLUMNS, Image, Row, Trigger};
+use crate::queue::{self, Image, Row, Trigger};
 
 pub struct DeploymentsService {
     pub pool: PgPool,
@@ -54,7 +54,6 @@ impl From<Row> for DeploymentInfo {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct ImageRow {
     pipeline_id: String,
     project: String,
@@ -83,18 +82,6 @@ impl DeploymentsService {
         self.config.environment(name).ok_or_else(|| {
             ApiError::NotFound(format!("no environment {name:?} is configured")).into()
         })
-    }
-
-    async fn row(
-        &self,
-        sql: sqlx::AssertSqlSafe<String>,
-        env: &str,
-    ) -> Result<Option<Row>, Status> {
-        sqlx::query_as::<_, Row>(sql)
-            .bind(env)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| ApiError::store(e).into())
     }
 
     async fn queue(
@@ -130,23 +117,20 @@ impl Deployments for DeploymentsService {
     ) -> Result<Response<ListEnvironmentsResponse>, Status> {
         let mut environments = Vec::new();
         for env in &self.config.environments {
-            let current = self
-                .row(
-                    crate::sql!(
-                        "SELECT {COLUMNS} FROM deployments WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)"
-                    ),
-                    &env.name,
-                )
-                .await?;
-            let pending = self
-                .row(
-                    crate::sql!(
-                        "SELECT {COLUMNS} FROM deployments WHERE environment = $1 AND state IN ('running', 'waiting')
-                         ORDER BY (state = 'running') DESC, created_at DESC LIMIT 1"
-                    ),
-                    &env.name,
-                )
-                .await?;
+            let current = crate::queue::deployment_rows!(
+                "WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)",
+                env.name
+            )
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(ApiError::store)?;
+            let pending = crate::queue::deployment_rows!(
+                "WHERE environment = $1 AND state IN ('running', 'waiting') ORDER BY (state = 'running') DESC, created_at DESC LIMIT 1",
+                env.name
+            )
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(ApiError::store)?;
             environments.push(EnvironmentInfo {
                 name: env.name.clone(),
                 project: env.project.clone(),
@@ -173,7 +157,8 @@ impl Deployments for DeploymentsService {
             )
             .into());
         }
-        let image: Option<ImageRow> = sqlx::query_as(
+        let image = sqlx::query_as!(
+            ImageRow,
             "SELECT pipeline_id, project, repository, digest, revision FROM images
              WHERE project = $1
                AND repository = $3
@@ -185,10 +170,8 @@ impl Deployments for DeploymentsService {
                            ELSE 3 END,
                       published_at DESC
              LIMIT 1",
-        )
-        .bind(&env.project)
-        .bind(wanted)
-        .bind(
+            env.project,
+            wanted,
             self.config
                 .project(&env.project)
                 .map(|p| p.image.as_str())
@@ -222,13 +205,11 @@ impl Deployments for DeploymentsService {
                 ApiError::FailedPrecondition(format!("nothing runs in {} yet", env.name)).into(),
             );
         };
-        let previous = sqlx::query_as::<_, Row>(crate::sql!(
-            "SELECT {COLUMNS} FROM deployments
-             WHERE environment = $1 AND state = 'succeeded' AND digest <> $2
-             ORDER BY finished_at DESC LIMIT 1"
-        ))
-        .bind(&env.name)
-        .bind(&live.digest)
+        let previous = crate::queue::deployment_rows!(
+            "WHERE environment = $1 AND state = 'succeeded' AND digest <> $2 ORDER BY finished_at DESC LIMIT 1",
+            env.name,
+            live.digest,
+        )
         .fetch_optional(&self.pool)
         .await
         .map_err(ApiError::store)?;
@@ -257,12 +238,11 @@ impl Deployments for DeploymentsService {
         let req = request.into_inner();
         let limit = i64::from(req.limit.clamp(1, 500));
         let limit = if req.limit == 0 { 50 } else { limit };
-        let rows = sqlx::query_as::<_, Row>(crate::sql!(
-            "SELECT {COLUMNS} FROM deployments WHERE ($1 = '' OR environment = $1)
-             ORDER BY created_at DESC LIMIT $2"
-        ))
-        .bind(&req.environment)
-        .bind(limit)
+        let rows = crate::queue::deployment_rows!(
+            "WHERE ($1 = '' OR environment = $1) ORDER BY created_at DESC LIMIT $2",
+            req.environment,
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::store)?;

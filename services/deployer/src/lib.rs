@@ -237,20 +237,20 @@ impl Events {
             let mut tx = self.pool.begin().await?;
             let mut queued = 0;
             if gantry_store::first_delivery(&mut tx, &event.id).await? {
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO images (event_id, pipeline_id, project, repository, digest, tags, commit_sha, git_ref, revision, released)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    event.id,
+                    event.pipeline_id,
+                    event.project,
+                    published.repository,
+                    published.digest,
+                    &published.tags,
+                    rev.commit_sha,
+                    rev.git_ref,
+                    rev.encode_to_vec(),
+                    released,
                 )
-                .bind(&event.id)
-                .bind(&event.pipeline_id)
-                .bind(&event.project)
-                .bind(&published.repository)
-                .bind(&published.digest)
-                .bind(&published.tags)
-                .bind(&rev.commit_sha)
-                .bind(&rev.git_ref)
-                .bind(rev.encode_to_vec())
-                .bind(released)
                 .execute(&mut *tx)
                 .await?;
                 if released {

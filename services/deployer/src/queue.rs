@@ -51,8 +51,25 @@ impl Trigger {
     }
 }
 
+/// `query_as!` of [`Row`]s: `SELECT` of every column `FROM deployments`, then
+/// the rest of the statement (a literal, checked with the rest) and its
+/// arguments.
+macro_rules! deployment_rows {
+    ($rest:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            $crate::queue::Row,
+            r#"SELECT id, environment, project, pipeline_id, repository, digest, revision, trigger,
+                      state AS "state: gantry_states::DeploymentState", reason, previous_digest,
+                      container_id, traceparent, attempt, created_at, finished_at
+               FROM deployments "# + $rest
+            $(, $arg)*
+        )
+    };
+}
+pub(crate) use deployment_rows;
+
 /// One row of `deployments`.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Row {
     pub id: Uuid,
     pub environment: String,
@@ -71,16 +88,6 @@ pub struct Row {
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
-
-/// SQL built from [`COLUMNS`] and fixed text only (never from input).
-#[macro_export]
-macro_rules! sql {
-    ($($fmt:tt)*) => {
-        sqlx::AssertSqlSafe(format!($($fmt)*))
-    };
-}
-
-pub const COLUMNS: &str = "id, environment, project, pipeline_id, repository, digest, revision, trigger, state, reason, previous_digest, container_id, traceparent, attempt, created_at, finished_at";
 
 impl Row {
     pub fn revision(&self) -> Revision {
@@ -121,7 +128,7 @@ impl Row {
 }
 
 /// What runs in an environment.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Live {
     pub deployment_id: Uuid,
     pub container_id: String,
@@ -132,10 +139,12 @@ pub struct Live {
 
 /// Makes sure every configured environment has its row.
 pub async fn sync_environments(pool: &PgPool, names: &[String]) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO environments (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
-        .bind(names)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO environments (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        names
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -148,15 +157,15 @@ pub async fn is_blocked(
     environment: &str,
     image: &Image,
 ) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM blocked b WHERE b.environment = $1
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM blocked b WHERE b.environment = $1
             AND (b.digest = $2 OR ($3 <> '' AND b.digest IN (
-                 SELECT digest FROM images WHERE project = $4 AND commit_sha = $3))))",
+                 SELECT digest FROM images WHERE project = $4 AND commit_sha = $3)))) AS "blocked!""#,
+        environment,
+        image.digest,
+        image.revision.commit_sha,
+        image.project,
     )
-    .bind(environment)
-    .bind(&image.digest)
-    .bind(&image.revision.commit_sha)
-    .bind(&image.project)
     .fetch_one(&mut **tx)
     .await
 }
@@ -167,13 +176,13 @@ pub async fn block(
     digest: &str,
     reason: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO blocked (environment, digest, reason) VALUES ($1, $2, $3)
          ON CONFLICT (environment, digest) DO UPDATE SET reason = EXCLUDED.reason, blocked_at = now()",
+        environment,
+        digest,
+        reason,
     )
-    .bind(environment)
-    .bind(digest)
-    .bind(reason)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -187,36 +196,41 @@ pub async fn enqueue(
     trigger: Trigger,
 ) -> sqlx::Result<Row> {
     // Serialises queue changes of one environment.
-    sqlx::query("SELECT name FROM environments WHERE name = $1 FOR UPDATE")
-        .bind(environment)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let superseded = sqlx::query(
+    sqlx::query!(
+        "SELECT name FROM environments WHERE name = $1 FOR UPDATE",
+        environment
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    let superseded = sqlx::query!(
         "UPDATE deployments SET state = 'superseded', finished_at = now(),
                 reason = 'a newer image was queued for this environment'
          WHERE environment = $1 AND state = 'waiting'",
+        environment
     )
-    .bind(environment)
     .execute(&mut **tx)
     .await?
     .rows_affected();
     if superseded > 0 {
         tracing::info!(environment, superseded, "waiting deployments superseded");
     }
-    sqlx::query_as::<_, Row>(sql!(
-        "INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent)
+    sqlx::query_as!(
+        Row,
+        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         RETURNING {COLUMNS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(environment)
-    .bind(&image.project)
-    .bind(&image.pipeline_id)
-    .bind(&image.repository)
-    .bind(&image.digest)
-    .bind(image.revision.encode_to_vec())
-    .bind(trigger.as_str())
-    .bind(gantry_telemetry::current_traceparent())
+         RETURNING id, environment, project, pipeline_id, repository, digest, revision, trigger,
+                   state AS "state: DeploymentState", reason, previous_digest, container_id,
+                   traceparent, attempt, created_at, finished_at"#,
+        Uuid::now_v7(),
+        environment,
+        image.project,
+        image.pipeline_id,
+        image.repository,
+        image.digest,
+        image.revision.encode_to_vec(),
+        trigger.as_str(),
+        gantry_telemetry::current_traceparent(),
+    )
     .fetch_one(&mut **tx)
     .await
 }
@@ -240,15 +254,15 @@ pub const DEPLOYMENTS: Queue = Queue {
 /// environment are not run again: superseded (their holder, if it still
 /// runs, finds out at its next renewal).
 pub async fn supersede_expired(pool: &PgPool) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "UPDATE deployments d SET state = $1, owner = NULL, lease_until = NULL, finished_at = now(),
                 reason = 'taken over while a newer image waited for this environment'
          WHERE state = $2 AND lease_until < now()
            AND EXISTS (SELECT 1 FROM deployments w WHERE w.environment = d.environment AND w.state = $3)",
+        DeploymentState::Superseded as DeploymentState,
+        DeploymentState::Running as DeploymentState,
+        DeploymentState::Waiting as DeploymentState,
     )
-    .bind(DeploymentState::Superseded)
-    .bind(DeploymentState::Running)
-    .bind(DeploymentState::Waiting)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
@@ -261,8 +275,7 @@ pub async fn claim(pool: &PgPool, owner: &str, lease: Duration) -> anyhow::Resul
     let Some(claim) = DEPLOYMENTS.claim::<Uuid>(&mut tx, owner, lease).await? else {
         return Ok(None);
     };
-    let row = sqlx::query_as::<_, Row>(sql!("SELECT {COLUMNS} FROM deployments WHERE id = $1"))
-        .bind(claim.id)
+    let row = deployment_rows!("WHERE id = $1", claim.id)
         .fetch_one(&mut *tx)
         .await?;
     let event = row.event(Payload::DeployStarted(DeployStarted {
@@ -275,21 +288,26 @@ pub async fn claim(pool: &PgPool, owner: &str, lease: Duration) -> anyhow::Resul
 
 /// What runs in `environment`, if anything.
 pub async fn live(pool: &PgPool, environment: &str) -> sqlx::Result<Option<Live>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Live,
         "SELECT l.deployment_id, l.container_id, l.address, d.digest, l.since
          FROM live l JOIN deployments d ON d.id = l.deployment_id
          WHERE l.environment = $1",
+        environment
     )
-    .bind(environment)
     .fetch_optional(pool)
     .await
 }
 
 /// Every environment's live address (for the endpoints at start).
 pub async fn live_addresses(pool: &PgPool) -> sqlx::Result<Vec<(String, Option<String>)>> {
-    sqlx::query_as("SELECT environment, address FROM live")
+    let rows = sqlx::query!("SELECT environment, address FROM live")
         .fetch_all(pool)
-        .await
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.environment, r.address))
+        .collect())
 }
 
 /// The new version took over: it becomes live and `deploy.succeeded` is written.
@@ -302,11 +320,12 @@ pub async fn succeed(
     endpoint: &str,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(sql!(
+    // The claim condition comes from `gantry-queue`, so this one is checked at run time.
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE deployments SET state = $4, container_id = $5, finished_at = now(), lease_until = NULL
          WHERE {}",
         DEPLOYMENTS.held()
-    ))
+    )))
     .bind(row.id)
     .bind(owner)
     .bind(row.attempt)
@@ -319,17 +338,17 @@ pub async fn succeed(
         "deployment {} is no longer ours",
         row.id
     );
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO live (environment, deployment_id, container_id, address, since)
          VALUES ($1, $2, $3, $4, now())
          ON CONFLICT (environment) DO UPDATE
          SET deployment_id = EXCLUDED.deployment_id, container_id = EXCLUDED.container_id,
              address = EXCLUDED.address, since = EXCLUDED.since",
+        row.environment,
+        row.id,
+        container_id,
+        address,
     )
-    .bind(&row.environment)
-    .bind(row.id)
-    .bind(container_id)
-    .bind(address)
     .execute(&mut *tx)
     .await?;
     let event = row.event(Payload::DeploySucceeded(DeploySucceeded {
@@ -361,11 +380,12 @@ pub async fn fail(
     } else {
         DeploymentState::Failed
     };
-    let done = sqlx::query(sql!(
+    // The claim condition comes from `gantry-queue`, so this one is checked at run time.
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE deployments SET state = $4, reason = $5, finished_at = now(), lease_until = NULL
          WHERE {}",
         DEPLOYMENTS.held()
-    ))
+    )))
     .bind(row.id)
     .bind(owner)
     .bind(row.attempt)

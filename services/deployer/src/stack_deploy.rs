@@ -77,6 +77,8 @@ pub struct Row {
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// The columns of [`Row`], for the one query that picks its condition at
+/// run time (`Stacks` environments).
 pub const COLUMNS: &str = "id, environment, stack, release, pipeline_id, trigger, state, reason, previous_release, traceparent, attempt, created_at, finished_at";
 
 impl Row {
@@ -115,29 +117,34 @@ pub async fn enqueue(
     pipeline_id: &str,
     trigger: Trigger,
 ) -> sqlx::Result<Row> {
-    sqlx::query("SELECT name FROM environments WHERE name = $1 FOR UPDATE")
-        .bind(environment)
-        .fetch_optional(&mut **tx)
-        .await?;
-    sqlx::query(
+    sqlx::query!(
+        "SELECT name FROM environments WHERE name = $1 FOR UPDATE",
+        environment
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    sqlx::query!(
         "UPDATE stack_deployments SET state = 'superseded', finished_at = now(),
                 reason = 'a newer release was queued for this environment'
          WHERE environment = $1 AND state = 'waiting'",
+        environment
     )
-    .bind(environment)
     .execute(&mut **tx)
     .await?;
-    sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as!(
+        Row,
         "INSERT INTO stack_deployments (id, environment, stack, release, pipeline_id, trigger, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
-    )))
-    .bind(Uuid::now_v7())
-    .bind(environment)
-    .bind(stack)
-    .bind(release)
-    .bind(pipeline_id)
-    .bind(trigger.as_str())
-    .bind(gantry_telemetry::current_traceparent())
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING id, environment, stack, release, pipeline_id, trigger, state, reason,
+                   previous_release, traceparent, attempt, created_at, finished_at",
+        Uuid::now_v7(),
+        environment,
+        stack,
+        release,
+        pipeline_id,
+        trigger.as_str(),
+        gantry_telemetry::current_traceparent(),
+    )
     .fetch_one(&mut **tx)
     .await
 }
@@ -149,13 +156,13 @@ pub async fn block(
     release: i64,
     reason: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO stack_blocked (environment, release, reason) VALUES ($1, $2, $3)
          ON CONFLICT (environment, release) DO NOTHING",
+        environment,
+        release,
+        reason,
     )
-    .bind(environment)
-    .bind(release)
-    .bind(reason)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -174,9 +181,13 @@ pub fn auto_environments<'a>(
 
 /// Every stack environment's live address (for the endpoints at start).
 pub async fn live_addresses(pool: &PgPool) -> sqlx::Result<Vec<(String, Option<String>)>> {
-    sqlx::query_as("SELECT environment, address FROM stack_live")
+    let rows = sqlx::query!("SELECT environment, address FROM stack_live")
         .fetch_all(pool)
-        .await
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.environment, r.address))
+        .collect())
 }
 
 /// The release that runs in `environment`, with its deployment.
@@ -184,10 +195,13 @@ pub async fn live_release(
     pool: &PgPool,
     environment: &str,
 ) -> sqlx::Result<Option<(i64, chrono::DateTime<chrono::Utc>)>> {
-    sqlx::query_as("SELECT release, since FROM stack_live WHERE environment = $1")
-        .bind(environment)
-        .fetch_optional(pool)
-        .await
+    let row = sqlx::query!(
+        "SELECT release, since FROM stack_live WHERE environment = $1",
+        environment
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (r.release, r.since)))
 }
 
 pub struct StackWorker {
@@ -236,11 +250,11 @@ impl crate::worker::Claims for StackWorker {
 
 impl StackWorker {
     async fn stack_commit(&self, row: &Row) -> String {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT stack_commit FROM stack_releases WHERE stack = $1 AND number = $2",
+            row.stack,
+            row.release,
         )
-        .bind(&row.stack)
-        .bind(row.release)
         .fetch_optional(&self.pool)
         .await
         .ok()
@@ -257,17 +271,20 @@ impl StackWorker {
         else {
             return Ok(None);
         };
-        let row = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM stack_deployments WHERE id = $1"
-        )))
-        .bind(claim.id)
+        let row = sqlx::query_as!(
+            Row,
+            "SELECT id, environment, stack, release, pipeline_id, trigger, state, reason,
+                    previous_release, traceparent, attempt, created_at, finished_at
+             FROM stack_deployments WHERE id = $1",
+            claim.id
+        )
         .fetch_one(&mut *tx)
         .await?;
-        let commit: Option<String> = sqlx::query_scalar(
+        let commit = sqlx::query_scalar!(
             "SELECT stack_commit FROM stack_releases WHERE stack = $1 AND number = $2",
+            row.stack,
+            row.release,
         )
-        .bind(&row.stack)
-        .bind(row.release)
         .fetch_optional(&mut *tx)
         .await?;
         let event = row.event(Payload::StackDeployStarted(StackDeployStarted {
@@ -360,14 +377,15 @@ impl StackWorker {
             reason,
             release_fault: false,
         };
-        let live: Vec<(String, String)> = sqlx::query_as(
+        let live = sqlx::query!(
             "SELECT service, container FROM stack_live_services WHERE environment = $1",
+            env.name
         )
-        .bind(&env.name)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| not_release(format!("cannot read what runs: {e}")))?;
-        let live: HashMap<String, String> = live.into_iter().collect();
+        let live: HashMap<String, String> =
+            live.into_iter().map(|r| (r.service, r.container)).collect();
         let found = stack_target::containers(&self.target.docker, &env.name)
             .await
             .map_err(|e| not_release(format!("{e:#}")))?;
@@ -395,11 +413,11 @@ impl StackWorker {
             reason,
             release_fault: false,
         };
-        let (compose, services): (String, Vec<u8>) = sqlx::query_as(
+        let release = sqlx::query!(
             "SELECT compose, services FROM stack_releases WHERE stack = $1 AND number = $2",
+            row.stack,
+            row.release,
         )
-        .bind(&row.stack)
-        .bind(row.release)
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| not_release(format!("cannot read the release: {e}")))?
@@ -409,9 +427,9 @@ impl StackWorker {
                 row.release, row.stack
             ))
         })?;
-        let compose: serde_json::Value = serde_json::from_str(&compose)
+        let compose: serde_json::Value = serde_json::from_str(&release.compose)
             .map_err(|e| not_release(format!("the release's compose file: {e}")))?;
-        let services = StackServices::decode(services.as_slice())
+        let services = StackServices::decode(release.services.as_slice())
             .map_err(|e| not_release(format!("the release's services: {e}")))?
             .services;
         let specs = stack_target::services_of(&compose, &services);
@@ -433,14 +451,15 @@ impl StackWorker {
             deployment: &row.id.to_string(),
             attempt: row.attempt,
         };
-        let previous: Option<String> =
-            sqlx::query_scalar("SELECT address FROM stack_live WHERE environment = $1")
-                .bind(&env.name)
-                .fetch_optional(&self.pool)
-                .await
-                .ok()
-                .flatten()
-                .flatten();
+        let previous = sqlx::query_scalar!(
+            "SELECT address FROM stack_live WHERE environment = $1",
+            env.name
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .ok()
+        .flatten()
+        .flatten();
         rollout.address = previous.and_then(|a| a.parse().ok());
         for spec in &specs {
             let exposed = env.service.as_deref() == Some(spec.name.as_str());
@@ -603,6 +622,7 @@ impl StackWorker {
                 }
                 Err(f) => ("failed", Some(f.reason.as_str())),
             };
+            // The claim condition comes from `gantry-queue`, so this one is checked at run time.
             let done = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "UPDATE stack_deployments SET state = $4, reason = $5, finished_at = now(), lease_until = NULL
                  WHERE {}",
@@ -621,31 +641,36 @@ impl StackWorker {
             let message = row.message(commit);
             match &result {
                 Ok(()) => {
-                    sqlx::query(
+                    sqlx::query!(
                         "INSERT INTO stack_live (environment, deployment_id, release, address, since)
                          VALUES ($1, $2, $3, $4, now())
                          ON CONFLICT (environment) DO UPDATE SET deployment_id = EXCLUDED.deployment_id,
                              release = EXCLUDED.release, address = EXCLUDED.address, since = EXCLUDED.since",
+                        row.environment,
+                        row.id,
+                        row.release,
+                        address,
                     )
-                    .bind(&row.environment)
-                    .bind(row.id)
-                    .bind(row.release)
-                    .bind(&address)
                     .execute(&mut *tx)
                     .await?;
-                    sqlx::query("DELETE FROM stack_live_services WHERE environment = $1")
-                        .bind(&row.environment)
-                        .execute(&mut *tx)
-                        .await?;
-                    let (services, containers): (Vec<&String>, Vec<&String>) =
-                        rollout.next.iter().unzip();
-                    sqlx::query(
+                    sqlx::query!(
+                        "DELETE FROM stack_live_services WHERE environment = $1",
+                        row.environment
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                    let (services, containers): (Vec<String>, Vec<String>) = rollout
+                        .next
+                        .iter()
+                        .map(|(s, c)| (s.clone(), c.clone()))
+                        .unzip();
+                    sqlx::query!(
                         "INSERT INTO stack_live_services (environment, service, container)
                          SELECT $1, s, c FROM unnest($2::text[], $3::text[]) AS t(s, c)",
+                        row.environment,
+                        &services,
+                        &containers,
                     )
-                    .bind(&row.environment)
-                    .bind(services)
-                    .bind(containers)
                     .execute(&mut *tx)
                     .await?;
                     let endpoint = self
@@ -662,11 +687,13 @@ impl StackWorker {
                 }
                 Err(f) => {
                     // What runs may answer at another address after a restart.
-                    sqlx::query("UPDATE stack_live SET address = COALESCE($2, address) WHERE environment = $1")
-                        .bind(&row.environment)
-                        .bind(&address)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query!(
+                        "UPDATE stack_live SET address = COALESCE($2, address) WHERE environment = $1",
+                        row.environment,
+                        address,
+                    )
+                    .execute(&mut *tx)
+                    .await?;
                     if f.release_fault {
                         block(&mut tx, &row.environment, row.release, &f.reason).await?;
                     }

@@ -40,16 +40,18 @@ pub mod state {
 
 /// Makes sure every configured stack has its row.
 pub async fn sync_stacks(pool: &PgPool, config: &GantryConfig) -> sqlx::Result<()> {
-    let names: Vec<&str> = config
+    let names: Vec<String> = config
         .projects
         .iter()
         .filter(|p| p.is_stack())
-        .map(|p| p.name.as_str())
+        .map(|p| p.name.clone())
         .collect();
-    sqlx::query("INSERT INTO stacks (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
-        .bind(&names)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO stacks (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        &names
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -69,10 +71,12 @@ pub async fn following(
     tx: &mut Transaction<'_, Postgres>,
     project: &str,
 ) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar("SELECT name FROM stacks WHERE $1 = ANY(members) ORDER BY name")
-        .bind(project)
-        .fetch_all(&mut **tx)
-        .await
+    sqlx::query_scalar!(
+        "SELECT name FROM stacks WHERE $1 = ANY(members) ORDER BY name",
+        project
+    )
+    .fetch_all(&mut **tx)
+    .await
 }
 
 /// Adds `trigger` to the waiting run of `stack` (making one if none waits),
@@ -85,41 +89,45 @@ pub async fn trigger(
     trigger: StackTrigger,
     push: Option<Revision>,
 ) -> anyhow::Result<()> {
-    sqlx::query("SELECT name FROM stacks WHERE name = $1 FOR UPDATE")
-        .bind(&stack.name)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("stack {} has no row", stack.name))?;
+    sqlx::query_scalar!(
+        "SELECT name FROM stacks WHERE name = $1 FOR UPDATE",
+        stack.name
+    )
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| anyhow::anyhow!("stack {} has no row", stack.name))?;
     let traceparent = gantry_telemetry::current_traceparent();
-    let waiting: Option<(Uuid, Vec<u8>)> =
-        sqlx::query_as("SELECT id, run FROM stack_runs WHERE stack = $1 AND state = 'waiting'")
-            .bind(&stack.name)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let waiting = sqlx::query!(
+        "SELECT id, run FROM stack_runs WHERE stack = $1 AND state = 'waiting'",
+        stack.name
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
     let pipeline_id = trigger.pipeline_id.clone();
     match waiting {
-        Some((id, run)) => {
-            let mut run = StackRun::decode(run.as_slice())?;
+        Some(waiting) => {
+            let id = waiting.id;
+            let mut run = StackRun::decode(waiting.run.as_slice())?;
             if let Some(rev) = push {
                 run.revision = Some(rev);
             }
             run.triggers.push(trigger);
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE stack_runs SET run = $2, pipeline_id = $3, traceparent = $4 WHERE id = $1",
+                id,
+                run.encode_to_vec(),
+                pipeline_id,
+                traceparent,
             )
-            .bind(id)
-            .bind(run.encode_to_vec())
-            .bind(&pipeline_id)
-            .bind(&traceparent)
             .execute(&mut **tx)
             .await?;
             tracing::info!(stack = %stack.name, number = run.number, "trigger joined the waiting run");
         }
         None => {
-            let number: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(MAX(number), 0) + 1 FROM stack_runs WHERE stack = $1",
+            let number = sqlx::query_scalar!(
+                r#"SELECT COALESCE(MAX(number), 0) + 1 AS "number!" FROM stack_runs WHERE stack = $1"#,
+                stack.name
             )
-            .bind(&stack.name)
             .fetch_one(&mut **tx)
             .await?;
             let id = Uuid::now_v7();
@@ -138,16 +146,16 @@ pub async fn trigger(
                 releases: Vec::new(),
                 triggers: vec![trigger],
             };
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO stack_runs (id, stack, number, run, pipeline_id, traceparent)
                  VALUES ($1, $2, $3, $4, $5, $6)",
+                id,
+                stack.name,
+                number,
+                run.encode_to_vec(),
+                pipeline_id,
+                traceparent,
             )
-            .bind(id)
-            .bind(&stack.name)
-            .bind(number)
-            .bind(run.encode_to_vec())
-            .bind(&pipeline_id)
-            .bind(&traceparent)
             .execute(&mut **tx)
             .await?;
             tracing::info!(stack = %stack.name, number, "stack run waiting");
@@ -161,66 +169,54 @@ pub async fn trigger(
 /// the newest release of every project and writes `stack.run_requested`.
 /// The caller holds the stack's row lock.
 async fn dispatch(tx: &mut Transaction<'_, Postgres>, stack: &str) -> anyhow::Result<bool> {
-    let active: Option<Uuid> = sqlx::query_scalar(
+    let active = sqlx::query_scalar!(
         "SELECT id FROM stack_runs WHERE stack = $1 AND state IN ('requested', 'running')",
+        stack
     )
-    .bind(stack)
     .fetch_optional(&mut **tx)
     .await?;
     if active.is_some() {
         return Ok(false);
     }
-    let waiting: Option<(Uuid, Vec<u8>, String, Option<String>)> = sqlx::query_as(
+    let waiting = sqlx::query!(
         "SELECT id, run, pipeline_id, traceparent FROM stack_runs WHERE stack = $1 AND state = 'waiting'",
+        stack
     )
-    .bind(stack)
     .fetch_optional(&mut **tx)
     .await?;
-    let Some((id, run, pipeline_id, traceparent)) = waiting else {
+    let Some(waiting) = waiting else {
         return Ok(false);
     };
-    let mut run = StackRun::decode(run.as_slice())?;
+    let mut run = StackRun::decode(waiting.run.as_slice())?;
     run.releases = newest_releases(tx).await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE stack_runs SET state = 'requested', run = $2, requested_at = now() WHERE id = $1",
+        waiting.id,
+        run.encode_to_vec(),
     )
-    .bind(id)
-    .bind(run.encode_to_vec())
     .execute(&mut **tx)
     .await?;
     let event = Event::new(
-        &pipeline_id,
+        &waiting.pipeline_id,
         stack,
         Payload::StackRunRequested(StackRunRequested {
             run: Some(run.clone()),
         }),
     );
-    gantry_bus::enqueue_traced(tx, &event, traceparent.as_deref()).await?;
+    gantry_bus::enqueue_traced(tx, &event, waiting.traceparent.as_deref()).await?;
     tracing::info!(stack, number = run.number, "stack run requested");
     Ok(true)
 }
 
 /// The newest release of every project.
 async fn newest_releases(tx: &mut Transaction<'_, Postgres>) -> sqlx::Result<Vec<ReleasedImage>> {
-    let rows: Vec<(String, String, String, String, String, String)> = sqlx::query_as(
+    sqlx::query_as!(
+        ReleasedImage,
         "SELECT DISTINCT ON (project) project, repository, digest, commit_sha, git_ref, pipeline_id
          FROM images WHERE released ORDER BY project, published_at DESC",
     )
     .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(project, repository, digest, commit_sha, git_ref, pipeline_id)| ReleasedImage {
-                project,
-                repository,
-                digest,
-                commit_sha,
-                git_ref,
-                pipeline_id,
-            },
-        )
-        .collect())
+    .await
 }
 
 /// `stack.run_started`: the builder took the run.
@@ -229,12 +225,12 @@ pub async fn record_started(
     run: &StackRun,
     build_id: &str,
 ) -> anyhow::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE stack_runs SET state = 'running', build_id = $2
          WHERE id = $1 AND state IN ('requested', 'running')",
+        run.run_id.parse::<Uuid>()?,
+        build_id,
     )
-    .bind(run.run_id.parse::<Uuid>()?)
-    .bind(build_id)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -263,31 +259,33 @@ pub async fn record_end(
     pipeline_id: &str,
     end: RunEnd<'_>,
 ) -> anyhow::Result<Option<u64>> {
-    sqlx::query("SELECT name FROM stacks WHERE name = $1 FOR UPDATE")
-        .bind(&stack.name)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query!(
+        "SELECT name FROM stacks WHERE name = $1 FOR UPDATE",
+        stack.name
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
     let id: Uuid = end.run.run_id.parse()?;
     let services = StackServices {
         services: end.services.to_vec(),
     }
     .encode_to_vec();
-    let ended = sqlx::query(
+    let ended = sqlx::query!(
         "UPDATE stack_runs SET state = $2, build_id = $3, stack_commit = $4, failed_step = $5,
                 reason = $6, services = $7, finished_at = now()
          WHERE id = $1 AND state IN ('requested', 'running')",
+        id,
+        if end.failure.is_none() {
+            state::PASSED
+        } else {
+            state::FAILED
+        },
+        end.build_id,
+        end.stack_commit,
+        end.failure.map(|f| f.0),
+        end.failure.map(|f| f.1),
+        services,
     )
-    .bind(id)
-    .bind(if end.failure.is_none() {
-        state::PASSED
-    } else {
-        state::FAILED
-    })
-    .bind(end.build_id)
-    .bind(end.stack_commit)
-    .bind(end.failure.map(|f| f.0))
-    .bind(end.failure.map(|f| f.1))
-    .bind(&services)
     .execute(&mut **tx)
     .await?;
     if ended.rows_affected() == 0 {
@@ -300,11 +298,13 @@ pub async fn record_end(
         .map(|s| s.project.clone())
         .collect();
     if !members.is_empty() || end.failure.is_none() {
-        sqlx::query("UPDATE stacks SET members = $2 WHERE name = $1")
-            .bind(&stack.name)
-            .bind(&members)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query!(
+            "UPDATE stacks SET members = $2 WHERE name = $1",
+            stack.name,
+            &members,
+        )
+        .execute(&mut **tx)
+        .await?;
     }
     let default_ref = format!("refs/heads/{}", stack.default_branch);
     let of_default = end
@@ -314,16 +314,16 @@ pub async fn record_end(
         .is_none_or(|r| r.git_ref == default_ref);
     let mut release = None;
     if end.failure.is_none() && of_default {
-        let number: i64 = sqlx::query_scalar(
+        let number = sqlx::query_scalar!(
             "INSERT INTO stack_releases (stack, number, run_id, stack_commit, services, compose)
              SELECT $1, COALESCE(MAX(number), 0) + 1, $2, $3, $4, $5 FROM stack_releases WHERE stack = $1
              RETURNING number",
+            stack.name,
+            id,
+            end.stack_commit,
+            services,
+            end.compose,
         )
-        .bind(&stack.name)
-        .bind(id)
-        .bind(end.stack_commit)
-        .bind(&services)
-        .bind(end.compose)
         .fetch_one(&mut **tx)
         .await?;
         for env in crate::stack_deploy::auto_environments(config, stack) {

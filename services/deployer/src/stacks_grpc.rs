@@ -44,7 +44,6 @@ impl From<crate::stack_deploy::Row> for StackDeploymentInfo {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct RunRow {
     id: Uuid,
     stack: String,
@@ -61,11 +60,6 @@ struct RunRow {
     created_at: chrono::DateTime<chrono::Utc>,
     finished_at: Option<chrono::DateTime<chrono::Utc>>,
 }
-
-const RUN_COLUMNS: &str =
-    "r.id, r.stack, r.number, r.state, r.run, r.pipeline_id, r.build_id, r.stack_commit,
-     r.failed_step, r.reason, r.services, s.number AS release, r.created_at, r.finished_at
-     FROM stack_runs r LEFT JOIN stack_releases s ON s.run_id = r.id";
 
 fn services(bytes: Option<&[u8]>) -> Vec<gantry_proto::v1::StackService> {
     bytes
@@ -97,7 +91,6 @@ impl From<RunRow> for StackRunInfo {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct ReleaseRow {
     stack: String,
     number: i64,
@@ -120,8 +113,6 @@ impl From<ReleaseRow> for StackReleaseInfo {
     }
 }
 
-const RELEASE_COLUMNS: &str = "stack, number, run_id, stack_commit, services, created_at";
-
 fn limit(asked: u32) -> i64 {
     match asked {
         0 => 20,
@@ -138,11 +129,15 @@ impl StacksService {
     }
 
     async fn runs(&self, stack: &str, limit: i64) -> Result<Vec<StackRunInfo>, ApiError> {
-        let rows: Vec<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} WHERE r.stack = $1 ORDER BY r.number DESC LIMIT $2"
-        )))
-        .bind(stack)
-        .bind(limit)
+        let rows = sqlx::query_as!(
+            RunRow,
+            r#"SELECT r.id, r.stack, r.number, r.state, r.run, r.pipeline_id, r.build_id, r.stack_commit,
+                      r.failed_step, r.reason, r.services, s.number AS "release?", r.created_at, r.finished_at
+               FROM stack_runs r LEFT JOIN stack_releases s ON s.run_id = r.id
+               WHERE r.stack = $1 ORDER BY r.number DESC LIMIT $2"#,
+            stack,
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::store)?;
@@ -150,11 +145,13 @@ impl StacksService {
     }
 
     async fn releases(&self, stack: &str, limit: i64) -> Result<Vec<StackReleaseInfo>, ApiError> {
-        let rows: Vec<ReleaseRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RELEASE_COLUMNS} FROM stack_releases WHERE stack = $1 ORDER BY number DESC LIMIT $2"
-        )))
-        .bind(stack)
-        .bind(limit)
+        let rows = sqlx::query_as!(
+            ReleaseRow,
+            "SELECT stack, number, run_id, stack_commit, services, created_at
+             FROM stack_releases WHERE stack = $1 ORDER BY number DESC LIMIT $2",
+            stack,
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::store)?;
@@ -242,12 +239,12 @@ impl StacksService {
         trigger: crate::queue::Trigger,
         block_current: Option<i64>,
     ) -> Result<StackDeploymentInfo, ApiError> {
-        let pipeline_id: Option<String> = sqlx::query_scalar(
+        let pipeline_id = sqlx::query_scalar!(
             "SELECT r.pipeline_id FROM stack_releases s JOIN stack_runs r ON r.id = s.run_id
              WHERE s.stack = $1 AND s.number = $2",
+            stack.name,
+            release,
         )
-        .bind(&stack.name)
-        .bind(release)
         .fetch_optional(&self.pool)
         .await
         .map_err(ApiError::store)?;
@@ -279,8 +276,7 @@ impl StacksService {
     }
 
     async fn info(&self, stack: &gantry_config::Project) -> Result<StackInfo, ApiError> {
-        let members: Vec<String> = sqlx::query_scalar("SELECT members FROM stacks WHERE name = $1")
-            .bind(&stack.name)
+        let members = sqlx::query_scalar!("SELECT members FROM stacks WHERE name = $1", stack.name)
             .fetch_optional(&self.pool)
             .await
             .map_err(ApiError::store)?
@@ -386,14 +382,14 @@ impl Stacks for StacksService {
             })?;
         // The release that ran before the current one: the newest succeeded
         // deployment there of another release.
-        let previous: Option<i64> = sqlx::query_scalar(
+        let previous = sqlx::query_scalar!(
             "SELECT release FROM stack_deployments
              WHERE environment = $1 AND state = 'succeeded' AND release <> $2
                AND release NOT IN (SELECT release FROM stack_blocked WHERE environment = $1)
              ORDER BY finished_at DESC LIMIT 1",
+            env.name,
+            current,
         )
-        .bind(&env.name)
-        .bind(current)
         .fetch_optional(&self.pool)
         .await
         .map_err(ApiError::store)?;

@@ -34,7 +34,6 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub struct PipelineRow {
     pipeline_id: String,
     project: String,
@@ -51,11 +50,24 @@ pub struct PipelineRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const SELECT: &str = "SELECT p.pipeline_id, p.project, p.git_ref, p.commit_sha, p.author, p.state, p.stage,
-        p.failure, p.failed_step, p.digest, p.created_at, p.updated_at,
-        COALESCE((SELECT array_agg(d.environment || '=' || d.state ORDER BY d.environment)
-                  FROM pipeline_deployments d WHERE d.pipeline_id = p.pipeline_id), '{}') AS deployments
-     FROM pipelines p";
+/// A checked `query_as!` of [`PipelineRow`]s: the pipelines (as `p`) that
+/// `$rest` (a string literal: conditions, order, limit) selects, with its
+/// arguments.
+macro_rules! pipeline_rows {
+    ($rest:tt $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            PipelineRow,
+            r#"SELECT p.pipeline_id, p.project, p.git_ref, p.commit_sha, p.author,
+                p.state AS "state: PipelineState", p.stage,
+                p.failure, p.failed_step, p.digest, p.created_at, p.updated_at,
+                COALESCE((SELECT array_agg(d.environment || '=' || d.state ORDER BY d.environment)
+                          FROM pipeline_deployments d WHERE d.pipeline_id = p.pipeline_id), '{}')
+                    AS "deployments!"
+             FROM pipelines p "# + $rest
+            $(, $arg)*
+        )
+    };
+}
 
 impl PipelineRow {
     pub fn summary(self, config: &GantryConfig) -> PipelineSummary {
@@ -86,28 +98,25 @@ impl PipelineRow {
 
 /// One pipeline's row.
 pub async fn pipeline(pool: &PgPool, id: &str) -> sqlx::Result<Option<PipelineRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{SELECT} WHERE p.pipeline_id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+    pipeline_rows!("WHERE p.pipeline_id = $1", id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// One pipeline's timeline.
 pub async fn timeline(pool: &PgPool, id: &str) -> sqlx::Result<Vec<TimelineEntry>> {
-    let rows: Vec<(String, DateTime<Utc>, String)> = sqlx::query_as(
+    let rows = sqlx::query!(
         "SELECT kind, occurred_at, summary FROM timeline WHERE pipeline_id = $1 ORDER BY occurred_at, event_id",
+        id,
     )
-    .bind(id)
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(kind, at, summary)| TimelineEntry {
-            kind,
-            occurred_at: Some(timestamp(at)),
-            summary,
+        .map(|r| TimelineEntry {
+            kind: r.kind,
+            occurred_at: Some(timestamp(r.occurred_at)),
+            summary: r.summary,
         })
         .collect())
 }
@@ -124,11 +133,11 @@ impl Pipelines for PipelinesService {
         } else {
             req.limit.min(500)
         };
-        let rows: Vec<PipelineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{SELECT} WHERE ($1 = '' OR p.project = $1) ORDER BY p.created_at DESC LIMIT $2"
-        )))
-        .bind(&req.project)
-        .bind(i64::from(limit))
+        let rows: Vec<PipelineRow> = pipeline_rows!(
+            "WHERE ($1 = '' OR p.project = $1) ORDER BY p.created_at DESC LIMIT $2",
+            req.project,
+            i64::from(limit),
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::store)?;
@@ -170,7 +179,7 @@ impl Pipelines for PipelinesService {
             // pipelines starts with what changes from now on.
             let mut since: DateTime<Utc> = if req.pipeline_id.is_empty() {
                 // The database's clock, which stamps updated_at.
-                match sqlx::query_scalar("SELECT clock_timestamp()")
+                match sqlx::query_scalar!(r#"SELECT clock_timestamp() AS "now!""#)
                     .fetch_one(&pool)
                     .await
                 {
@@ -184,17 +193,16 @@ impl Pipelines for PipelinesService {
                 DateTime::<Utc>::UNIX_EPOCH
             };
             loop {
-                let rows: Result<Vec<PipelineRow>, _> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "{SELECT} WHERE p.updated_at > $1 AND ($2 = '' OR p.pipeline_id = $2)
+                let rows: Result<Vec<PipelineRow>, _> = pipeline_rows!(
+                    "WHERE p.updated_at > $1 AND ($2 = '' OR p.pipeline_id = $2)
                        AND ($3 = '' OR p.project = $3)
-                     ORDER BY p.updated_at LIMIT 200"
-                    )))
-                    .bind(since)
-                    .bind(&req.pipeline_id)
-                    .bind(&req.project)
-                    .fetch_all(&pool)
-                    .await;
+                     ORDER BY p.updated_at LIMIT 200",
+                    since,
+                    req.pipeline_id,
+                    req.project,
+                )
+                .fetch_all(&pool)
+                .await;
                 match rows {
                     Ok(rows) => {
                         for row in rows {

@@ -198,16 +198,16 @@ impl Handler for Timeline {
             let mut tx = self.pool.begin().await?;
             let mut queued = false;
             if gantry_store::first_delivery(&mut tx, &event.id).await? {
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO timeline (event_id, pipeline_id, project, kind, occurred_at, summary)
                      VALUES ($1, $2, $3, $4, $5, $6)",
+                    event.id,
+                    event.pipeline_id,
+                    event.project,
+                    kind,
+                    at,
+                    summary(&event),
                 )
-                .bind(&event.id)
-                .bind(&event.pipeline_id)
-                .bind(&event.project)
-                .bind(kind)
-                .bind(at)
-                .bind(summary(&event))
                 .execute(&mut *tx)
                 .await?;
                 for seen in stacks::per_pipeline(&event) {

@@ -7,6 +7,7 @@
 //! per key (one commit status context, one chat channel), and never inside the
 //! event consumer.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,17 +106,28 @@ async fn insert(
     path: &str,
     body: &Value,
 ) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO outbound (key, destination, path, body) VALUES ($1, $2, $3, $4)")
-        .bind(key)
-        .bind(destination)
-        .bind(path)
-        .bind(body)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO outbound (key, destination, path, body) VALUES ($1, $2, $3, $4)",
+        key,
+        destination,
+        path,
+        body,
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
-/// Queues `status` on every forge the project is on; returns whether any was queued.
+/// Whether a pipeline that came from `source` reports to `forge`: a push or
+/// merge request reports only to the forge it came from (another forge may
+/// never have seen the commit); a manual trigger or a stack's run, to every
+/// forge the project is on.
+fn reports_to(source: &str, forge: &str) -> bool {
+    source == forge || !matches!(source, "gitlab" | "github" | "gitea")
+}
+
+/// Queues `status` on the forges the pipeline reports to (see
+/// [`reports_to`]); returns whether any was queued.
 pub async fn queue_status(
     tx: &mut Transaction<'_, Postgres>,
     config: &GantryConfig,
@@ -131,7 +143,9 @@ pub async fn queue_status(
     }
     let mut queued = false;
     let description: String = status.description.chars().take(140).collect();
-    if let (Some(path), Some(_)) = (&p.gitlab, &config.gitlab) {
+    if let (Some(path), Some(_)) = (&p.gitlab, &config.gitlab)
+        && reports_to(&rev.source, "gitlab")
+    {
         let git_ref = if rev.tag.is_empty() {
             &rev.branch
         } else {
@@ -157,7 +171,9 @@ pub async fn queue_status(
         insert(tx, &key, "gitlab", &api, &body).await?;
         queued = true;
     }
-    if let (Some(full_name), Some(_)) = (&p.github, &config.github) {
+    if let (Some(full_name), Some(_)) = (&p.github, &config.github)
+        && reports_to(&rev.source, "github")
+    {
         let mut body = json!({
             "state": status.state.github(),
             "context": status.context,
@@ -569,7 +585,6 @@ pub async fn queue_chat(
     Ok(queued)
 }
 
-#[derive(sqlx::FromRow)]
 struct Call {
     destination: String,
     path: String,
@@ -601,19 +616,23 @@ async fn claim(pool: &PgPool, owner: &str) -> anyhow::Result<Vec<Call>> {
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
-    let rows: Vec<(i64, String, String, Value)> =
-        sqlx::query_as("SELECT id, destination, path, body FROM outbound WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(pool)
-            .await?;
+    let mut rows: HashMap<i64, _> = sqlx::query!(
+        "SELECT id, destination, path, body FROM outbound WHERE id = ANY($1)",
+        &ids[..],
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r))
+    .collect();
     Ok(claims
         .into_iter()
         .filter_map(|claim| {
-            let (_, destination, path, body) = rows.iter().find(|r| r.0 == claim.id)?.clone();
+            let row = rows.remove(&claim.id)?;
             Some(Call {
-                destination,
-                path,
-                body,
+                destination: row.destination,
+                path: row.path,
+                body: row.body,
                 attempt: claim.attempt,
                 claim,
             })

@@ -152,29 +152,31 @@ pub async fn apply(
     event: &Event,
 ) -> anyhow::Result<bool> {
     let rev = revision(event).cloned().unwrap_or_default();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO pipelines (pipeline_id, project, git_ref, branch, tag, commit_sha, author, forge_project)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (pipeline_id) DO NOTHING",
+        event.pipeline_id,
+        event.project,
+        rev.git_ref,
+        rev.branch,
+        rev.tag,
+        rev.commit_sha,
+        rev.author_name,
+        rev.forge_project,
     )
-    .bind(&event.pipeline_id)
-    .bind(&event.project)
-    .bind(&rev.git_ref)
-    .bind(&rev.branch)
-    .bind(&rev.tag)
-    .bind(&rev.commit_sha)
-    .bind(&rev.author_name)
-    .bind(&rev.forge_project)
     .execute(&mut **tx)
     .await?;
-    let (old_state, old_rank): (PipelineState, i32) =
-        sqlx::query_as("SELECT state, rank FROM pipelines WHERE pipeline_id = $1 FOR UPDATE")
-            .bind(&event.pipeline_id)
-            .fetch_one(&mut **tx)
-            .await?;
+    let old = sqlx::query!(
+        r#"SELECT state AS "state: PipelineState", rank FROM pipelines WHERE pipeline_id = $1 FOR UPDATE"#,
+        event.pipeline_id,
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    let (old_state, old_rank) = (old.state, old.rank);
     let c = change(event);
     let advanced = c.state.filter(|s| s.rank() > old_rank);
-    sqlx::query(
+    sqlx::query!(
         "UPDATE pipelines SET
             state = COALESCE($2, state),
             rank = COALESCE($3, rank),
@@ -185,16 +187,16 @@ pub async fn apply(
             digest = COALESCE($8, digest),
             updated_at = clock_timestamp()
          WHERE pipeline_id = $1",
+        event.pipeline_id,
+        advanced as Option<PipelineState>,
+        advanced.map(PipelineState::rank),
+        c.stage as Option<Stage>,
+        advanced.and(c.failure.clone()),
+        advanced.and(c.failed_step.clone()),
+        c.build_id.clone(),
+        c.digest.clone(),
+        Stage::Deploy as Stage,
     )
-    .bind(&event.pipeline_id)
-    .bind(advanced)
-    .bind(advanced.map(PipelineState::rank))
-    .bind(c.stage)
-    .bind(advanced.and(c.failure.clone()))
-    .bind(advanced.and(c.failed_step.clone()))
-    .bind(c.build_id.clone())
-    .bind(c.digest.clone())
-    .bind(Stage::Deploy)
     .execute(&mut **tx)
     .await?;
 
@@ -270,14 +272,14 @@ async fn deployment_effects(
     let d = &step.deployment;
     // A rollback after deploy.failed was told says nothing more on the
     // forge; if it comes first, it tells the failure itself.
-    let failure_told: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pipeline_deployments
-         WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = $4)",
+    let failure_told: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pipeline_deployments
+         WHERE pipeline_id = $1 AND environment = $2 AND deployment_id = $3 AND state = $4) AS "exists!""#,
+        event.pipeline_id,
+        d.environment,
+        d.deployment_id,
+        DeploymentState::Failed as DeploymentState,
     )
-    .bind(&event.pipeline_id)
-    .bind(&d.environment)
-    .bind(&d.deployment_id)
-    .bind(DeploymentState::Failed)
     .fetch_one(&mut **tx)
     .await?;
     if !deployment(tx, event, d, step.state, &step.reason).await? {
@@ -295,17 +297,18 @@ async fn deployment_effects(
     }
     let chat = match event.payload.as_ref() {
         Some(Payload::DeploySucceeded(s)) => {
-            let announced: Option<String> =
-                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
-                    .bind(&d.environment)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            sqlx::query(
+            let announced: Option<String> = sqlx::query_scalar!(
+                "SELECT digest FROM environment_state WHERE environment = $1",
+                d.environment,
+            )
+            .fetch_optional(&mut **tx)
+            .await?;
+            sqlx::query!(
                 "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
                  ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+                d.environment,
+                d.digest,
             )
-            .bind(&d.environment)
-            .bind(&d.digest)
             .execute(&mut **tx)
             .await?;
             (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
@@ -340,22 +343,22 @@ async fn set_ref_state(
     rev: &Revision,
     state: &'static str,
 ) -> sqlx::Result<Option<&'static str>> {
-    let before: Option<String> = sqlx::query_scalar(
+    let before: Option<String> = sqlx::query_scalar!(
         "SELECT state FROM ref_state WHERE project = $1 AND git_ref = $2 FOR UPDATE",
+        event.project,
+        rev.git_ref,
     )
-    .bind(&event.project)
-    .bind(&rev.git_ref)
     .fetch_optional(&mut **tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO ref_state (project, git_ref, state, pipeline_id) VALUES ($1, $2, $3, $4)
          ON CONFLICT (project, git_ref) DO UPDATE SET state = EXCLUDED.state,
              pipeline_id = EXCLUDED.pipeline_id, updated_at = now()",
+        event.project,
+        rev.git_ref,
+        state,
+        event.pipeline_id,
     )
-    .bind(&event.project)
-    .bind(&rev.git_ref)
-    .bind(state)
-    .bind(&event.pipeline_id)
     .execute(&mut **tx)
     .await?;
     Ok(match before.as_deref() {
@@ -376,7 +379,7 @@ async fn deployment(
     state: DeploymentState,
     reason: &str,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "INSERT INTO pipeline_deployments (pipeline_id, environment, deployment_id, state, digest, reason, rank)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (pipeline_id, environment) DO UPDATE SET deployment_id = EXCLUDED.deployment_id,
@@ -385,23 +388,25 @@ async fn deployment(
          WHERE pipeline_deployments.deployment_id < EXCLUDED.deployment_id
             OR (pipeline_deployments.deployment_id = EXCLUDED.deployment_id
                 AND EXCLUDED.rank > pipeline_deployments.rank)",
+        event.pipeline_id,
+        d.environment,
+        d.deployment_id,
+        state as DeploymentState,
+        d.digest,
+        reason,
+        state.rank(),
     )
-    .bind(&event.pipeline_id)
-    .bind(&d.environment)
-    .bind(&d.deployment_id)
-    .bind(state)
-    .bind(&d.digest)
-    .bind(reason)
-    .bind(state.rank())
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query("UPDATE pipelines SET updated_at = clock_timestamp() WHERE pipeline_id = $1")
-        .bind(&event.pipeline_id)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE pipelines SET updated_at = clock_timestamp() WHERE pipeline_id = $1",
+        event.pipeline_id,
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(true)
 }
 

@@ -92,17 +92,18 @@ async fn deploy_effects(
                 return Ok(false);
             };
             let current = format!("stack-release:{}", d.release);
-            let announced: Option<String> =
-                sqlx::query_scalar("SELECT digest FROM environment_state WHERE environment = $1")
-                    .bind(&d.environment)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            sqlx::query(
+            let announced: Option<String> = sqlx::query_scalar!(
+                "SELECT digest FROM environment_state WHERE environment = $1",
+                d.environment,
+            )
+            .fetch_optional(&mut **tx)
+            .await?;
+            sqlx::query!(
                 "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
                  ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+                d.environment,
+                current,
             )
-            .bind(&d.environment)
-            .bind(&current)
             .execute(&mut **tx)
             .await?;
             if announced.as_deref() == Some(current.as_str()) {
@@ -224,22 +225,22 @@ pub async fn effects(
         return Ok(queued);
     };
     let colour = if failure.is_some() { "red" } else { "green" };
-    let before: Option<String> = sqlx::query_scalar(
+    let before: Option<String> = sqlx::query_scalar!(
         "SELECT state FROM ref_state WHERE project = $1 AND git_ref = $2 FOR UPDATE",
+        run.stack,
+        stack_rev.git_ref,
     )
-    .bind(&run.stack)
-    .bind(&stack_rev.git_ref)
     .fetch_optional(&mut **tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO ref_state (project, git_ref, state, pipeline_id) VALUES ($1, $2, $3, $4)
          ON CONFLICT (project, git_ref) DO UPDATE SET state = EXCLUDED.state,
              pipeline_id = EXCLUDED.pipeline_id, updated_at = now()",
+        run.stack,
+        stack_rev.git_ref,
+        colour,
+        event.pipeline_id,
     )
-    .bind(&run.stack)
-    .bind(&stack_rev.git_ref)
-    .bind(colour)
-    .bind(&event.pipeline_id)
     .execute(&mut **tx)
     .await?;
     let what = match (failure, before.as_deref()) {

@@ -64,11 +64,12 @@ impl Handler for Publisher {
                 event.project
             ));
         };
-        let already: Result<Option<(String,)>, _> =
-            sqlx::query_as("SELECT event_id FROM processed_events WHERE event_id = $1")
-                .bind(&event.id)
-                .fetch_optional(&self.pool)
-                .await;
+        let already = sqlx::query_scalar!(
+            "SELECT event_id FROM processed_events WHERE event_id = $1",
+            event.id
+        )
+        .fetch_optional(&self.pool)
+        .await;
         match already {
             Ok(Some(_)) => return Outcome::Done,
             Ok(None) => {}
@@ -99,18 +100,18 @@ impl Handler for Publisher {
             if !gantry_store::first_delivery(&mut tx, &event.id).await? {
                 return Ok::<_, anyhow::Error>(());
             }
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO publications (event_id, pipeline_id, project, build_id, image_id, repository, tags, digest)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                event.id,
+                event.pipeline_id,
+                event.project,
+                built.build_id,
+                built.image_id,
+                built.repository,
+                &tags,
+                digest,
             )
-            .bind(&event.id)
-            .bind(&event.pipeline_id)
-            .bind(&event.project)
-            .bind(&built.build_id)
-            .bind(&built.image_id)
-            .bind(&built.repository)
-            .bind(&tags)
-            .bind(&digest)
             .execute(&mut *tx)
             .await?;
             let out = Event::new(
@@ -147,17 +148,17 @@ impl Publisher {
         error: anyhow::Error,
     ) -> Outcome {
         let reason = format!("{error:#}");
-        let counted: Result<(i32,), _> = sqlx::query_as(
+        let counted = sqlx::query_scalar!(
             "INSERT INTO tag_attempts (event_id, attempts, last_error) VALUES ($1, 1, $2)
              ON CONFLICT (event_id) DO UPDATE SET attempts = tag_attempts.attempts + 1, last_error = $2
              RETURNING attempts",
+            event.id,
+            reason,
         )
-        .bind(&event.id)
-        .bind(&reason)
         .fetch_one(&self.pool)
         .await;
         let attempts = match counted {
-            Ok((n,)) => n,
+            Ok(n) => n,
             Err(e) => return Outcome::Retry(anyhow::Error::new(e).context(reason)),
         };
         if attempts < self.max_attempts {

@@ -2,8 +2,11 @@
 //! per project `POST /hooks/gitlab/{project}` and `/hooks/github/{project}`.
 //!
 //! Order of checks: declared body size (413, before the body is read), body
-//! size (413), the secret (401), JSON (400), the project the payload names
-//! (401), event type (202 "ignored"), payload shape (400 naming the field),
+//! size (413), the secret (401), JSON (400; GitHub's form-encoded deliveries
+//! are read from their `payload` field, other content types are refused
+//! naming theirs), a GitHub `ping` (200 "pong", with or without a
+//! repository), the project the payload names (401), event type (202
+//! "ignored"), payload shape (400 naming the field),
 //! then the delivery is stored with its event in the outbox and answered 202
 //! with the pipeline id (200 "duplicate" for a delivery seen before).
 //!
@@ -308,16 +311,20 @@ async fn github(
         |p| p.github.is_some(),
         |secret| forge::github_signature_matches(signature, &body, secret),
     )?;
-    let value = parse_json(&body)?;
+    let value = parse_json(&github_json(headers, &body)?)?;
+    let event = header(headers, "x-github-event")
+        .unwrap_or_default()
+        .to_owned();
+    // A new hook's ping; an organisation's or an app's names no repository.
+    if event == "ping" {
+        return Ok((StatusCode::OK, Json(json!({ "status": "pong" }))).into_response());
+    }
     let name = str_at(&value, "/repository/full_name")?;
     let project = candidates
         .into_iter()
         .find(|p| p.is_github(name))
         .ok_or(HookError::Unauthorized)?;
     tracing::Span::current().record("project", project.name.as_str());
-    let event = header(headers, "x-github-event")
-        .unwrap_or_default()
-        .to_owned();
     if event != "push" {
         return Err(HookError::Ignored(format!(
             "event {event:?} does not start pipelines"
@@ -333,6 +340,36 @@ async fn github(
         body: &body,
     };
     accept(state, project, outcome, delivery).await
+}
+
+/// The JSON of a GitHub delivery: the body, or the `payload` field of a
+/// hook set to the `application/x-www-form-urlencoded` content type (the
+/// signature covers the body as sent, so it is checked before this).
+fn github_json<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, HookError> {
+    let content_type = header(headers, "content-type").unwrap_or("application/json");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" | "" => Ok(body.into()),
+        "application/x-www-form-urlencoded" => form_urlencoded::parse(body)
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| v.into_owned().into_bytes().into())
+            .ok_or_else(|| {
+                HookError::BadPayload(
+                    "a form-encoded delivery (application/x-www-form-urlencoded) must carry the event in its `payload` field".into(),
+                )
+            }),
+        other => Err(HookError::BadPayload(format!(
+            "content type {other:?} is not supported; set the hook's content type to application/json (or application/x-www-form-urlencoded)"
+        ))),
+    }
 }
 
 /// Joins the caller's trace when the request carries a `traceparent`.

@@ -43,36 +43,36 @@ pub async fn start(
 ) -> anyhow::Result<Started> {
     let pipeline_id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO pipelines (id, project, source, commit_sha, git_ref) VALUES ($1, $2, $3, $4, $5)",
+        pipeline_id,
+        project,
+        delivery.source,
+        revision.commit_sha,
+        revision.git_ref,
     )
-    .bind(pipeline_id)
-    .bind(project)
-    .bind(delivery.source)
-    .bind(&revision.commit_sha)
-    .bind(&revision.git_ref)
     .execute(&mut *tx)
     .await?;
-    let inserted = sqlx::query(
+    let inserted = sqlx::query!(
         "INSERT INTO deliveries (source, delivery_key, event, project, pipeline_id, body)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        delivery.source,
+        delivery.key,
+        delivery.event,
+        project,
+        pipeline_id,
+        delivery.body,
     )
-    .bind(delivery.source)
-    .bind(delivery.key)
-    .bind(delivery.event)
-    .bind(project)
-    .bind(pipeline_id)
-    .bind(delivery.body)
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
         tx.rollback().await?;
-        let (existing,): (Uuid,) = sqlx::query_as(
+        let existing = sqlx::query_scalar!(
             "SELECT pipeline_id FROM deliveries WHERE project = $1 AND source = $2 AND delivery_key = $3",
+            project,
+            delivery.source,
+            delivery.key,
         )
-        .bind(project)
-        .bind(delivery.source)
-        .bind(delivery.key)
         .fetch_one(pool)
         .await?;
         return Ok(Started::Duplicate(existing));

@@ -1,4 +1,5 @@
-//! `.gantry.yml`: how a service repository asks to be built and tested.
+//! The `.gantry.yml` of a service repository: how it asks to be built and
+//! tested.
 //!
 //! ```yaml
 //! image:
@@ -21,14 +22,13 @@
 //! was expected.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Component, Path};
 use std::time::Duration;
 
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use serde::Deserialize;
 
-/// The file name, at the repository root.
-pub const FILE: &str = ".gantry.yml";
+use crate::{FILE, check_version, inside_repo};
+
 /// Step names used by the builder itself.
 pub const RESERVED_STEPS: [&str; 3] = ["checkout", "config", "build"];
 /// Default time limit of one test step.
@@ -128,28 +128,6 @@ pub struct TestStep {
     pub network: bool,
     /// Where `network: true` was written (line, column), for errors.
     pub network_at: Option<(u64, u64)>,
-}
-
-/// The `version:` of a `.gantry.yml`, when given, must be 1.
-pub(crate) fn check_version(version: Option<&Spanned<u32>>) -> Result<(), LocatedError> {
-    match version {
-        Some(v) if v.value != 1 => Err(error_at(
-            FILE,
-            v,
-            format!("unsupported version {}; expected 1", v.value),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// A relative path that stays inside the repository.
-pub(crate) fn inside_repo(p: &str) -> bool {
-    let path = Path::new(p);
-    !p.is_empty()
-        && !path.is_absolute()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 impl PipelineFile {
