@@ -17,8 +17,9 @@ use gantry_proto::v1::deployments_client::DeploymentsClient;
 use gantry_proto::v1::ingest_client::IngestClient;
 use gantry_proto::v1::pipelines_client::PipelinesClient;
 use gantry_proto::v1::{
-    DeployRequest, DeploymentInfo, EnvironmentInfo, ListEnvironmentsRequest, ListPipelinesRequest,
-    PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest, WatchPipelinesRequest,
+    CancelRequest, DeployRequest, DeploymentInfo, EnvironmentInfo, ListEnvironmentsRequest,
+    ListPipelinesRequest, PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest,
+    WatchPipelinesRequest,
 };
 use gantry_states::{DeploymentState, PipelineState};
 use serde_json::{Value, json};
@@ -100,6 +101,8 @@ enum Command {
     },
     /// Starts a pipeline for a project at a branch or tag.
     Trigger { project: String, git_ref: String },
+    /// Cancels a pipeline's queued or running build (its containers stop).
+    Cancel { pipeline: String },
     /// Environments and what runs in each.
     Envs,
     /// Deploys a published image (digest, commit, tag or pipeline id) to an environment.
@@ -265,7 +268,7 @@ pub(crate) fn deployments_of(p: &PipelineSummary) -> Vec<(&str, Option<Deploymen
 /// A pipeline is done when it failed, or succeeded with no deployment still going.
 fn finished(p: &PipelineSummary) -> bool {
     match state_of(p) {
-        Some(PipelineState::Failed) => true,
+        Some(PipelineState::Failed | PipelineState::Canceled) => true,
         Some(PipelineState::Success) => !deployments_of(p)
             .iter()
             .any(|(_, s)| s.is_none_or(DeploymentState::is_pending)),
@@ -317,15 +320,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch { pipeline } => {
             let one = pipeline.is_some();
             if let Some(p) = watch(&cli, pipeline).await?
-                && state_of(&p) == Some(PipelineState::Failed)
                 && one
             {
-                anyhow::bail!("pipeline {} failed", p.pipeline_id);
+                match state_of(&p) {
+                    Some(PipelineState::Failed) => {
+                        anyhow::bail!("pipeline {} failed", p.pipeline_id)
+                    }
+                    Some(PipelineState::Canceled) => {
+                        anyhow::bail!("pipeline {} was canceled: {}", p.pipeline_id, p.failure)
+                    }
+                    _ => {}
+                }
             }
         }
         Command::Demo(d) => demo::run(&cli, d).await?,
         Command::Logs { id, follow } => logs(&cli, id, follow).await?,
         Command::Trigger { project, git_ref } => trigger(&cli, project, git_ref).await?,
+        Command::Cancel { pipeline } => cancel(&cli, pipeline).await?,
         Command::Envs => envs(&cli).await?,
         Command::Stacks => stacks::list(&cli).await?,
         Command::Stack(command) => stacks::run(&cli, command.clone()).await?,
@@ -419,6 +430,28 @@ async fn trigger(cli: &Cli, project: String, git_ref: String) -> anyhow::Result<
             r.pipeline_id,
             r.git_ref,
             short(&r.commit_sha, 10)
+        );
+    }
+    Ok(())
+}
+
+/// `gantry cancel`.
+async fn cancel(cli: &Cli, pipeline_id: String) -> anyhow::Result<()> {
+    let mut client = BuildsClient::new(channel(cli, &cli.builder).await?);
+    let r = client
+        .cancel(CancelRequest {
+            pipeline_id: pipeline_id.clone(),
+        })
+        .await?
+        .into_inner();
+    if cli.json {
+        print_json(&json!({
+            "pipeline_id": pipeline_id, "build_id": r.build_id, "state": r.state, "reason": r.reason,
+        }));
+    } else {
+        println!(
+            "pipeline {pipeline_id}: build {} {} ({})",
+            r.build_id, r.state, r.reason
         );
     }
     Ok(())

@@ -859,7 +859,12 @@ impl Stack {
     /// Waits for the end of the pipeline: `image.published`, `build.failed` or
     /// `image.publish_failed`, whichever comes first.
     pub async fn wait_outcome(&self, pipeline_id: &str, timeout: Duration) -> Seen {
-        let ends = ["image.published", "build.failed", "image.publish_failed"];
+        let ends = [
+            "image.published",
+            "build.failed",
+            "build.canceled",
+            "image.publish_failed",
+        ];
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(s) = self
@@ -876,6 +881,22 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Runs the `gantry` command against this stack, with the admin token.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let url = |service: &str| format!("http://127.0.0.1:{}", self.grpc_port(service));
+        let bin = bin_dir().join("gantry");
+        assert!(bin.exists(), "{} is missing", bin.display());
+        Command::new(bin)
+            .args(args)
+            .env("GANTRY_NOTIFIER_URL", url("notifier"))
+            .env("GANTRY_BUILDER_URL", url("builder"))
+            .env("GANTRY_INGEST_URL", url("webhook-ingest"))
+            .env("GANTRY_DEPLOYER_URL", url("deployer"))
+            .env("GANTRY_TOKEN", tokens::ADMIN)
+            .output()
+            .expect("gantry runs")
     }
 
     /// A connection to this stack's database.

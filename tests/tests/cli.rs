@@ -7,18 +7,7 @@ use gantry_tests::stack::{ProjectSpec, bin_dir};
 use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions};
 
 fn gantry(stack: &Stack, args: &[&str]) -> Output {
-    let url = |service: &str| format!("http://127.0.0.1:{}", stack.grpc_port(service));
-    let bin = bin_dir().join("gantry");
-    assert!(bin.exists(), "{} is missing", bin.display());
-    Command::new(bin)
-        .args(args)
-        .env("GANTRY_NOTIFIER_URL", url("notifier"))
-        .env("GANTRY_BUILDER_URL", url("builder"))
-        .env("GANTRY_INGEST_URL", url("webhook-ingest"))
-        .env("GANTRY_DEPLOYER_URL", url("deployer"))
-        .env("GANTRY_TOKEN", gantry_tests::stack::tokens::ADMIN)
-        .output()
-        .expect("gantry runs")
+    stack.cli(args)
 }
 
 fn ok(out: &Output) -> String {

@@ -252,6 +252,8 @@ struct RawProject {
     clone_credentials: Option<RawCloneCredentials>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    cancel_superseded: CancelSuperseded,
 }
 
 #[derive(Debug, Deserialize)]
@@ -367,6 +369,34 @@ pub enum ProjectKind {
     Stack,
 }
 
+/// Which pushes cancel the unfinished build of an older push to the same
+/// branch ("superseded by <sha>"). Tags are never superseded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelSuperseded {
+    /// Pushes to any branch but the default one (whose every commit may be
+    /// released and deployed).
+    #[default]
+    Branches,
+    /// Pushes to any branch, the default one included.
+    All,
+    /// Never: every push is built to its end.
+    None,
+}
+
+impl CancelSuperseded {
+    /// Whether a push to `branch` (of a repository whose default branch is
+    /// `default_branch`) cancels older builds of that branch.
+    pub fn applies_to(self, branch: &str, default_branch: &str) -> bool {
+        !branch.is_empty()
+            && match self {
+                CancelSuperseded::Branches => branch != default_branch,
+                CancelSuperseded::All => true,
+                CancelSuperseded::None => false,
+            }
+    }
+}
+
 /// A project Gantry builds: one service, one git repository, one image —
 /// or a stack ([`ProjectKind::Stack`]), the meta-project of several.
 #[derive(Debug, Clone)]
@@ -395,6 +425,8 @@ pub struct Project {
     /// Build limits of a service; for a stack, the limits of each of its
     /// containers in an integration run (`build_timeout_secs`: of the run).
     pub limits: Limits,
+    /// Which newer pushes cancel an unfinished build.
+    pub cancel_superseded: CancelSuperseded,
 }
 
 impl Project {
@@ -762,6 +794,7 @@ impl Check<'_> {
                 webhook_secret: secret,
                 image,
                 limits,
+                cancel_superseded: p.cancel_superseded,
             });
         }
         projects

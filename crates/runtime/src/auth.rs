@@ -20,6 +20,7 @@ pub const SCOPES: &[(&str, Scope)] = &[
     ("/gantry.v1.Ingest/Trigger", Scope::Trigger),
     ("/gantry.v1.Builds/StreamLogs", Scope::Read),
     ("/gantry.v1.Builds/GetBuilds", Scope::Read),
+    ("/gantry.v1.Builds/Cancel", Scope::Trigger),
     ("/gantry.v1.Deployments/ListEnvironments", Scope::Read),
     ("/gantry.v1.Deployments/ListDeployments", Scope::Read),
     ("/gantry.v1.Deployments/Deploy", Scope::Deploy),

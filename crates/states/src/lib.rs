@@ -2,11 +2,12 @@
 //! names (the text stored in Postgres and sent in the gRPC API), and the
 //! order in which the projection lets them move forward.
 //!
-//! - [`PipelineState`]: pending → running → success | failed (the notifier's
+//! - [`PipelineState`]: pending → running → success | failed | canceled (the notifier's
 //!   projection; it only moves forward, [`PipelineState::rank`]).
 //! - [`Stage`]: where a pipeline is: requested, build, publish, deploy.
-//! - [`BuildState`]: queued → running → succeeded | failed (the builder's
-//!   queue; a build given back or taken over goes from running to queued).
+//! - [`BuildState`]: queued → running → succeeded | failed, or canceled
+//!   from queued or running (the builder's queue; a build given back or
+//!   taken over goes from running to queued).
 //! - [`DeploymentState`]: waiting → running → succeeded | failed |
 //!   rolled_back, or superseded while waiting (the deployer's queue); the
 //!   notifier keeps the latest per pipeline and environment, moving forward
@@ -117,6 +118,8 @@ states! {
         Success = "success",
         /// A step failed, or publishing did.
         Failed = "failed",
+        /// Its build was stopped: superseded by a newer push, or by hand.
+        Canceled = "canceled",
     }
 }
 
@@ -127,12 +130,15 @@ impl PipelineState {
         match self {
             PipelineState::Pending => 0,
             PipelineState::Running => 1,
-            PipelineState::Success | PipelineState::Failed => 2,
+            PipelineState::Success | PipelineState::Failed | PipelineState::Canceled => 2,
         }
     }
 
     pub const fn is_finished(self) -> bool {
-        matches!(self, PipelineState::Success | PipelineState::Failed)
+        matches!(
+            self,
+            PipelineState::Success | PipelineState::Failed | PipelineState::Canceled
+        )
     }
 }
 
@@ -155,15 +161,24 @@ states! {
         Running = "running",
         Succeeded = "succeeded",
         Failed = "failed",
+        /// Stopped before its end: superseded by a newer push, or by hand.
+        Canceled = "canceled",
     }
 }
 
 impl BuildState {
     /// The states a build ends in.
-    pub const FINISHED: [BuildState; 2] = [BuildState::Succeeded, BuildState::Failed];
+    pub const FINISHED: [BuildState; 3] = [
+        BuildState::Succeeded,
+        BuildState::Failed,
+        BuildState::Canceled,
+    ];
 
     pub const fn is_finished(self) -> bool {
-        matches!(self, BuildState::Succeeded | BuildState::Failed)
+        matches!(
+            self,
+            BuildState::Succeeded | BuildState::Failed | BuildState::Canceled
+        )
     }
 }
 

@@ -1,11 +1,12 @@
 //! `gantry.v1.Builds`: build logs (replayed from the database, then followed
-//! while the build runs) and the builds of a pipeline.
+//! while the build runs), the builds of a pipeline, and canceling one.
 
 use std::time::Duration;
 
 use gantry_proto::v1::builds_server::Builds;
 use gantry_proto::v1::{
-    BuildInfo, GetBuildsRequest, GetBuildsResponse, LogChunk, StreamLogsRequest,
+    BuildInfo, CancelRequest, CancelResponse, GetBuildsRequest, GetBuildsResponse, LogChunk,
+    StreamLogsRequest,
 };
 use gantry_runtime::ApiError;
 use gantry_states::BuildState;
@@ -21,9 +22,10 @@ const PAGE: i64 = 500;
 
 pub struct BuildsService {
     pub pool: PgPool,
+    /// Woken when an event is in the outbox.
+    pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
-#[derive(sqlx::FromRow)]
 struct BuildRow {
     id: Uuid,
     pipeline_id: String,
@@ -55,9 +57,6 @@ impl From<BuildRow> for BuildInfo {
         }
     }
 }
-
-const BUILD_COLUMNS: &str =
-    "id, pipeline_id, project, state, attempt, image_id, failed_step, exit_code, kind, request";
 
 #[tonic::async_trait]
 impl Builds for BuildsService {
@@ -158,15 +157,70 @@ impl Builds for BuildsService {
         request: Request<GetBuildsRequest>,
     ) -> Result<Response<GetBuildsResponse>, Status> {
         let req = request.into_inner();
-        let rows: Vec<BuildRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE pipeline_id = $1 ORDER BY created_at"
-        )))
-        .bind(&req.pipeline_id)
+        let rows = sqlx::query_as!(
+            BuildRow,
+            r#"SELECT id, pipeline_id, project, state AS "state: BuildState", attempt, image_id,
+                      failed_step, exit_code, kind, request
+               FROM builds WHERE pipeline_id = $1 ORDER BY created_at"#,
+            req.pipeline_id
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::store)?;
         Ok(Response::new(GetBuildsResponse {
             builds: rows.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let who = request
+            .extensions()
+            .get::<gantry_runtime::auth::Caller>()
+            .map(|c| c.token.clone())
+            .unwrap_or_else(|| "an unnamed caller".into());
+        let req = request.into_inner();
+        if req.pipeline_id.is_empty() {
+            return Err(ApiError::InvalidArgument("give a pipeline_id".into()).into());
+        }
+        let mut tx = self.pool.begin().await.map_err(ApiError::store)?;
+        let latest = sqlx::query!(
+            r#"SELECT id, kind, state AS "state: BuildState" FROM builds
+               WHERE pipeline_id = $1 ORDER BY created_at DESC LIMIT 1 FOR UPDATE"#,
+            req.pipeline_id
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(|| ApiError::NotFound("no build for this pipeline (yet)".into()))?;
+        if latest.kind != "build" {
+            return Err(ApiError::FailedPrecondition(
+                "a stack's integration run cannot be canceled; it ends by its timeout".into(),
+            )
+            .into());
+        }
+        if latest.state.is_finished() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the pipeline's build already ended: {}",
+                latest.state
+            ))
+            .into());
+        }
+        let why = crate::jobs::Cancellation {
+            reason: format!("canceled by {who}"),
+            superseded_by: String::new(),
+        };
+        crate::jobs::cancel(&mut tx, &[latest.id], &why)
+            .await
+            .map_err(ApiError::store)?;
+        tx.commit().await.map_err(ApiError::store)?;
+        self.relay_wake.notify_one();
+        Ok(Response::new(CancelResponse {
+            build_id: latest.id.to_string(),
+            state: BuildState::Canceled.to_string(),
+            reason: why.reason,
         }))
     }
 }

@@ -1,14 +1,22 @@
 //! The `builds` table, a leased queue ([`BUILDS`], with the rules of
 //! `gantry-queue`): storing requests, claiming a build with its
-//! `build.started` (`stack.run_started` for a stack's integration run), and
-//! finishing it with its verdict event, only while the claim holds.
+//! `build.started` (`stack.run_started` for a stack's integration run),
+//! finishing it with its verdict event, only while the claim holds, and
+//! canceling it ([`cancel`]): superseded by a newer push to its branch, or
+//! by hand.
+//!
+//! A cancellation is one transaction: the row becomes `canceled` (so the
+//! holder's next renewal fails and nothing it finds later is recorded), a
+//! line in the build's log says why, `build.canceled` goes to the outbox,
+//! and a notification on [`CANCELED_CHANNEL`] tells the replica running the
+//! build to stop it now rather than at its next renewal.
 
 use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
-    BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, Revision, StackRun,
-    StackRunFailed, StackRunPassed, StackRunStarted, StackService, StepResult,
+    BuildCanceled, BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, Revision,
+    StackRun, StackRunFailed, StackRunPassed, StackRunStarted, StackService, StepResult,
 };
 use gantry_queue::{Claim, Queue};
 use gantry_states::BuildState;
@@ -101,16 +109,37 @@ pub enum Verdict {
     },
 }
 
+/// The Postgres notification channel of cancellations (payload: the build
+/// id), listened to by every worker.
+pub const CANCELED_CHANNEL: &str = "gantry_build_canceled";
+
 /// Stores a `pipeline.requested` or `stack.run_requested` event as a
 /// queued build, once per event id. Returns `false` for a redelivery.
-pub async fn enqueue_request(pool: &PgPool, event: &Event, job: &Job) -> anyhow::Result<bool> {
+///
+/// With `supersede` (the project cancels superseded builds of this
+/// branch), only the newest pipeline of the branch keeps an unfinished
+/// build: the others still queued or running are canceled, "superseded by"
+/// the newest one's commit. Newest is by pipeline id (time-ordered, given
+/// when the push was accepted), so a request that arrives late cancels
+/// itself rather than the newer build.
+pub async fn enqueue_request(
+    pool: &PgPool,
+    event: &Event,
+    job: &Job,
+    supersede: bool,
+) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     if !gantry_store::first_delivery(&mut tx, &event.id).await? {
         return Ok(false);
     }
+    let rev = job.revision();
+    let (git_ref, commit_sha) = match job {
+        Job::Build(_) => (Some(rev.git_ref.as_str()), Some(rev.commit_sha.as_str())),
+        Job::Stack(_) => (None, None),
+    };
     sqlx::query!(
-        "INSERT INTO builds (id, pipeline_id, project, event_id, kind, request, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO builds (id, pipeline_id, project, event_id, kind, request, traceparent, git_ref, commit_sha)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
         Uuid::now_v7(),
         event.pipeline_id,
         event.project,
@@ -118,11 +147,123 @@ pub async fn enqueue_request(pool: &PgPool, event: &Event, job: &Job) -> anyhow:
         job.kind(),
         job.encode(),
         gantry_telemetry::current_traceparent(),
+        git_ref,
+        commit_sha,
     )
     .execute(&mut *tx)
     .await?;
+    if supersede && matches!(job, Job::Build(_)) && !rev.branch.is_empty() {
+        supersede_older(&mut tx, &event.project, &rev.git_ref).await?;
+    }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Cancels the unfinished builds of `project` at `git_ref` but the newest
+/// pipeline's.
+async fn supersede_older(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    project: &str,
+    git_ref: &str,
+) -> anyhow::Result<()> {
+    // Serialises the pushes of one branch: of two arriving together, the
+    // second sees the first. (Runtime statement: it returns `void`.)
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || ' ' || $2))")
+        .bind(project)
+        .bind(git_ref)
+        .execute(&mut **tx)
+        .await?;
+    let open = sqlx::query!(
+        "SELECT id, pipeline_id, commit_sha FROM builds
+         WHERE project = $1 AND git_ref = $2 AND kind = 'build' AND state IN ('queued', 'running')
+         ORDER BY pipeline_id DESC",
+        project,
+        git_ref,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    let Some((newest, older)) = open.split_first() else {
+        return Ok(());
+    };
+    let sha = newest.commit_sha.clone().unwrap_or_default();
+    let older: Vec<Uuid> = older.iter().map(|b| b.id).collect();
+    if older.is_empty() {
+        return Ok(());
+    }
+    let why = Cancellation {
+        reason: format!("superseded by {}", short_sha(&sha)),
+        superseded_by: sha,
+    };
+    let canceled = cancel(tx, &older, &why).await?;
+    if !canceled.is_empty() {
+        tracing::info!(project, git_ref, canceled = canceled.len(), reason = %why.reason, "superseded builds canceled");
+    }
+    Ok(())
+}
+
+fn short_sha(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+/// Why builds are canceled.
+#[derive(Debug, Clone)]
+pub struct Cancellation {
+    /// For humans, in the log, the event and the commit status.
+    pub reason: String,
+    /// The commit of the push that superseded the builds, if one did.
+    pub superseded_by: String,
+}
+
+/// Cancels those of the service builds `ids` that are still queued or
+/// running, in `tx` (see the module doc); returns the ids it canceled.
+/// Stack runs are not canceled: their run is the deployer's to close.
+pub async fn cancel(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ids: &[Uuid],
+    why: &Cancellation,
+) -> anyhow::Result<Vec<Uuid>> {
+    let rows = sqlx::query!(
+        "UPDATE builds SET state = 'canceled', reason = $2, finished_at = now(), lease_until = NULL
+         WHERE id = ANY($1) AND kind = 'build' AND state IN ('queued', 'running')
+         RETURNING id, pipeline_id, project, kind, request, attempt",
+        ids,
+        why.reason,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut canceled = Vec::with_capacity(rows.len());
+    for row in rows {
+        let job = Job::decode(&row.kind, &row.request)?;
+        sqlx::query!(
+            "INSERT INTO build_logs (build_id, attempt, step, stream, data)
+             VALUES ($1, $2, 'cancel', 'system', $3)",
+            row.id,
+            row.attempt,
+            format!("canceled: {}\n", why.reason).into_bytes(),
+        )
+        .execute(&mut **tx)
+        .await?;
+        let event = Event::new(
+            &row.pipeline_id,
+            &row.project,
+            Payload::BuildCanceled(BuildCanceled {
+                revision: Some(job.revision()),
+                build_id: row.id.to_string(),
+                reason: why.reason.clone(),
+                superseded_by: why.superseded_by.clone(),
+            }),
+        );
+        gantry_bus::enqueue(tx, &event).await?;
+        // A runtime statement: pg_notify returns `void`, which the checked
+        // macros cannot type.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CANCELED_CHANNEL)
+            .bind(row.id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        canceled.push(row.id);
+    }
+    Ok(canceled)
 }
 
 /// Takes the next build (see [`BUILDS`]) and emits `build.started` in the

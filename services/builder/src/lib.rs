@@ -79,6 +79,9 @@ pub struct Settings {
 struct RequestHandler {
     pool: PgPool,
     wake: Arc<Notify>,
+    /// Woken when a request canceled superseded builds (their events wait
+    /// in the outbox).
+    relay_wake: Arc<Notify>,
     config: Arc<GantryConfig>,
 }
 
@@ -116,11 +119,20 @@ impl Handler for RequestHandler {
                 event.routing_key().unwrap_or_default()
             ));
         }
-        match jobs::enqueue_request(&self.pool, &event, &job).await {
+        let supersede = self.config.project(&event.project).is_some_and(|p| {
+            let default_branch = if rev.default_branch.is_empty() {
+                &p.default_branch
+            } else {
+                &rev.default_branch
+            };
+            p.cancel_superseded.applies_to(&rev.branch, default_branch)
+        });
+        match jobs::enqueue_request(&self.pool, &event, &job, supersede).await {
             Ok(new) => {
                 if new {
                     tracing::info!(kind = job.kind(), "build queued");
                     self.wake.notify_one();
+                    self.relay_wake.notify_one();
                 }
                 Outcome::Done
             }
@@ -166,12 +178,18 @@ impl gantry_runtime::Service for Service {
             config: config.clone(),
             push_attempts: s.push_attempts.max(1),
             step_network: s.step_network.clone(),
+            running: Default::default(),
         };
         let pool = base.pool.clone();
         base.consume(
             gantry_bus::queues::BUILDER,
             16,
-            RequestHandler { pool, wake, config },
+            RequestHandler {
+                pool,
+                wake,
+                relay_wake: base.relay_wake.clone(),
+                config,
+            },
             shutdown,
         );
         base.relay(shutdown);
@@ -180,6 +198,7 @@ impl gantry_runtime::Service for Service {
             grpc: gantry_runtime::Grpc::one(
                 gantry_proto::v1::builds_server::BuildsServer::new(grpc::BuildsService {
                     pool: base.pool.clone(),
+                    relay_wake: base.relay_wake.clone(),
                 }),
                 gantry_proto::v1::builds_server::SERVICE_NAME,
             ),

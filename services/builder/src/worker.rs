@@ -4,7 +4,10 @@
 //! (and several builds per replica) share the table safely. What a build
 //! leaves in the engine is removed: its step containers whatever the outcome
 //! (and, every [`SWEEP_EVERY`], those of builds no worker holds any more),
-//! its image once pushed or failed.
+//! its image once pushed or failed. A build canceled while it runs
+//! (`jobs::cancel`) is stopped at once: the worker listens for
+//! cancellations on a Postgres channel; if it missed one, its next lease
+//! renewal fails instead.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub struct Worker {
     pub push_attempts: u32,
     /// The Docker network of test steps that ask for one.
     pub step_network: String,
+    /// The builds this replica runs, with what stops each when it is canceled.
+    pub running: Arc<std::sync::Mutex<HashMap<uuid::Uuid, CancellationToken>>>,
 }
 
 impl Worker {
@@ -62,6 +67,10 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut running = tokio::task::JoinSet::new();
+        let listener = {
+            let (me, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { me.listen_for_cancellations(stop).await })
+        };
         let sweeper = {
             let (me, stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -106,6 +115,51 @@ impl Worker {
         }
         while running.join_next().await.is_some() {}
         sweeper.abort();
+        listener.abort();
+    }
+
+    /// Stops the builds of this replica that are canceled, as their
+    /// notifications arrive (see `jobs::CANCELED_CHANNEL`). A notification
+    /// lost while the connection was down is made up for by the lease: the
+    /// canceled build's next renewal fails.
+    async fn listen_for_cancellations(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ended = self.stop_canceled() => {
+                    let Err(e) = ended;
+                    tracing::warn!(error = %e, "cannot listen for cancellations; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+
+    /// Listens on `jobs::CANCELED_CHANNEL` and stops the canceled builds it
+    /// runs; returns only when it cannot listen.
+    async fn stop_canceled(&self) -> Result<std::convert::Infallible, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(jobs::CANCELED_CHANNEL).await?;
+        loop {
+            // `recv` reconnects by itself after a lost connection.
+            let n = listener.recv().await?;
+            let Ok(id) = n.payload().parse::<uuid::Uuid>() else {
+                continue;
+            };
+            let token = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let Some(token) = token {
+                tracing::info!(build_id = %id, "build canceled; stopping it");
+                token.cancel();
+            }
+        }
     }
 
     /// Runs one claimed build while renewing its lease; stops the work if the
@@ -116,18 +170,34 @@ impl Worker {
             gantry_telemetry::set_parent(&span, tp);
         }
         async {
+            let canceled = CancellationToken::new();
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(build.id, canceled.clone());
+            let work = async {
+                tokio::select! {
+                    end = self.execute(&build) => Some(end),
+                    () = canceled.cancelled() => None,
+                }
+            };
             let held = gantry_queue::hold(
                 &jobs::BUILDS,
                 &self.pool,
                 &build.claim,
                 self.lease,
-                self.execute(&build),
+                work,
                 Some(&shutdown),
             )
             .await;
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&build.id);
             let end = match held {
-                Held::Done(v) => Some(v),
-                Held::Lost | Held::GivenBack => None,
+                Held::Done(Some(v)) => Some(v),
+                // Canceled: its end (and why) is already recorded.
+                Held::Done(None) | Held::Lost | Held::GivenBack => None,
             };
             docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
             if matches!(build.job, Job::Stack(_)) {

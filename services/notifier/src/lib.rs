@@ -75,6 +75,7 @@ pub fn summary(event: &Event) -> String {
             "build {} failed at step {:?}: {}",
             b.build_id, b.step, b.reason
         ),
+        Some(Payload::BuildCanceled(b)) => format!("build {} canceled: {}", b.build_id, b.reason),
         Some(Payload::ImagePublished(i)) => format!(
             "published {}:{} ({})",
             i.repository,

@@ -59,6 +59,7 @@ pub enum StatusState {
     Running,
     Success,
     Failed,
+    Canceled,
 }
 
 impl StatusState {
@@ -68,6 +69,7 @@ impl StatusState {
             PipelineState::Running => Self::Running,
             PipelineState::Success => Self::Success,
             PipelineState::Failed => Self::Failed,
+            PipelineState::Canceled => Self::Canceled,
         }
     }
 
@@ -77,15 +79,18 @@ impl StatusState {
             Self::Running => "running",
             Self::Success => "success",
             Self::Failed => "failed",
+            Self::Canceled => "canceled",
         }
     }
 
-    /// GitHub has no "running": a running pipeline stays pending there.
+    /// GitHub has no "running" (a running pipeline stays pending there) and
+    /// no "canceled" (a canceled one is an "error", its description says why).
     fn github(self) -> &'static str {
         match self {
             Self::Pending | Self::Running => "pending",
             Self::Success => "success",
             Self::Failed => "failure",
+            Self::Canceled => "error",
         }
     }
 }

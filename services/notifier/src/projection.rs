@@ -18,6 +18,7 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::BuildStarted(p) => p.revision.as_ref(),
         Payload::BuildSucceeded(p) => p.revision.as_ref(),
         Payload::BuildFailed(p) => p.revision.as_ref(),
+        Payload::BuildCanceled(p) => p.revision.as_ref(),
         Payload::ImagePublished(p) => p.revision.as_ref(),
         Payload::PublishFailed(p) => p.revision.as_ref(),
         Payload::DeployStarted(p) => p.deployment.as_ref()?.revision.as_ref(),
@@ -90,6 +91,12 @@ fn change(event: &Event) -> Change {
             c.failed_step = Some(b.step.clone());
             c.failure = Some(b.reason.clone());
             c.description = format!("Failed at step {}", b.step);
+        }
+        Some(Payload::BuildCanceled(b)) => {
+            c.state = Some(PipelineState::Canceled);
+            c.build_id = Some(b.build_id.clone());
+            c.failure = Some(b.reason.clone());
+            c.description = format!("Canceled: {}", b.reason);
         }
         Some(Payload::ImagePublished(i)) => {
             c.state = Some(PipelineState::Success);
