@@ -268,7 +268,7 @@ pub(crate) fn deployments_of(p: &PipelineSummary) -> Vec<(&str, Option<Deploymen
 /// A pipeline is done when it failed, or succeeded with no deployment still going.
 fn finished(p: &PipelineSummary) -> bool {
     match state_of(p) {
-        Some(PipelineState::Failed | PipelineState::Canceled) => true,
+        Some(PipelineState::Failed | PipelineState::Canceled | PipelineState::Skipped) => true,
         Some(PipelineState::Success) => !deployments_of(p)
             .iter()
             .any(|(_, s)| s.is_none_or(DeploymentState::is_pending)),

@@ -778,6 +778,24 @@ impl Stack {
         crate::accepted_pipeline(self.post_gitlab(&body, Some(SECRET), event, None).await).await
     }
 
+    /// Like [`Stack::push`], for a push that moved `git_ref` from `before`
+    /// to `sha` (GitLab's `before`), returning the pipeline id.
+    pub async fn push_from(
+        &self,
+        project: &ProjectSpec,
+        git_ref: &str,
+        before: &str,
+        sha: &str,
+    ) -> String {
+        let mut body = crate::forge::gitlab_push(&project.gitlab, git_ref, sha, "main");
+        body["before"] = serde_json::json!(before);
+        crate::accepted_pipeline(
+            self.post_gitlab(&body, Some(SECRET), "Push Hook", None)
+                .await,
+        )
+        .await
+    }
+
     /// POSTs a GitHub delivery signed with `secret` (unsigned when `None`).
     pub async fn post_github(
         &self,
@@ -863,6 +881,7 @@ impl Stack {
             "image.published",
             "build.failed",
             "build.canceled",
+            "build.skipped",
             "image.publish_failed",
         ];
         let deadline = tokio::time::Instant::now() + timeout;

@@ -3,12 +3,14 @@
 //! column, what was expected, and the closest known key for a misspelt one).
 //!
 //! - [`service`]: the file of a service repository (`image`, `test`).
+//! - [`filter`]: when its pipeline runs (`only`, `except`).
 //! - [`stack`]: the `stack:` section of a stack repository's file.
 
 use std::path::{Component, Path};
 
 use gantry_config::yaml::{LocatedError, Spanned, error_at};
 
+pub mod filter;
 pub mod service;
 pub mod stack;
 
@@ -114,6 +116,10 @@ mod tests {
                 StackFile::parse("stack:\n  tests: [a]\n  zzz: 1\n").expect_err("unknown key")
             ),
             schema_keys(&schema, "/properties/stack/properties")
+        );
+        assert_eq!(
+            known_keys(PipelineFile::parse("only:\n  zzz: 1\n").expect_err("unknown key")),
+            schema_keys(&schema, "/$defs/filter/properties")
         );
     }
 

@@ -12,6 +12,8 @@
 //!     run: ./run-tests.sh       # a shell command (sh -c), or a list for exec form
 //!     timeout: 600              # seconds (default 1800)
 //!     network: true             # the step needs the network (default: none)
+//! only: {branches: [main], changes: ["src/**"]}   # optional; see `filter`
+//! except: {changes: ["docs/**"]}
 //! ```
 //!
 //! Steps run without any network unless they ask for it, and a project's
@@ -27,6 +29,7 @@ use std::time::Duration;
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use serde::Deserialize;
 
+use crate::filter::{Filter, Rules};
 use crate::{FILE, check_version, inside_repo};
 
 /// Step names used by the builder itself.
@@ -43,6 +46,43 @@ struct Raw {
     image: RawImage,
     #[serde(default)]
     test: Vec<RawStep>,
+    #[serde(default)]
+    only: RawFilter,
+    #[serde(default)]
+    except: RawFilter,
+}
+
+/// `only:` / `except:` (see [`crate::filter`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    #[serde(default)]
+    branches: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    changes: Vec<Spanned<String>>,
+}
+
+impl RawFilter {
+    fn check(self) -> Result<Filter, LocatedError> {
+        let mut changes = Vec::new();
+        for c in self.changes {
+            if c.value.trim().is_empty() || c.value.split('/').any(|s| s == "..") {
+                return Err(error_at(
+                    FILE,
+                    &c,
+                    format!("{:?} is not a path pattern inside the repository", c.value),
+                ));
+            }
+            changes.push(c.value);
+        }
+        Ok(Filter {
+            branches: self.branches,
+            tags: self.tags,
+            changes,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +146,8 @@ struct RawStep {
 pub struct PipelineFile {
     pub image: ImageSpec,
     pub test: Vec<TestStep>,
+    /// When the pipeline runs (`only:`, `except:`).
+    pub rules: Rules,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +271,11 @@ impl PipelineFile {
                     .map(|n| (n.defined.line(), n.defined.column())),
             });
         }
-        Ok(Self { image, test })
+        let rules = Rules {
+            only: raw.only.check()?,
+            except: raw.except.check()?,
+        };
+        Ok(Self { image, test, rules })
     }
 
     /// Checks the file against what the project allows: a step may ask for
@@ -290,6 +336,21 @@ mod tests {
         let e = f.check_limits(&forbid).expect_err("forbidden");
         assert_eq!((e.line, e.column), (6, 14), "{e}");
         assert!(e.message.contains("\"fetch\""), "{e}");
+    }
+
+    #[test]
+    fn only_and_except() {
+        let f = PipelineFile::parse(
+            "image: {}\nonly:\n  branches: [main]\n  changes: [\"src/**\"]\nexcept:\n  tags: [\"v0*\"]\n",
+        )
+        .expect("valid");
+        assert_eq!(f.rules.only.branches, ["main"]);
+        assert_eq!(f.rules.only.changes, ["src/**"]);
+        assert_eq!(f.rules.except.tags, ["v0*"]);
+        let e = err("only:\n  changes: [\"../x/**\"]\n");
+        assert_eq!((e.line, e.column), (2, 13), "{e}");
+        let e = err("only:\n  branch: [main]\n");
+        assert!(e.message.contains("did you mean `branches`?"), "{e}");
     }
 
     #[test]

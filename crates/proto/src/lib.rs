@@ -20,6 +20,7 @@ pub mod routing {
     pub const BUILD_SUCCEEDED: &str = "build.succeeded";
     pub const BUILD_FAILED: &str = "build.failed";
     pub const BUILD_CANCELED: &str = "build.canceled";
+    pub const BUILD_SKIPPED: &str = "build.skipped";
     pub const IMAGE_PUBLISHED: &str = "image.published";
     pub const PUBLISH_FAILED: &str = "image.publish_failed";
     pub const DEPLOY_STARTED: &str = "deploy.started";
@@ -60,6 +61,7 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::StackDeployFailed(_) => routing::STACK_DEPLOY_FAILED,
         Payload::StackDeployRolledBack(_) => routing::STACK_DEPLOY_ROLLED_BACK,
         Payload::BuildCanceled(_) => routing::BUILD_CANCELED,
+        Payload::BuildSkipped(_) => routing::BUILD_SKIPPED,
     }
 }
 

@@ -2,10 +2,11 @@
 //! names (the text stored in Postgres and sent in the gRPC API), and the
 //! order in which the projection lets them move forward.
 //!
-//! - [`PipelineState`]: pending → running → success | failed | canceled (the notifier's
-//!   projection; it only moves forward, [`PipelineState::rank`]).
+//! - [`PipelineState`]: pending → running → success | failed | canceled |
+//!   skipped (the notifier's projection; it only moves forward,
+//!   [`PipelineState::rank`]).
 //! - [`Stage`]: where a pipeline is: requested, build, publish, deploy.
-//! - [`BuildState`]: queued → running → succeeded | failed, or canceled
+//! - [`BuildState`]: queued → running → succeeded | failed | skipped, or canceled
 //!   from queued or running (the builder's queue; a build given back or
 //!   taken over goes from running to queued).
 //! - [`DeploymentState`]: waiting → running → succeeded | failed |
@@ -120,6 +121,8 @@ states! {
         Failed = "failed",
         /// Its build was stopped: superseded by a newer push, or by hand.
         Canceled = "canceled",
+        /// Its pipeline file's `only`/`except` rules exclude the push.
+        Skipped = "skipped",
     }
 }
 
@@ -130,14 +133,20 @@ impl PipelineState {
         match self {
             PipelineState::Pending => 0,
             PipelineState::Running => 1,
-            PipelineState::Success | PipelineState::Failed | PipelineState::Canceled => 2,
+            PipelineState::Success
+            | PipelineState::Failed
+            | PipelineState::Canceled
+            | PipelineState::Skipped => 2,
         }
     }
 
     pub const fn is_finished(self) -> bool {
         matches!(
             self,
-            PipelineState::Success | PipelineState::Failed | PipelineState::Canceled
+            PipelineState::Success
+                | PipelineState::Failed
+                | PipelineState::Canceled
+                | PipelineState::Skipped
         )
     }
 }
@@ -163,6 +172,8 @@ states! {
         Failed = "failed",
         /// Stopped before its end: superseded by a newer push, or by hand.
         Canceled = "canceled",
+        /// Ended without building: the pipeline file's rules exclude the push.
+        Skipped = "skipped",
     }
 }
 
@@ -177,7 +188,7 @@ impl BuildState {
     pub const fn is_finished(self) -> bool {
         matches!(
             self,
-            BuildState::Succeeded | BuildState::Failed | BuildState::Canceled
+            BuildState::Succeeded | BuildState::Failed | BuildState::Canceled | BuildState::Skipped
         )
     }
 }

@@ -177,3 +177,68 @@ pub async fn checkout_ref(
         .await;
     Ok(sha)
 }
+
+/// The files a push changed: the difference between `before` and `sha`
+/// (already checked out in `dir`), over all the commits in between. `None`
+/// when it cannot be told (the old commit cannot be fetched: the push
+/// rewrote history, or the server refuses it); the log says so.
+pub async fn changed_files(
+    url: &str,
+    credentials: Option<&GitCredentials>,
+    before: &str,
+    sha: &str,
+    dir: &Path,
+    log: &LogSink,
+) -> Option<Vec<String>> {
+    let remote = Remote { url, credentials };
+    if !(before.len() == 40 && before.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return None;
+    }
+    let have_before = git(
+        dir,
+        &["cat-file", "-e", &format!("{before}^{{commit}}")],
+        &remote,
+        log,
+    )
+    .await
+    .is_ok()
+        || git(
+            dir,
+            &["fetch", "-q", "--depth=1", "origin", before],
+            &remote,
+            log,
+        )
+        .await
+        .is_ok();
+    if !have_before {
+        log.system(
+            "config",
+            format!("the commit before the push ({before}) cannot be fetched: the changed files are not known"),
+        )
+        .await;
+        return None;
+    }
+    let out = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        tokio::process::Command::new("git")
+            .args(["diff", "--name-only", "--no-renames", "-z", before, sha])
+            .current_dir(dir)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(out)) if out.status.success() => Some(
+            out.stdout
+                .split(|b| *b == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect(),
+        ),
+        _ => {
+            log.system("config", "cannot list the files the push changed")
+                .await;
+            None
+        }
+    }
+}

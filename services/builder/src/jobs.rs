@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
-    BuildCanceled, BuildFailed, BuildStarted, BuildSucceeded, Event, PipelineRequested, Revision,
-    StackRun, StackRunFailed, StackRunPassed, StackRunStarted, StackService, StepResult,
+    BuildCanceled, BuildFailed, BuildSkipped, BuildStarted, BuildSucceeded, Event,
+    PipelineRequested, Revision, StackRun, StackRunFailed, StackRunPassed, StackRunStarted,
+    StackService, StepResult,
 };
 use gantry_queue::{Claim, Queue};
 use gantry_states::BuildState;
@@ -104,6 +105,11 @@ pub enum Verdict {
     Failed {
         step: String,
         exit_code: i32,
+        reason: String,
+        steps: Vec<StepResult>,
+    },
+    /// The pipeline file's rules exclude the push; nothing was built.
+    Skipped {
         reason: String,
         steps: Vec<StepResult>,
     },
@@ -400,6 +406,10 @@ async fn finish_build(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyho
             None,
             Some((step.as_str(), *exit_code, reason.as_str())),
         ),
+        // No step failed: only the reason is recorded.
+        Verdict::Skipped { reason, .. } => {
+            (BuildState::Skipped, None, Some(("", 0, reason.as_str())))
+        }
     };
     let revision = build.job.revision();
     let build_id = build.id.to_string();
@@ -429,6 +439,11 @@ async fn finish_build(pool: &PgPool, build: &Claimed, verdict: Verdict) -> anyho
             exit_code,
             reason,
             steps,
+        }),
+        Verdict::Skipped { reason, .. } => Payload::BuildSkipped(BuildSkipped {
+            revision: Some(revision),
+            build_id,
+            reason,
         }),
     };
     record(pool, build, state, image_id, failure, payload).await
@@ -503,8 +518,8 @@ async fn record(
     .bind(build.claim.attempt)
     .bind(state)
     .bind(image_id)
-    .bind(failure.map(|f| f.0))
-    .bind(failure.map(|f| f.1))
+    .bind(failure.map(|f| f.0).filter(|step| !step.is_empty()))
+    .bind(failure.filter(|f| !f.0.is_empty()).map(|f| f.1))
     .bind(failure.map(|f| f.2))
     .execute(&mut *tx)
     .await?;

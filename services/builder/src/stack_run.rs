@@ -569,7 +569,7 @@ pub async fn sweep(docker: &Docker, pool: &sqlx::PgPool) {
     }
     let ids: Vec<Uuid> = ids.into_iter().collect();
     let ended: Vec<Uuid> = match sqlx::query_scalar!(
-        "SELECT id FROM builds WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'canceled')",
+        "SELECT id FROM builds WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'canceled', 'skipped')",
         &ids
     )
     .fetch_all(pool)

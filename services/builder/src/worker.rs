@@ -352,6 +352,16 @@ impl Worker {
         steps.push(result("checkout", 0, started));
 
         let file = read_pipeline(dir.path(), project, &revision.commit_sha).await?;
+        if let Some(reason) = self
+            .skip_reason(&file, &revision, project, dir.path(), log)
+            .await
+        {
+            log.system("config", format!("skipped: {reason}")).await;
+            return Ok(Verdict::Skipped {
+                reason,
+                steps: steps.clone(),
+            });
+        }
 
         // The image carries only what is true of the commit, so rebuilding a
         // commit yields the same image; containers also name build and pipeline.
@@ -397,6 +407,33 @@ impl Worker {
             digest,
             steps: steps.clone(),
         })
+    }
+
+    /// Why the pipeline file's `only`/`except` rules exclude this push, if
+    /// they do; the changed files are computed only when a rule needs them.
+    async fn skip_reason(
+        &self,
+        file: &PipelineFile,
+        revision: &gantry_proto::v1::Revision,
+        project: &gantry_config::Project,
+        dir: &std::path::Path,
+        log: &LogSink,
+    ) -> Option<String> {
+        let rules = &file.rules;
+        let changed = if rules.uses_changes() && !revision.before_sha.is_empty() {
+            crate::checkout::changed_files(
+                &project.clone_url,
+                project.clone_credentials.as_ref(),
+                &revision.before_sha,
+                &revision.commit_sha,
+                dir,
+                log,
+            )
+            .await
+        } else {
+            None
+        };
+        rules.skip_reason(&revision.branch, &revision.tag, changed.as_deref())
     }
 
     /// Refuses a build taken over too often; cleans what an earlier attempt left.

@@ -76,6 +76,7 @@ pub fn summary(event: &Event) -> String {
             b.build_id, b.step, b.reason
         ),
         Some(Payload::BuildCanceled(b)) => format!("build {} canceled: {}", b.build_id, b.reason),
+        Some(Payload::BuildSkipped(b)) => format!("build {} skipped: {}", b.build_id, b.reason),
         Some(Payload::ImagePublished(i)) => format!(
             "published {}:{} ({})",
             i.repository,

@@ -60,6 +60,7 @@ pub enum StatusState {
     Success,
     Failed,
     Canceled,
+    Skipped,
 }
 
 impl StatusState {
@@ -70,6 +71,7 @@ impl StatusState {
             PipelineState::Success => Self::Success,
             PipelineState::Failed => Self::Failed,
             PipelineState::Canceled => Self::Canceled,
+            PipelineState::Skipped => Self::Skipped,
         }
     }
 
@@ -80,17 +82,20 @@ impl StatusState {
             Self::Success => "success",
             Self::Failed => "failed",
             Self::Canceled => "canceled",
+            Self::Skipped => "skipped",
         }
     }
 
-    /// GitHub has no "running" (a running pipeline stays pending there) and
-    /// no "canceled" (a canceled one is an "error", its description says why).
+    /// GitHub has no "running" (a running pipeline stays pending there), no
+    /// "canceled" (a canceled one is an "error") and no "skipped" (a skipped
+    /// one is a "success": nothing failed); the description says why.
     fn github(self) -> &'static str {
         match self {
             Self::Pending | Self::Running => "pending",
             Self::Success => "success",
             Self::Failed => "failure",
             Self::Canceled => "error",
+            Self::Skipped => "success",
         }
     }
 }

@@ -19,6 +19,7 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::BuildSucceeded(p) => p.revision.as_ref(),
         Payload::BuildFailed(p) => p.revision.as_ref(),
         Payload::BuildCanceled(p) => p.revision.as_ref(),
+        Payload::BuildSkipped(p) => p.revision.as_ref(),
         Payload::ImagePublished(p) => p.revision.as_ref(),
         Payload::PublishFailed(p) => p.revision.as_ref(),
         Payload::DeployStarted(p) => p.deployment.as_ref()?.revision.as_ref(),
@@ -91,6 +92,12 @@ fn change(event: &Event) -> Change {
             c.failed_step = Some(b.step.clone());
             c.failure = Some(b.reason.clone());
             c.description = format!("Failed at step {}", b.step);
+        }
+        Some(Payload::BuildSkipped(b)) => {
+            c.state = Some(PipelineState::Skipped);
+            c.build_id = Some(b.build_id.clone());
+            c.failure = Some(b.reason.clone());
+            c.description = format!("Skipped: {}", b.reason);
         }
         Some(Payload::BuildCanceled(b)) => {
             c.state = Some(PipelineState::Canceled);

@@ -46,6 +46,9 @@ pub struct GitlabPush {
     pub object_kind: String,
     #[serde(rename = "ref")]
     pub git_ref: String,
+    /// The commit the ref pointed at before the push (zeros for a new ref).
+    #[serde(default)]
+    pub before: String,
     pub after: String,
     #[serde(default)]
     pub checkout_sha: Option<String>,
@@ -85,6 +88,9 @@ pub struct Person {
 pub struct GithubPush {
     #[serde(rename = "ref")]
     pub git_ref: String,
+    /// The commit the ref pointed at before the push (zeros for a new ref).
+    #[serde(default)]
+    pub before: String,
     pub after: String,
     #[serde(default)]
     pub deleted: bool,
@@ -129,6 +135,16 @@ fn is_sha(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// The push's `before` when it names a commit (not a new ref's zeros, not
+/// something else a payload may carry).
+fn before_sha(before: &str) -> String {
+    if is_sha(before) && before != ZERO_SHA {
+        before.to_ascii_lowercase()
+    } else {
+        String::new()
+    }
+}
+
 impl GitlabPush {
     pub fn outcome(&self) -> Result<PushOutcome, String> {
         let sha = self.checkout_sha.as_deref().unwrap_or(&self.after);
@@ -147,6 +163,7 @@ impl GitlabPush {
             ));
         }
         let mut rev = revision_for_ref(&self.git_ref, sha);
+        rev.before_sha = before_sha(&self.before);
         rev.source = "gitlab".into();
         rev.forge_project = self.project.path_with_namespace.clone();
         rev.default_branch = self.project.default_branch.clone().unwrap_or_default();
@@ -180,6 +197,7 @@ impl GithubPush {
             ));
         }
         let mut rev = revision_for_ref(&self.git_ref, &self.after);
+        rev.before_sha = before_sha(&self.before);
         rev.source = "github".into();
         rev.forge_project = self.repository.full_name.clone();
         rev.default_branch = self.repository.default_branch.clone().unwrap_or_default();
@@ -234,5 +252,15 @@ mod tests {
         assert_eq!((r.branch.as_str(), r.tag.as_str()), ("feature/x", ""));
         let r = revision_for_ref("refs/tags/v1.2.3", "a");
         assert_eq!((r.branch.as_str(), r.tag.as_str()), ("", "v1.2.3"));
+    }
+
+    #[test]
+    fn before_is_kept_only_when_it_names_a_commit() {
+        let sha = "95790bf891e76fee5e1747ab589903a6a1f80f22";
+        assert_eq!(before_sha(sha), sha);
+        assert_eq!(before_sha(&sha.to_uppercase()), sha);
+        assert_eq!(before_sha(ZERO_SHA), "");
+        assert_eq!(before_sha(""), "");
+        assert_eq!(before_sha("--upload-pack=evil"), "");
     }
 }
