@@ -24,6 +24,22 @@ pub fn labelled(label: &str) -> Vec<String> {
     .collect()
 }
 
+/// Waits (up to a minute) until no container carries `label`.
+pub async fn wait_none_labelled(label: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = labelled(label);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "containers labelled {label} are still there: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Removes every container carrying `label`.
 pub fn remove_labelled(label: &str) {
     for id in labelled(label) {
@@ -121,6 +137,38 @@ pub fn build_busybox_image(tag: &str) {
         "docker build {tag}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Builds `tag` — the static busybox serving `page` over HTTP on port 8080
+/// (`FROM scratch`, nothing pulled) — and pushes it to its registry.
+pub fn push_http_service_image(tag: &str, page: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy("/bin/busybox", dir.path().join("busybox"))
+        .expect("static busybox (busybox-static) at /bin/busybox");
+    std::fs::create_dir(dir.path().join("www")).expect("mkdir");
+    std::fs::write(dir.path().join("www/index.html"), page).expect("write page");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY www /www\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .expect("write Dockerfile");
+    let context = dir.path().display().to_string();
+    for args in [
+        vec!["build", "-q", "-t", tag, &context],
+        vec!["push", "-q", tag],
+    ] {
+        let out = Command::new("docker")
+            .args(&args)
+            .output()
+            .expect("docker runs");
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The build must pull it from the registry, not find it here.
+    docker(&["rmi", tag]);
 }
 
 /// A container's name (without the leading `/`).

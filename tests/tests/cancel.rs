@@ -53,18 +53,7 @@ async fn canceled(stack: &Stack, pipeline: &str) -> (String, String, String) {
 
 /// Waits until no container of `build` is left.
 async fn containers_gone(build: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = docker::labelled(&format!("io.gantry.build={build}"));
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "containers of canceled build {build} are still there: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    docker::wait_none_labelled(&format!("io.gantry.build={build}")).await;
 }
 
 #[tokio::test]

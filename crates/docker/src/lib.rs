@@ -1,7 +1,8 @@
 //! What the services that talk to a Docker engine (the builder and the
 //! deployer) share: the engine's credentials for a registry, an engine
-//! error's message, whether the engine answers, pulling by digest, and
-//! finding and removing containers, networks and volumes by label (every
+//! error's message, whether the engine answers, pulling by digest, the
+//! confinement of service containers and how ready one is, and finding and
+//! removing containers, networks and volumes by label (every
 //! container Gantry starts is labelled `io.gantry.*`, and is found again
 //! that way after any crash).
 
@@ -20,6 +21,99 @@ pub const SERVICE_CAPABILITIES: [&str; 7] = [
     "NET_BIND_SERVICE",
     "KILL",
 ];
+
+/// The host configuration of a long-running service container (a stack's,
+/// or a service beside a build's tests) on `network`: the project's memory,
+/// pids and CPU limits, only [`SERVICE_CAPABILITIES`], `no-new-privileges`,
+/// not privileged, no bind mounts, and a log capped at 10 MiB. Callers add
+/// what is theirs (restart policy, tmpfs, volumes).
+pub fn confined_host_config(
+    limits: &gantry_config::Limits,
+    network: &str,
+) -> bollard::models::HostConfig {
+    use bollard::models::{HostConfig, HostConfigLogConfig};
+    HostConfig {
+        network_mode: Some(network.to_owned()),
+        privileged: Some(false),
+        memory: Some(
+            i64::try_from(limits.memory_mb)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1024 * 1024),
+        ),
+        pids_limit: Some(limits.pids),
+        nano_cpus: Some((limits.cpus * 1e9) as i64),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: Some(SERVICE_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(std::collections::HashMap::from([
+                ("max-size".to_owned(), "10m".to_owned()),
+                ("max-file".to_owned(), "1".to_owned()),
+            ])),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates the container `name` from `body`; its id. The error says which
+/// container could not be made, and keeps the engine's error as its source.
+pub async fn create_container(
+    docker: &bollard::Docker,
+    name: &str,
+    body: bollard::models::ContainerCreateBody,
+) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let created = docker
+        .create_container(
+            Some(bollard::query_parameters::CreateContainerOptions {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            }),
+            body,
+        )
+        .await
+        .map_err(EngineError)
+        .with_context(|| format!("creating container {name}"))?;
+    Ok(created.id)
+}
+
+/// Where a started service container is on its way to serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Running, and healthy (`checked`) or without a health check.
+    Ready { checked: bool },
+    /// Created or restarting, or its health check has not passed yet.
+    Starting,
+    /// Its health check failed.
+    Unhealthy,
+    /// It exited (or died) with this code.
+    Stopped(i64),
+}
+
+/// How far `container` is (see [`Readiness`]).
+pub async fn readiness(
+    docker: &bollard::Docker,
+    container: &str,
+) -> Result<Readiness, bollard::errors::Error> {
+    use bollard::models::{ContainerStateStatusEnum as S, HealthStatusEnum as H};
+    let state = docker
+        .inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await?
+        .state
+        .unwrap_or_default();
+    let health = state.health.as_ref().and_then(|h| h.status);
+    Ok(match (state.status, health) {
+        (Some(S::EXITED | S::DEAD), _) => Readiness::Stopped(state.exit_code.unwrap_or_default()),
+        (_, Some(H::UNHEALTHY)) => Readiness::Unhealthy,
+        (Some(S::RUNNING), Some(H::HEALTHY)) => Readiness::Ready { checked: true },
+        (Some(S::RUNNING), None | Some(H::NONE | H::EMPTY)) => Readiness::Ready { checked: false },
+        _ => Readiness::Starting,
+    })
+}
 
 /// Credentials the Docker engine uses for `registry` (none when it needs no login).
 pub fn credentials(registry: &gantry_config::Registry) -> Option<bollard::auth::DockerCredentials> {

@@ -42,6 +42,23 @@ pub fn inside_repo(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// A number of seconds written as `key`: positive, else `default` when absent.
+pub(crate) fn seconds(
+    value: Option<&Spanned<u64>>,
+    key: &str,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, LocatedError> {
+    match value {
+        Some(v) if v.value == 0 => Err(error_at(
+            FILE,
+            v,
+            format!("{key} must be a positive number of seconds"),
+        )),
+        Some(v) => Ok(std::time::Duration::from_secs(v.value)),
+        None => Ok(default),
+    }
+}
+
 /// A checked `.gantry.yml`: of a service, or of a stack (it has `stack:`).
 #[derive(Debug, Clone)]
 pub enum Checked {
@@ -116,6 +133,13 @@ mod tests {
                 StackFile::parse("stack:\n  tests: [a]\n  zzz: 1\n").expect_err("unknown key")
             ),
             schema_keys(&schema, "/properties/stack/properties")
+        );
+        assert_eq!(
+            known_keys(
+                PipelineFile::parse("services:\n  - image: a/b\n    zzz: 1\n")
+                    .expect_err("unknown key")
+            ),
+            schema_keys(&schema, "/properties/services/items/properties")
         );
         assert_eq!(
             known_keys(PipelineFile::parse("only:\n  zzz: 1\n").expect_err("unknown key")),

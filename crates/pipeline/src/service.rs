@@ -30,10 +30,14 @@ use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use serde::Deserialize;
 
 use crate::filter::{Filter, Rules};
-use crate::{FILE, check_version, inside_repo};
+use crate::{FILE, check_version, inside_repo, seconds};
 
 /// Step names used by the builder itself.
-pub const RESERVED_STEPS: [&str; 3] = ["checkout", "config", "build"];
+pub const RESERVED_STEPS: [&str; 5] = ["checkout", "config", "build", "services", "cancel"];
+/// Most service containers a build may start.
+pub const MAX_SERVICES: usize = 5;
+/// Default time a service container has to become ready.
+pub const DEFAULT_SERVICE_WAIT: Duration = Duration::from_secs(120);
 /// Default time limit of one test step.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -47,9 +51,154 @@ struct Raw {
     #[serde(default)]
     test: Vec<RawStep>,
     #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+    #[serde(default)]
     only: RawFilter,
     #[serde(default)]
     except: RawFilter,
+}
+
+/// One entry of `services:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    image: Spanned<String>,
+    #[serde(default)]
+    alias: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    command: Option<Spanned<Command>>,
+    #[serde(default)]
+    health: Option<Spanned<String>>,
+    #[serde(default)]
+    wait: Option<Spanned<u64>>,
+}
+
+/// A container the test steps talk to by its alias, started before them on
+/// the build's own network and removed after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// `host[:port]/path[:tag|@digest]`, from a configured registry.
+    pub image: String,
+    /// Its host name on the build's network.
+    pub alias: String,
+    pub env: BTreeMap<String, String>,
+    /// The container's command, if not the image's.
+    pub command: Option<Vec<String>>,
+    /// A shell command that exits 0 once the service is ready (else the
+    /// image's own health check, else running is ready).
+    pub health: Option<String>,
+    /// How long it may take to become ready.
+    pub wait: Duration,
+}
+
+/// The container command of `key`: `sh -c` for a shell command, the list
+/// itself for exec form; neither may be empty.
+fn argv(c: &Spanned<Command>, key: &str) -> Result<Vec<String>, LocatedError> {
+    match &c.value {
+        Command::Shell(s) if !s.trim().is_empty() => Ok(vec!["sh".into(), "-c".into(), s.clone()]),
+        Command::Exec(v) if !v.is_empty() && !v[0].is_empty() => Ok(v.clone()),
+        _ => Err(error_at(
+            FILE,
+            c,
+            format!("`{key}` must be a non-empty command string or list"),
+        )),
+    }
+}
+
+/// A host name: lowercase letters, digits and `-`, starting with a letter.
+fn valid_alias(alias: &str) -> bool {
+    (1..=63).contains(&alias.len())
+        && alias.as_bytes()[0].is_ascii_lowercase()
+        && alias
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !alias.ends_with('-')
+}
+
+/// The default alias of an image: its last path segment without tag or digest.
+fn default_alias(image: &str) -> String {
+    let name = image.split('@').next().unwrap_or_default();
+    let last = name.rsplit('/').next().unwrap_or_default();
+    let last = match last.split_once(':') {
+        Some((n, _)) => n,
+        None => last,
+    };
+    last.to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+fn check_services(raw: Vec<Spanned<RawService>>) -> Result<Vec<ServiceSpec>, LocatedError> {
+    if let Some(extra) = raw.get(MAX_SERVICES) {
+        return Err(error_at(
+            FILE,
+            extra,
+            format!("at most {MAX_SERVICES} services may run beside the tests"),
+        ));
+    }
+    let mut out: Vec<ServiceSpec> = Vec::new();
+    for entry in raw {
+        let r = entry.value;
+        let image = r.image.value.trim().to_owned();
+        if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(error_at(
+                FILE,
+                &r.image,
+                format!("{:?} is not an image reference", r.image.value),
+            ));
+        }
+        let alias = match &r.alias {
+            Some(a) => a.value.clone(),
+            None => default_alias(&image),
+        };
+        let alias_at = r.alias.as_ref().map_or_else(
+            || (r.image.defined.line(), r.image.defined.column()),
+            |a| (a.defined.line(), a.defined.column()),
+        );
+        if !valid_alias(&alias) || alias == "localhost" {
+            return Err(LocatedError::new(
+                FILE,
+                alias_at.0,
+                alias_at.1,
+                format!(
+                    "alias {alias:?} is not a host name (lowercase letters, digits and -, starting with a letter)"
+                ),
+            ));
+        }
+        if out.iter().any(|s| s.alias == alias) {
+            return Err(LocatedError::new(
+                FILE,
+                alias_at.0,
+                alias_at.1,
+                format!("two services are called {alias:?}; give one an `alias`"),
+            ));
+        }
+        if let Some(key) = r.env.keys().find(|k| {
+            k.is_empty()
+                || k.contains('=')
+                || k.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err(error_at(
+                FILE,
+                &r.image,
+                format!("environment variable name {key:?} is not valid"),
+            ));
+        }
+        let command = r.command.as_ref().map(|c| argv(c, "command")).transpose()?;
+        let wait = seconds(r.wait.as_ref(), "wait", DEFAULT_SERVICE_WAIT)?;
+        out.push(ServiceSpec {
+            image,
+            alias,
+            env: r.env,
+            command,
+            health: r.health.map(|h| h.value).filter(|h| !h.trim().is_empty()),
+            wait,
+        });
+    }
+    Ok(out)
 }
 
 /// `only:` / `except:` (see [`crate::filter`]).
@@ -146,6 +295,8 @@ struct RawStep {
 pub struct PipelineFile {
     pub image: ImageSpec,
     pub test: Vec<TestStep>,
+    /// Containers started before the test steps (`services:`).
+    pub services: Vec<ServiceSpec>,
     /// When the pipeline runs (`only:`, `except:`).
     pub rules: Rules,
 }
@@ -234,30 +385,8 @@ impl PipelineFile {
                     format!("duplicate test step name {name:?}"),
                 ));
             }
-            let cmd = match &step.run.value {
-                Command::Shell(s) if !s.trim().is_empty() => {
-                    vec!["sh".into(), "-c".into(), s.clone()]
-                }
-                Command::Exec(v) if !v.is_empty() && !v[0].is_empty() => v.clone(),
-                _ => {
-                    return Err(error_at(
-                        FILE,
-                        &step.run,
-                        "`run` must be a non-empty command string or list",
-                    ));
-                }
-            };
-            let timeout = match &step.timeout {
-                Some(t) if t.value == 0 => {
-                    return Err(error_at(
-                        FILE,
-                        t,
-                        "timeout must be a positive number of seconds",
-                    ));
-                }
-                Some(t) => Duration::from_secs(t.value),
-                None => DEFAULT_STEP_TIMEOUT,
-            };
+            let cmd = argv(&step.run, "run")?;
+            let timeout = seconds(step.timeout.as_ref(), "timeout", DEFAULT_STEP_TIMEOUT)?;
             let network = step.network.as_ref().is_some_and(|n| n.value);
             test.push(TestStep {
                 name: name.to_owned(),
@@ -275,7 +404,13 @@ impl PipelineFile {
             only: raw.only.check()?,
             except: raw.except.check()?,
         };
-        Ok(Self { image, test, rules })
+        let services = check_services(raw.services)?;
+        Ok(Self {
+            image,
+            test,
+            services,
+            rules,
+        })
     }
 
     /// Checks the file against what the project allows: a step may ask for
@@ -351,6 +486,28 @@ mod tests {
         assert_eq!((e.line, e.column), (2, 13), "{e}");
         let e = err("only:\n  branch: [main]\n");
         assert!(e.message.contains("did you mean `branches`?"), "{e}");
+    }
+
+    #[test]
+    fn services_are_checked() {
+        let f = PipelineFile::parse(
+            "services:\n  - image: 127.0.0.1:5000/team/postgres:15\n    env: {POSTGRES_PASSWORD: x}\n    health: pg_isready\n  - image: reg.example/cache@sha256:abc\n    alias: cache\n    command: [redis-server, --save, '']\n    wait: 30\n",
+        )
+        .expect("valid");
+        assert_eq!(f.services[0].alias, "postgres");
+        assert_eq!(f.services[0].health.as_deref(), Some("pg_isready"));
+        assert_eq!(f.services[0].wait, DEFAULT_SERVICE_WAIT);
+        assert_eq!(f.services[1].alias, "cache");
+        assert_eq!(f.services[1].wait, Duration::from_secs(30));
+        let e = err("services:\n  - image: a/db\n  - image: b/db\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("two services"), "{e}");
+        let e = err("services:\n  - image: a/db\n    alias: Not_A_Host\n");
+        assert_eq!((e.line, e.column), (3, 12), "{e}");
+        let e = err("services:\n  - image: 'a b'\n");
+        assert_eq!(e.line, 2, "{e}");
+        let e = err("test:\n  - name: services\n    run: x\n");
+        assert!(e.message.contains("reserved"), "{e}");
     }
 
     #[test]

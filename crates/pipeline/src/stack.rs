@@ -21,7 +21,7 @@ use std::time::Duration;
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use serde::Deserialize;
 
-use crate::{FILE, check_version, inside_repo};
+use crate::{FILE, check_version, inside_repo, seconds};
 
 /// Default time a whole run may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -125,17 +125,7 @@ impl StackFile {
             }
             tests.push((t.value.clone(), at(t)));
         }
-        let timeout = match &stack.timeout {
-            Some(t) if t.value == 0 => {
-                return Err(error_at(
-                    FILE,
-                    t,
-                    "timeout must be a positive number of seconds",
-                ));
-            }
-            Some(t) => Duration::from_secs(t.value),
-            None => DEFAULT_TIMEOUT,
-        };
+        let timeout = seconds(stack.timeout.as_ref(), "timeout", DEFAULT_TIMEOUT)?;
         Ok(Self {
             compose,
             members: stack

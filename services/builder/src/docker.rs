@@ -9,15 +9,17 @@
 //! - every capability dropped, no new privileges, no Docker socket;
 //! - the project's limits: memory (no swap beyond it), processes, CPUs;
 //! - no network at all, unless the step asks for it: then the builder's step
-//!   network, a bridge of its own whose containers cannot reach each other.
+//!   network, a bridge of its own whose containers cannot reach each other;
+//!   and the build's own network when it has service containers (`services`).
 
 use std::collections::HashMap;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, NetworkConnectRequest, NetworkCreateRequest,
+};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, DownloadFromContainerOptions, LogsOptions,
-    WaitContainerOptions,
+    BuildImageOptions, DownloadFromContainerOptions, LogsOptions, WaitContainerOptions,
 };
 use futures::StreamExt;
 use gantry_config::Limits;
@@ -281,7 +283,7 @@ pub async fn step_user(
         }),
         ..Default::default()
     };
-    create(docker, name, body).await?;
+    gantry_docker::create_container(docker, name, body).await?;
     let passwd = read_file(docker, name, "/etc/passwd").await;
     let group = read_file(docker, name, "/etc/group").await;
     remove_container(docker, name).await;
@@ -289,19 +291,6 @@ pub async fn step_user(
 }
 
 /// Creates the container `name`.
-async fn create(docker: &Docker, name: &str, body: ContainerCreateBody) -> anyhow::Result<()> {
-    docker
-        .create_container(
-            Some(CreateContainerOptions {
-                name: Some(name.to_owned()),
-                ..Default::default()
-            }),
-            body,
-        )
-        .await?;
-    Ok(())
-}
-
 /// Makes sure the network that steps asking for one join exists: a bridge
 /// whose Linux interface has the same name (so the host's firewall can
 /// refuse its traffic to the host), with no traffic between its containers.
@@ -369,6 +358,9 @@ pub struct Sandbox<'a> {
     pub limits: &'a Limits,
     /// The network of steps that ask for one.
     pub step_network: &'a str,
+    /// The build's own network with its service containers, if it has some:
+    /// every step joins it.
+    pub services_network: Option<&'a str>,
 }
 
 /// Runs one test step in a fresh container of `image`, streaming its output
@@ -390,16 +382,16 @@ pub async fn run_step(
         user: Some(sandbox.user.spec()),
         labels: Some(labels),
         tty: Some(false),
-        network_disabled: Some(!step.network),
+        network_disabled: Some(!step.network && sandbox.services_network.is_none()),
         host_config: Some(HostConfig {
             privileged: Some(false),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             binds: Some(vec![]),
-            network_mode: Some(if step.network {
-                sandbox.step_network.to_owned()
-            } else {
-                "none".to_owned()
+            network_mode: Some(match (step.network, sandbox.services_network) {
+                (true, _) => sandbox.step_network.to_owned(),
+                (false, Some(services)) => services.to_owned(),
+                (false, None) => "none".to_owned(),
             }),
             memory: Some(memory),
             memory_swap: Some(memory),
@@ -409,7 +401,23 @@ pub async fn run_step(
         }),
         ..Default::default()
     };
-    create(docker, name, body).await?;
+    gantry_docker::create_container(docker, name, body).await?;
+    if let (true, Some(services)) = (step.network, sandbox.services_network) {
+        // Also on the services' network, beside the step network.
+        let joined = docker
+            .connect_network(
+                services,
+                NetworkConnectRequest {
+                    container: name.to_owned(),
+                    endpoint_config: None,
+                },
+            )
+            .await;
+        if let Err(e) = joined {
+            remove_container(docker, name).await;
+            anyhow::bail!("cannot join the services' network: {}", docker_error(&e));
+        }
+    }
     let result = run_created(docker, name, step, log).await;
     remove_container(docker, name).await;
     result
@@ -465,9 +473,12 @@ async fn run_created(
     }
 }
 
-/// Removes the containers an earlier attempt of `build_id` left behind.
+/// Removes the containers (test steps, service containers) and networks
+/// of `build_id`: what an earlier attempt left behind, or this one's.
 pub async fn remove_leftovers(docker: &Docker, build_id: &str) {
-    gantry_docker::remove_containers(docker, &format!("{BUILD_LABEL}={build_id}"), None).await;
+    let label = format!("{BUILD_LABEL}={build_id}");
+    gantry_docker::remove_containers(docker, &label, None).await;
+    gantry_docker::remove_networks(docker, &label).await;
 }
 
 /// Removes the builder's own tags of a build's image; the engine deletes the

@@ -7,7 +7,8 @@
 //!   `checkout` (git at the exact commit), `context` (what is read from the
 //!   hostile checkout, confined to it), `.gantry.yml` read with
 //!   `gantry-pipeline`,
-//!   `docker` (image build and sandboxed test containers), `push` (the
+//!   `docker` (image build and sandboxed test containers), `services`
+//!   (containers the test steps talk to, on the build's network), `push` (the
 //!   tested image to the registry under its commit sha), `logs` (batched,
 //!   capped);
 //! - `stack_file` and `stack_run`: a stack's integration run (the
@@ -27,6 +28,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod logs;
 pub mod push;
+pub mod services;
 pub mod stack_file;
 pub mod stack_run;
 pub mod worker;

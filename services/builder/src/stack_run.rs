@@ -26,10 +26,11 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerStateStatusEnum, HealthStatusEnum};
+use bollard::models::ContainerStateStatusEnum;
 use bollard::query_parameters::{InspectContainerOptions, LogsOptions};
 use futures::StreamExt as _;
 use gantry_config::Project;
+use gantry_docker::Readiness;
 use gantry_proto::v1::StackRun;
 use uuid::Uuid;
 
@@ -415,39 +416,31 @@ async fn wait_healthy(
                     format!("service {service:?} has no container"),
                 ));
             };
-            let state = docker
-                .inspect_container(&id, None::<InspectContainerOptions>)
+            let readiness = gantry_docker::readiness(docker, &id)
                 .await
-                .map_err(|e| failure("health", gantry_docker::error_text(&e)))?
-                .state
-                .unwrap_or_default();
-            let health = state.health.as_ref().and_then(|h| h.status);
-            match (state.status, health) {
-                (Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD), _) => {
-                    let code = state.exit_code.unwrap_or_default();
+                .map_err(|e| failure("health", gantry_docker::error_text(&e)))?;
+            match readiness {
+                Readiness::Stopped(code) => {
                     return Err((
                         "health".into(),
                         code as i32,
                         format!("service {service:?} stopped (exit code {code}) before the tests"),
                     ));
                 }
-                (_, Some(HealthStatusEnum::UNHEALTHY)) => {
+                Readiness::Unhealthy => {
                     return Err(failure(
                         "health",
                         format!("service {service:?} is unhealthy"),
                     ));
                 }
-                (Some(ContainerStateStatusEnum::RUNNING), Some(HealthStatusEnum::HEALTHY)) => {
+                Readiness::Ready { checked: true } => {
                     log.system("health", format!("{service} is healthy")).await;
                 }
-                (
-                    Some(ContainerStateStatusEnum::RUNNING),
-                    None | Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY),
-                ) => {
+                Readiness::Ready { checked: false } => {
                     log.system("health", format!("{service} is running (no health check)"))
                         .await;
                 }
-                _ => still.push(service),
+                Readiness::Starting => still.push(service),
             }
         }
         waiting = still;

@@ -26,7 +26,7 @@ use crate::context::{self, Context};
 use crate::docker::{self, ATTEMPT_LABEL, BUILD_LABEL, Sandbox, StepEnd};
 use crate::jobs::{self, Claimed, End, Job, Verdict};
 use crate::logs::LogSink;
-use crate::stack_run;
+use crate::{services, stack_run};
 use gantry_pipeline::{self as pipeline_file, PipelineFile};
 
 /// How often an idle worker looks for builds whose lease ran out.
@@ -383,10 +383,14 @@ impl Worker {
         log.system("build", format!("built {image_id}")).await;
         drop(dir);
 
-        if let Err(failed) = self
+        let tested = self
             .run_tests(build, project, &file, &image_id, &labels, log, steps)
-            .await
-        {
+            .await;
+        if !file.services.is_empty() {
+            // The services (and their network) go as soon as the tests end.
+            docker::remove_leftovers(&self.docker, &build.id.to_string()).await;
+        }
+        if let Err(failed) = tested {
             // A failed image is never published: untag it so the engine can prune it.
             docker::untag(&self.docker, std::slice::from_ref(&tag)).await;
             return Err(Ended::Failed(failed));
@@ -588,10 +592,37 @@ impl Worker {
         if let Some(note) = &user.note {
             log.system("build", note).await;
         }
+        let services_network = if file.services.is_empty() {
+            None
+        } else {
+            let started = Instant::now();
+            match services::start(
+                &self.docker,
+                &self.config,
+                project,
+                &build_id,
+                build.attempt,
+                &file.services,
+                labels,
+                log,
+            )
+            .await
+            {
+                Ok(network) => {
+                    steps.push(result(services::STEP, 0, started));
+                    Some(network)
+                }
+                Err(reason) => {
+                    log.system(services::STEP, &reason).await;
+                    return Err(fail(services::STEP, 0, reason, steps.clone()));
+                }
+            }
+        };
         let sandbox = Sandbox {
             user: &user,
             limits: &project.limits,
             step_network: &self.step_network,
+            services_network: services_network.as_deref(),
         };
         for (i, step) in file.test.iter().enumerate() {
             let started = Instant::now();

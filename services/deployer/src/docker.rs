@@ -11,7 +11,7 @@ use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
 };
-use bollard::query_parameters::{CreateContainerOptions, LogsOptions, StopContainerOptions};
+use bollard::query_parameters::{LogsOptions, StopContainerOptions};
 use futures::StreamExt;
 use gantry_config::{Environment, Registry};
 
@@ -99,19 +99,7 @@ impl DockerTarget {
             }),
             ..Default::default()
         };
-        let created = self
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                }),
-                body,
-            )
-            .await
-            .map_err(EngineError)
-            .with_context(|| format!("creating container {name}"))?;
-        Ok(created.id)
+        gantry_docker::create_container(&self.docker, &name, body).await
     }
 
     /// Starts a created container.

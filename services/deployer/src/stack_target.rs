@@ -12,10 +12,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, HostConfigLogConfig,
-    NetworkCreateRequest, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, NetworkCreateRequest,
+    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
 };
-use bollard::query_parameters::CreateContainerOptions;
 use gantry_config::{Environment, Limits};
 use gantry_docker::EngineError;
 use gantry_proto::v1::StackService;
@@ -322,38 +321,15 @@ pub async fn create(
         hostname: def["hostname"].as_str().map(str::to_owned),
         stop_signal: def["stop_signal"].as_str().map(str::to_owned),
         host_config: Some(HostConfig {
-            network_mode: Some(at.env.network.clone()),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
                 maximum_retry_count: None,
             }),
-            memory: Some(
-                i64::try_from(at.limits.memory_mb)
-                    .unwrap_or(i64::MAX)
-                    .saturating_mul(1024 * 1024),
-            ),
-            pids_limit: Some(at.limits.pids),
-            nano_cpus: Some((at.limits.cpus * 1e9) as i64),
-            cap_drop: Some(vec!["ALL".into()]),
-            cap_add: Some(
-                gantry_docker::SERVICE_CAPABILITIES
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect(),
-            ),
-            security_opt: Some(vec!["no-new-privileges:true".into()]),
             init: def["init"].as_bool(),
             readonly_rootfs: def["read_only"].as_bool(),
             tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
             binds: (!binds.is_empty()).then_some(binds),
-            log_config: Some(HostConfigLogConfig {
-                typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    ("max-size".to_owned(), "10m".to_owned()),
-                    ("max-file".to_owned(), "1".to_owned()),
-                ])),
-            }),
-            ..Default::default()
+            ..gantry_docker::confined_host_config(at.limits, &at.env.network)
         }),
         networking_config: Some(NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
@@ -366,18 +342,7 @@ pub async fn create(
         }),
         ..Default::default()
     };
-    let created = docker
-        .create_container(
-            Some(CreateContainerOptions {
-                name: Some(name.clone()),
-                ..Default::default()
-            }),
-            body,
-        )
-        .await
-        .map_err(EngineError)
-        .with_context(|| format!("creating container {name}"))?;
-    Ok(created.id)
+    gantry_docker::create_container(docker, &name, body).await
 }
 
 /// A service's container in the environment, as found by its labels.
