@@ -17,6 +17,7 @@
 //!   `.gantry.yml` pipeline files.
 
 pub mod git;
+pub mod tags;
 pub mod tokens;
 pub mod yaml;
 
@@ -110,15 +111,18 @@ pub enum SecretKind {
     Forge,
     /// Chat webhook URLs (notifier).
     Chat,
+    /// Projects' secrets for their test steps (builder).
+    Step,
 }
 
 impl SecretKind {
-    pub const ALL: [SecretKind; 5] = [
+    pub const ALL: [SecretKind; 6] = [
         SecretKind::Webhook,
         SecretKind::Clone,
         SecretKind::Registry,
         SecretKind::Forge,
         SecretKind::Chat,
+        SecretKind::Step,
     ];
 }
 
@@ -254,6 +258,40 @@ struct RawProject {
     limits: RawLimits,
     #[serde(default)]
     cancel_superseded: CancelSuperseded,
+    #[serde(default)]
+    secrets: Vec<RawStepSecret>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStepSecret {
+    name: String,
+    value: SecretSource,
+    #[serde(default)]
+    protected: bool,
+}
+
+/// The shortest secret value: shorter ones cannot be masked in logs
+/// without masking ordinary text.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// A secret a project's test steps get as an environment variable.
+#[derive(Debug, Clone)]
+pub struct StepSecret {
+    /// The variable's name.
+    pub name: String,
+    /// Only in services that resolve [`SecretKind::Step`] (the builder).
+    pub value: Option<Secret>,
+    /// Only pipelines of the default branch and of tags get it.
+    pub protected: bool,
+}
+
+impl StepSecret {
+    /// Whether a pipeline of `branch` or `tag` (of a repository whose
+    /// default branch is `default_branch`) gets it.
+    pub fn given_to(&self, branch: &str, tag: &str, default_branch: &str) -> bool {
+        !self.protected || !tag.is_empty() || (!branch.is_empty() && branch == default_branch)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -427,6 +465,8 @@ pub struct Project {
     pub limits: Limits,
     /// Which newer pushes cancel an unfinished build.
     pub cancel_superseded: CancelSuperseded,
+    /// Secrets of its test steps (environment variables, masked in logs).
+    pub secrets: Vec<StepSecret>,
 }
 
 impl Project {
@@ -782,6 +822,58 @@ impl Check<'_> {
                     format!("follows {followed:?}, which is not a configured service project"),
                 );
             }
+            let mut secrets: Vec<StepSecret> = Vec::new();
+            for raw in p.secrets {
+                let valid_name = raw
+                    .name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && raw
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid_name {
+                    self.located(
+                        at,
+                        format!(
+                            "secret name {:?} is not an environment variable name",
+                            raw.name
+                        ),
+                    );
+                    continue;
+                }
+                if raw.name.starts_with("GANTRY_") {
+                    self.located(
+                        at,
+                        format!("secret name {:?}: GANTRY_ names are Gantry's", raw.name),
+                    );
+                    continue;
+                }
+                if secrets.iter().any(|s| s.name == raw.name) {
+                    self.located(at, format!("secret {:?} is given twice", raw.name));
+                    continue;
+                }
+                let field = format!("secrets.{}.value", raw.name);
+                let value = self.secret(SecretKind::Step, &raw.value, at, &field);
+                if value
+                    .as_ref()
+                    .is_some_and(|v| v.expose().len() < MIN_SECRET_LEN)
+                {
+                    self.located(
+                        at,
+                        format!(
+                            "secret {:?} is shorter than {MIN_SECRET_LEN} characters: it could not be masked in logs",
+                            raw.name
+                        ),
+                    );
+                }
+                secrets.push(StepSecret {
+                    name: raw.name,
+                    value,
+                    protected: raw.protected,
+                });
+            }
             projects.push(Project {
                 name: p.name,
                 kind: p.kind,
@@ -795,6 +887,7 @@ impl Check<'_> {
                 image,
                 limits,
                 cancel_superseded: p.cancel_superseded,
+                secrets,
             });
         }
         projects
@@ -1173,6 +1266,38 @@ mod tests {
         .expect_err("invalid");
         let msg = err.to_string();
         for needle in ["clone_url is empty", "GANTRY_TEST_SURELY_UNSET", "image"] {
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn step_secrets_are_named_long_and_protected_by_choice() {
+        let base = "projects:\n  - name: a\n    clone_url: x\n    webhook_secret: {value: s}\n    image: localhost/a\n    secrets:\n";
+        let ok = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}      - {{name: API_TOKEN, value: {{value: long-enough}}}}\n      - {{name: KEY, value: {{value: 0123456789}}, protected: true}}\n"),
+        )
+        .expect("valid");
+        let secrets = &ok.project("a").expect("a").secrets;
+        assert_eq!(
+            secrets[0].value.as_ref().map(|v| v.expose()),
+            Some("long-enough")
+        );
+        assert!(secrets[0].given_to("feature/x", "", "main"));
+        assert!(!secrets[1].given_to("feature/x", "", "main"));
+        assert!(secrets[1].given_to("main", "", "main"));
+        assert!(secrets[1].given_to("", "v1.0.0", "main"));
+        let err = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}      - {{name: SHORT, value: {{value: abc}}}}\n      - {{name: 1BAD, value: {{value: long-enough}}}}\n      - {{name: GANTRY_X, value: {{value: long-enough}}}}\n"),
+        )
+        .expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "secret \"SHORT\" is shorter than 8 characters",
+            "secret name \"1BAD\" is not an environment variable name",
+            "secret name \"GANTRY_X\": GANTRY_ names are Gantry's",
+        ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }
     }

@@ -41,7 +41,8 @@ const MIB: u64 = 1024 * 1024;
 /// Builds the image; returns its id (`sha256:...`). The `RUN` instructions
 /// are root in their containers: they get the project's memory and CPU
 /// limits, and the step network (firewalled off the host) when the project
-/// allows the network, else none.
+/// allows the network, else none. Layers of `cache_from` (images already
+/// in the engine) are reused where the Dockerfile's steps match.
 #[allow(clippy::too_many_arguments)]
 pub async fn build_image(
     docker: &Docker,
@@ -51,6 +52,7 @@ pub async fn build_image(
     labels: HashMap<String, String>,
     limits: &Limits,
     step_network: &str,
+    cache_from: &[String],
     log: &LogSink,
 ) -> anyhow::Result<String> {
     // The engine takes the build containers' memory as a 32-bit number.
@@ -73,6 +75,7 @@ pub async fn build_image(
         } else {
             "none".to_owned()
         }),
+        cachefrom: (!cache_from.is_empty()).then(|| cache_from.to_vec()),
         ..Default::default()
     };
     if limits.allow_network {
@@ -361,6 +364,8 @@ pub struct Sandbox<'a> {
     /// The build's own network with its service containers, if it has some:
     /// every step joins it.
     pub services_network: Option<&'a str>,
+    /// `NAME=value` of the project's secrets this pipeline gets.
+    pub env: &'a [String],
 }
 
 /// Runs one test step in a fresh container of `image`, streaming its output
@@ -379,6 +384,7 @@ pub async fn run_step(
     let body = ContainerCreateBody {
         image: Some(image.to_owned()),
         cmd: Some(step.cmd.clone()),
+        env: Some(sandbox.env.to_vec()),
         user: Some(sandbox.user.spec()),
         labels: Some(labels),
         tty: Some(false),

@@ -10,7 +10,7 @@
 //!   `docker` (image build and sandboxed test containers), `services`
 //!   (containers the test steps talk to, on the build's network), `push` (the
 //!   tested image to the registry under its commit sha), `logs` (batched,
-//!   capped);
+//!   capped, with the project's secrets masked by `mask`);
 //! - `stack_file` and `stack_run`: a stack's integration run (the
 //!   `stack:` section of its `.gantry.yml` from `gantry-pipeline`, its compose file made safe and
 //!   pinned, `docker-compose` up, health, test services, logs, always torn
@@ -27,6 +27,7 @@ pub mod docker;
 pub mod grpc;
 pub mod jobs;
 pub mod logs;
+pub mod mask;
 pub mod push;
 pub mod services;
 pub mod stack_file;
@@ -147,7 +148,7 @@ impl Handler for RequestHandler {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry]);
+    gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry, Step]);
 
     async fn start(
         s: Settings,

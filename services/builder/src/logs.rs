@@ -9,13 +9,17 @@
 //! `limit`): past it, a line says the log was cut and the rest is counted,
 //! not stored; the builder's own lines are always kept, and the step's exit
 //! code still decides. [`LogSink::close`] stores what is pending before the
-//! verdict is written, so a finished build has all its rows.
+//! verdict is written, so a finished build has all its rows. The project's
+//! secrets are masked before anything is stored (see [`crate::mask`]), so
+//! neither the stored log nor `StreamLogs` ever holds them.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+
+use crate::mask::Masker;
 
 /// Largest row of `build_logs`.
 pub const ROW_BYTES: usize = 64 * 1024;
@@ -63,11 +67,16 @@ struct Writer {
     cut: bool,
     rows: Vec<Row>,
     pending: usize,
+    /// The project's secrets.
+    masker: Masker,
+    /// The step of the last chunk.
+    last_step: Option<String>,
 }
 
 impl Writer {
-    /// A writer of one attempt of `build_id` that keeps at most `limit` bytes.
-    fn new(pool: PgPool, build_id: Uuid, attempt: i32, limit: usize) -> Self {
+    /// A writer of one attempt of `build_id` that keeps at most `limit`
+    /// bytes and masks what `masker` knows.
+    fn new(pool: PgPool, build_id: Uuid, attempt: i32, limit: usize, masker: Masker) -> Self {
         Self {
             pool,
             build_id,
@@ -78,6 +87,8 @@ impl Writer {
             cut: false,
             rows: Vec::new(),
             pending: 0,
+            masker,
+            last_step: None,
         }
     }
 
@@ -100,8 +111,26 @@ impl Writer {
         self.pending += data.len();
     }
 
-    /// Takes a chunk, applying the cap to output (never to system lines).
+    /// Takes a chunk: masks it (the end of an output chunk may wait for the
+    /// next one of its stream), then keeps it.
     fn take(&mut self, step: String, stream: &'static str, data: Vec<u8>) {
+        if self.step_changed(&step) {
+            // Steps run one after the other: what an earlier one held back
+            // will not be continued.
+            self.release_held();
+        }
+        let data = if stream == "system" {
+            self.masker.mask(&data)
+        } else {
+            self.masker.feed(&step, stream, &data)
+        };
+        if !data.is_empty() {
+            self.keep(step, stream, data);
+        }
+    }
+
+    /// Keeps a masked chunk, applying the cap to output (never to system lines).
+    fn keep(&mut self, step: String, stream: &'static str, data: Vec<u8>) {
         if stream == "system" {
             self.push(&step, stream, &data);
             return;
@@ -189,8 +218,28 @@ impl Writer {
         }
     }
 
-    /// The closing line of a cut log, once.
+    /// Whether `step` is another step than the last chunk's.
+    fn step_changed(&mut self, step: &str) -> bool {
+        let changed = self.last_step.as_deref().is_some_and(|last| last != step);
+        if self.last_step.as_deref() != Some(step) {
+            self.last_step = Some(step.to_owned());
+        }
+        changed
+    }
+
+    /// Keeps what the masker held back: its stream has ended.
+    fn release_held(&mut self) {
+        for (step, stream, rest) in self.masker.finish() {
+            if !rest.is_empty() {
+                self.keep(step, stream, rest);
+            }
+        }
+    }
+
+    /// What the masker held back (the output has ended), then the closing
+    /// line of a cut log, once.
     fn finish(&mut self) {
+        self.release_held();
         if self.dropped > 0 {
             let line = format!(
                 "[gantry] log cut: {} of output beyond the {} limit were not stored\n",
@@ -219,10 +268,17 @@ fn human(bytes: u64) -> String {
 
 impl LogSink {
     /// A sink for one attempt of `build_id`, keeping at most `limit` bytes
-    /// of output. Starts its writer task.
-    pub fn new(pool: PgPool, build_id: Uuid, attempt: i32, limit: usize) -> Self {
+    /// of output, with `secrets` masked. Starts its writer task.
+    pub fn new<'a>(
+        pool: PgPool,
+        build_id: Uuid,
+        attempt: i32,
+        limit: usize,
+        secrets: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(Writer::new(pool, build_id, attempt, limit).run(rx));
+        let masker = Masker::new(secrets);
+        tokio::spawn(Writer::new(pool, build_id, attempt, limit, masker).run(rx));
         Self { tx }
     }
 
@@ -268,6 +324,7 @@ mod tests {
             Uuid::nil(),
             1,
             limit,
+            Masker::new(["s3cr3t-value"]),
         )
     }
 
@@ -304,6 +361,25 @@ mod tests {
         assert_eq!(sizes, vec![ROW_BYTES, ROW_BYTES, 5]);
         w.take("other".into(), "stderr", b"y".to_vec());
         assert_eq!(w.rows.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_before_anything_is_kept() {
+        let mut w = writer(1000);
+        w.take("unit".into(), "stdout", b"key: s3cr3t-".to_vec());
+        w.take("unit".into(), "stdout", b"value\nend s3".to_vec());
+        w.take("unit".into(), "system", b"$ echo s3cr3t-value\n".to_vec());
+        w.finish();
+        let text: String = w
+            .rows
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.data).into_owned())
+            .collect();
+        assert!(!text.contains("s3cr3t-value"), "{text}");
+        assert!(text.contains("key: [MASKED]\nend "), "{text}");
+        assert!(text.contains("$ echo [MASKED]"), "{text}");
+        // What was held back as a possible secret comes out at the end.
+        assert!(text.ends_with("s3"), "{text}");
     }
 
     #[test]

@@ -296,6 +296,10 @@ impl Worker {
             build.id,
             build.attempt,
             project.limits.log_bytes,
+            project
+                .secrets
+                .iter()
+                .filter_map(|s| s.value.as_ref().map(|v| v.expose())),
         );
         let end = match &build.job {
             Job::Build(_) => End::Build(self.run_build(build, project, &log).await),
@@ -377,7 +381,15 @@ impl Worker {
 
         let started = Instant::now();
         let image_id = self
-            .build_image(dir.path(), project, &file, &tag, image_labels, log)
+            .build_image(
+                dir.path(),
+                project,
+                &revision,
+                &file,
+                &tag,
+                image_labels,
+                log,
+            )
             .await?;
         steps.push(result("build", 0, started));
         log.system("build", format!("built {image_id}")).await;
@@ -463,10 +475,12 @@ impl Worker {
     }
 
     /// Builds the image from the checked, confined context.
+    #[allow(clippy::too_many_arguments)]
     async fn build_image(
         &self,
         checkout: &std::path::Path,
         project: &gantry_config::Project,
+        revision: &gantry_proto::v1::Revision,
         file: &PipelineFile,
         tag: &str,
         labels: HashMap<String, String>,
@@ -477,7 +491,8 @@ impl Worker {
             .await
             .unwrap_or_else(|e| Err(context::Refused(format!("{e}"))))
             .map_err(|refused| Ended::stop("build", refused.to_string()))?;
-        docker::build_image(
+        let cache = self.pull_cache(project, revision, log).await;
+        let built = docker::build_image(
             &self.docker,
             context,
             &file.image,
@@ -485,10 +500,48 @@ impl Worker {
             labels,
             &project.limits,
             &self.step_network,
+            &cache,
             log,
         )
-        .await
-        .map_err(|e| Ended::stop("build", format!("image build failed: {e:#}")))
+        .await;
+        // The registry keeps them: the engine does not.
+        docker::untag(&self.docker, &cache).await;
+        built.map_err(|e| Ended::stop("build", format!("image build failed: {e:#}")))
+    }
+
+    /// Pulls the project's last published images of this branch and of the
+    /// default branch (`:<branch tag>`, `:latest`), whose layers the image
+    /// build may reuse: the registry is the build cache, so every builder
+    /// replica, on any host, has the same one. Returns those it got.
+    async fn pull_cache(
+        &self,
+        project: &gantry_config::Project,
+        revision: &gantry_proto::v1::Revision,
+        log: &LogSink,
+    ) -> Vec<String> {
+        let mut wanted = Vec::new();
+        if !revision.branch.is_empty() {
+            wanted.push(format!(
+                "{}:{}",
+                project.image,
+                gantry_config::tags::branch_tag(&revision.branch)
+            ));
+        }
+        wanted.push(format!("{}:latest", project.image));
+        wanted.dedup();
+        let registry = self.config.registry_for(&project.image);
+        let mut pulled = Vec::new();
+        for reference in wanted {
+            if gantry_docker::pull(&self.docker, &reference, &registry)
+                .await
+                .is_ok()
+            {
+                log.system("build", format!("build cache: {reference}"))
+                    .await;
+                pulled.push(reference);
+            }
+        }
+        pulled
     }
 
     /// The engine's tags of a build's image: the builder's own, and the one
@@ -618,11 +671,13 @@ impl Worker {
                 }
             }
         };
+        let env = secrets_for(build, project, log).await;
         let sandbox = Sandbox {
             user: &user,
             limits: &project.limits,
             step_network: &self.step_network,
             services_network: services_network.as_deref(),
+            env: &env,
         };
         for (i, step) in file.test.iter().enumerate() {
             let started = Instant::now();
@@ -687,6 +742,41 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// `NAME=value` of the project's secrets a build's test steps get: a
+/// protected one only in pipelines of the default branch and of tags. The
+/// log names the ones withheld (never a value).
+async fn secrets_for(
+    build: &Claimed,
+    project: &gantry_config::Project,
+    log: &LogSink,
+) -> Vec<String> {
+    let rev = build.job.revision();
+    let default_branch = if rev.default_branch.is_empty() {
+        &project.default_branch
+    } else {
+        &rev.default_branch
+    };
+    let (given, withheld): (Vec<_>, Vec<_>) = project
+        .secrets
+        .iter()
+        .partition(|s| s.given_to(&rev.branch, &rev.tag, default_branch));
+    if !withheld.is_empty() {
+        let names: Vec<&str> = withheld.iter().map(|s| s.name.as_str()).collect();
+        log.system(
+            "build",
+            format!(
+                "secrets withheld from this pipeline (protected: only the default branch and tags get them): {}",
+                names.join(", ")
+            ),
+        )
+        .await;
+    }
+    given
+        .into_iter()
+        .filter_map(|s| Some(format!("{}={}", s.name, s.value.as_ref()?.expose())))
+        .collect()
 }
 
 /// Why a build ended before its verdict was success.
