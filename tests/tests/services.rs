@@ -1,8 +1,9 @@
 //! Service containers beside the test steps (`services:` of `.gantry.yml`):
 //! a step reaches its service by alias on the build's own network, which
 //! has no way out; the service is waited for until ready; an image from an
-//! unconfigured registry and a service that never gets ready fail the build
-//! at step `services`, saying why; nothing of them stays in the engine.
+//! unconfigured registry or of a repository pipelines push to, and a
+//! service that never gets ready, fail the build at step `services`, saying
+//! why; nothing of them stays in the engine.
 
 use std::time::Duration;
 
@@ -100,6 +101,17 @@ async fn test_steps_talk_to_service_containers_by_alias_and_nothing_stays() {
         reason.contains("is not in a registry of the Gantry configuration"),
         "{reason}"
     );
+
+    // The project's own image: any branch's pipeline pushes there.
+    let own = pipeline(
+        &format!("  - image: {}:latest\n", project.image()),
+        "  - name: t\n    run: 'true'\n",
+    );
+    let c4 = repo.commit_file(".gantry.yml", &own, "own image as a service");
+    let p4 = stack.push(&project, main, &c4).await;
+    let (step, reason) = failure(&stack, &p4).await;
+    assert_eq!(step, "services");
+    assert!(reason.contains("is this project's own"), "{reason}");
 
     // A service that never gets ready: the build fails within its wait,
     // with the service's own log.

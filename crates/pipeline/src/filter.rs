@@ -130,15 +130,34 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
     segments(&pattern, &path)
 }
 
+/// Whether the path's segments match the pattern's, `**` spanning any
+/// number of them. Dynamic programming over (pattern, path) positions, so
+/// the time is their product whatever the pattern (no backtracking blow-up).
 fn segments(pattern: &[&str], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((&"**", rest)) => (0..=path.len()).any(|skip| segments(rest, &path[skip..])),
-        Some((first, rest)) => match path.split_first() {
-            Some((name, path_rest)) => segment(first, name) && segments(rest, path_rest),
-            None => false,
-        },
+    // `**/**` is `**`.
+    let mut p: Vec<&str> = Vec::with_capacity(pattern.len());
+    for seg in pattern {
+        if *seg == "**" && p.last() == Some(&"**") {
+            continue;
+        }
+        p.push(seg);
     }
+    let (np, ns) = (p.len(), path.len());
+    // next[j]: whether p[i+1..] matches path[j..]; row[j]: p[i..] vs path[j..].
+    let mut next = vec![false; ns + 1];
+    next[ns] = true;
+    for i in (0..np).rev() {
+        let mut row = vec![false; ns + 1];
+        for j in (0..=ns).rev() {
+            row[j] = if p[i] == "**" {
+                next[j] || (j < ns && row[j + 1])
+            } else {
+                j < ns && next[j + 1] && segment(p[i], path[j])
+            };
+        }
+        next = row;
+    }
+    next[0]
 }
 
 /// `*` (any run) and `?` (one character) within one path segment.
@@ -190,6 +209,17 @@ mod tests {
             "services/api/migrations/1.sql"
         ));
         assert!(path_matches("**", "anything/at/all"));
+        assert!(path_matches("a/**/b/**/c", "a/x/b/y/z/c"));
+        assert!(!path_matches("a/**/b/**/c", "a/x/c"));
+    }
+
+    #[test]
+    fn many_double_stars_against_a_deep_path_stay_fast() {
+        let pattern = format!("{}zz", "**/x/".repeat(30));
+        let path = format!("{}f", "a/".repeat(200));
+        assert!(!path_matches(&pattern, &path));
+        let pattern = format!("{}zz", "**/".repeat(40));
+        assert!(!path_matches(&pattern, &path));
     }
 
     fn rules(only: Filter, except: Filter) -> Rules {

@@ -34,6 +34,8 @@ use crate::{FILE, check_version, inside_repo, seconds};
 
 /// Step names used by the builder itself.
 pub const RESERVED_STEPS: [&str; 5] = ["checkout", "config", "build", "services", "cancel"];
+/// Most path patterns in `only.changes` or `except.changes`.
+pub const MAX_PATTERNS: usize = 100;
 /// Most service containers a build may start.
 pub const MAX_SERVICES: usize = 5;
 /// Default time a service container has to become ready.
@@ -216,7 +218,21 @@ struct RawFilter {
 impl RawFilter {
     fn check(self) -> Result<Filter, LocatedError> {
         let mut changes = Vec::new();
+        if let Some(extra) = self.changes.get(MAX_PATTERNS) {
+            return Err(error_at(
+                FILE,
+                extra,
+                format!("at most {MAX_PATTERNS} path patterns"),
+            ));
+        }
         for c in self.changes {
+            if c.value.len() > 1024 {
+                return Err(error_at(
+                    FILE,
+                    &c,
+                    "a path pattern may be 1024 bytes long at most",
+                ));
+            }
             if c.value.trim().is_empty() || c.value.split('/').any(|s| s == "..") {
                 return Err(error_at(
                     FILE,

@@ -1,8 +1,12 @@
 //! Masking a project's secrets in build logs: every stored (and so every
 //! streamed) line shows `[MASKED]` where a secret's value was printed —
 //! plainly, base64-encoded (standard or URL-safe alphabet, with or without
-//! padding) or URL-encoded (percent-encoding, `+` for spaces) — also when
-//! the value arrives split across two chunks of output.
+//! padding, and each line of the standard form wrapped at 64 or 76 columns)
+//! or URL-encoded (percent-encoding with upper or lower hex digits, `+` for
+//! spaces, and as Python's `quote` and JavaScript's `encodeURIComponent`
+//! write it) — also when the value arrives split across two chunks of
+//! output. Other encodings, and the base64 of a value inside a longer text
+//! (`user:secret` in Basic auth), are not recognised.
 //!
 //! The writer feeds each chunk of a step's stream through [`Masker::feed`].
 //! Output that could be the beginning of a secret is held back until the
@@ -127,16 +131,32 @@ fn forms(value: &str) -> Vec<Vec<u8>> {
     let bytes = value.as_bytes();
     let std = base64(bytes, STANDARD);
     let url = base64(bytes, URL_SAFE);
-    vec![
+    let mut forms = vec![
         bytes.to_vec(),
         std.clone().into_bytes(),
         std.trim_end_matches('=').as_bytes().to_vec(),
         url.clone().into_bytes(),
         url.trim_end_matches('=').as_bytes().to_vec(),
-        percent(bytes, false).into_bytes(),
-        percent(bytes, true).into_bytes(),
+        percent(bytes, false, b"").into_bytes(),
+        percent(bytes, true, b"").into_bytes(),
         percent_lower(bytes).into_bytes(),
-    ]
+        // Python's `quote` keeps `/`; JavaScript's `encodeURIComponent`
+        // keeps `!*'()`.
+        percent(bytes, false, b"/").into_bytes(),
+        percent(bytes, false, b"!*'()").into_bytes(),
+    ];
+    // `base64` wraps at 76 columns, `openssl base64` at 64: each line of a
+    // long value's encoding is masked on its own.
+    for width in [64, 76] {
+        if std.len() > width {
+            for line in std.as_bytes().chunks(width) {
+                if line.len() >= MIN_LEN {
+                    forms.push(line.to_vec());
+                }
+            }
+        }
+    }
+    forms
 }
 
 const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -162,15 +182,17 @@ fn base64(data: &[u8], alphabet: &[u8; 64]) -> String {
     out
 }
 
-/// Percent-encoding of everything but RFC 3986's unreserved characters;
-/// with `form`, a space is `+` (as HTML forms and query strings write it).
-fn percent(data: &[u8], form: bool) -> String {
+/// Percent-encoding of everything but RFC 3986's unreserved characters
+/// and `keep`; with `form`, a space is `+` (as HTML forms and query strings
+/// write it).
+fn percent(data: &[u8], form: bool, keep: &[u8]) -> String {
     let mut out = String::new();
     for &b in data {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
                 out.push(b as char)
             }
+            _ if keep.contains(&b) => out.push(b as char),
             b' ' if form => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -221,6 +243,37 @@ mod tests {
         assert_eq!(masked("s3cr3t+value%2F42%21"), "[MASKED]");
         assert_eq!(masked("s3cr3t%20value%2f42%21"), "[MASKED]");
         assert_eq!(masked("nothing secret here"), "nothing secret here");
+        // Python's quote() and JavaScript's encodeURIComponent().
+        assert_eq!(masked("s3cr3t%20value/42%21"), "[MASKED]");
+        assert_eq!(masked("s3cr3t%20value%2F42!"), "[MASKED]");
+    }
+
+    #[test]
+    fn a_wrapped_base64_of_a_long_value_is_masked_line_by_line() {
+        let long = "a-long-secret-".repeat(8);
+        let encoded = base64(long.as_bytes(), STANDARD);
+        let mut m = Masker::new([long.as_str()]);
+        for width in [64, 76] {
+            let wrapped: Vec<String> = encoded
+                .as_bytes()
+                .chunks(width)
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+                .collect();
+            let mut out = m.feed(
+                "s",
+                "stdout",
+                format!("{}\n", wrapped.join("\n")).as_bytes(),
+            );
+            for (_, _, rest) in m.finish() {
+                out.extend(rest);
+            }
+            let text = String::from_utf8_lossy(&out);
+            for line in &wrapped {
+                if line.len() >= MIN_LEN {
+                    assert!(!text.contains(line.as_str()), "{width}: {text}");
+                }
+            }
+        }
     }
 
     #[test]

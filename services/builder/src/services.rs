@@ -7,10 +7,11 @@
 //!   The services join it under their alias; every test step joins it too
 //!   (a step that asks for the network also keeps the step network).
 //! - **Images** come only from registries of the Gantry configuration, and
-//!   never from the repository of another configured project (its images
-//!   are that team's, and may hold what it does not share). They are pulled
-//!   with the registry's credentials every time: an image already in the
-//!   engine is not trusted.
+//!   never from the repository of a configured project, this one included:
+//!   pipelines push those from any branch, so a branch could choose what
+//!   runs (as root) beside the tests, and another team's may hold what it
+//!   does not share. They are pulled with the registry's credentials every
+//!   time: an image already in the engine is not trusted.
 //! - **Confinement**: a service runs as its image says (databases start as
 //!   root and drop to their own user), with only the capabilities such
 //!   services need, `no-new-privileges`, the project's limits and a capped
@@ -70,11 +71,15 @@ pub fn refuse_image(config: &GantryConfig, project: &Project, image: &str) -> Op
     config
         .projects
         .iter()
-        .find(|p| p.name != project.name && !p.image.is_empty() && p.image == repository)
-        .map(|other| {
+        .find(|p| !p.image.is_empty() && p.image == repository)
+        .map(|built| {
+            let whose = if built.name == project.name {
+                "this project's own".to_owned()
+            } else {
+                format!("project {:?}'s", built.name)
+            };
             format!(
-                "image {image:?} is project {:?}'s; a build may not run another project's images",
-                other.name
+                "image {image:?} is {whose}: images that pipelines push (from any branch) do not run as services"
             )
         })
 }
