@@ -268,6 +268,31 @@ pub async fn apply(
     Ok(queued)
 }
 
+/// Records `version` (an image digest, or `stack-release:<n>`) as what runs
+/// in `environment`; whether it differs from what was announced before
+/// (a redeploy of the same version is not news for the team).
+pub(crate) async fn announce_version(
+    tx: &mut Transaction<'_, Postgres>,
+    environment: &str,
+    version: &str,
+) -> sqlx::Result<bool> {
+    let announced: Option<String> = sqlx::query_scalar!(
+        "SELECT digest FROM environment_state WHERE environment = $1",
+        environment,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    sqlx::query!(
+        "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
+                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+        environment,
+        version,
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(announced.as_deref() != Some(version))
+}
+
 /// What a deploy event says: the deployment's commit status (unless a
 /// rollback repeats a failure already told) and, when something changed for
 /// the team, a chat message. Returns whether a status was queued, and the
@@ -310,26 +335,12 @@ async fn deployment_effects(
         queued |= outbound::queue_status(tx, config, &event.project, rev, &status).await?;
     }
     let chat = match event.payload.as_ref() {
-        Some(Payload::DeploySucceeded(s)) => {
-            let announced: Option<String> = sqlx::query_scalar!(
-                "SELECT digest FROM environment_state WHERE environment = $1",
-                d.environment,
-            )
-            .fetch_optional(&mut **tx)
-            .await?;
-            sqlx::query!(
-                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
-                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
-                d.environment,
-                d.digest,
-            )
-            .execute(&mut **tx)
-            .await?;
-            (announced.as_deref() != Some(d.digest.as_str())).then(|| ChatEvent::Deployed {
+        Some(Payload::DeploySucceeded(s)) => announce_version(tx, &d.environment, &d.digest)
+            .await?
+            .then(|| ChatEvent::Deployed {
                 environment: d.environment.clone(),
                 endpoint: s.endpoint.clone(),
-            })
-        }
+            }),
         // With a previous version, deploy.rolled_back follows and speaks for both.
         Some(Payload::DeployFailed(_)) => {
             d.previous_digest

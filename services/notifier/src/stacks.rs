@@ -92,21 +92,7 @@ async fn deploy_effects(
                 return Ok(false);
             };
             let current = format!("stack-release:{}", d.release);
-            let announced: Option<String> = sqlx::query_scalar!(
-                "SELECT digest FROM environment_state WHERE environment = $1",
-                d.environment,
-            )
-            .fetch_optional(&mut **tx)
-            .await?;
-            sqlx::query!(
-                "INSERT INTO environment_state (environment, digest) VALUES ($1, $2)
-                 ON CONFLICT (environment) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
-                d.environment,
-                current,
-            )
-            .execute(&mut **tx)
-            .await?;
-            if announced.as_deref() == Some(current.as_str()) {
+            if !crate::projection::announce_version(tx, &d.environment, &current).await? {
                 return Ok(false);
             }
             (
