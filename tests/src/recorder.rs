@@ -1,7 +1,9 @@
-//! An HTTP server that stands in for what cannot run here — GitLab's and
-//! GitHub's commit status APIs, Slack-compatible and generic chat webhooks —
-//! and records every call it gets. It answers as those services do: 201 with
-//! the created status for the forges, 200 `ok` for Slack.
+//! An HTTP server that stands in for what cannot run here — GitLab's,
+//! GitHub's and Gitea's commit status and merge request comment APIs,
+//! Slack-compatible and generic chat webhooks — and records every call it
+//! gets. It answers as those services do: 201 with the created status, 201
+//! with the new comment and its `id`, 200 with an edited comment (404 for
+//! one it never created), 200 `ok` for Slack.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +26,8 @@ struct State {
     calls: Vec<Call>,
     /// Answer 500 to this many calls whose path starts with the prefix.
     failures: Vec<(String, usize)>,
+    /// The id of the last comment created.
+    next_id: u64,
 }
 
 #[derive(Clone)]
@@ -61,8 +65,33 @@ impl Recorder {
                         headers,
                         body: body.clone(),
                     });
+                    let comment = path.ends_with("/notes") || path.ends_with("/comments");
                     if path.contains("/statuses/") {
                         (StatusCode::CREATED, axum::Json(body)).into_response()
+                    } else if comment && method == Method::POST {
+                        // A created note (GitLab) or issue comment (GitHub,
+                        // Gitea): 201 with its id.
+                        s.next_id += 1;
+                        let mut created = body;
+                        created["id"] = serde_json::json!(s.next_id);
+                        (StatusCode::CREATED, axum::Json(created)).into_response()
+                    } else if method == Method::PUT || method == Method::PATCH {
+                        // An edited note or comment: 200 with it.
+                        let id: u64 = path
+                            .rsplit('/')
+                            .next()
+                            .and_then(|i| i.parse().ok())
+                            .unwrap_or(0);
+                        if id == 0 || id > s.next_id {
+                            return (
+                                StatusCode::NOT_FOUND,
+                                axum::Json(serde_json::json!({"message": "Not Found"})),
+                            )
+                                .into_response();
+                        }
+                        let mut edited = body;
+                        edited["id"] = serde_json::json!(id);
+                        (StatusCode::OK, axum::Json(edited)).into_response()
                     } else {
                         (StatusCode::OK, "ok").into_response()
                     }

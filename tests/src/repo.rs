@@ -67,6 +67,21 @@ impl SampleRepo {
         &self.path
     }
 
+    /// A fork: a clone of this repository (its history, on its current
+    /// branch) in a directory of its own.
+    pub fn fork(&self) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-fork-")
+            .tempdir()
+            .expect("tempdir");
+        let path = dir.path().join("fork");
+        git(
+            dir.path(),
+            &["clone", "-q", &self.path.to_string_lossy(), "fork"],
+        );
+        Self { _dir: dir, path }
+    }
+
     /// `file://` URL the builder clones from.
     pub fn url(&self) -> String {
         format!("file://{}", self.path.display())

@@ -30,6 +30,7 @@ pub const SECRET: &str = "It's a Secret to Everybody";
 /// The forge API tokens of stacks with a forge.
 pub const GITLAB_TOKEN: &str = "glpat-e2e-4f0c9d2b7a61";
 pub const GITHUB_TOKEN: &str = "ghp_e2e5b3a8c1d6f2e9";
+pub const GITEA_TOKEN: &str = "gitea-e2e-8a2c4e6f1b3d";
 
 /// API tokens every stack configures, one per scope.
 pub mod tokens {
@@ -53,6 +54,7 @@ pub struct ProjectSpec {
     pub clone_url: String,
     pub gitlab: String,
     pub github: String,
+    pub gitea: String,
     /// Repository path in the registry (without the host).
     pub image_path: String,
     /// Registry host (the loopback registry unless a test changes it).
@@ -72,6 +74,7 @@ impl ProjectSpec {
             clone_url: clone_url.to_owned(),
             gitlab: format!("team/{name}"),
             github: format!("team/{name}"),
+            gitea: format!("team/{name}"),
             image_path: format!("e2e/{unique}/{name}"),
             registry: crate::infra::registry(),
             stack: false,
@@ -343,11 +346,12 @@ impl Stack {
         let mut config = String::from("projects:\n");
         for p in &options.projects {
             config.push_str(&format!(
-                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    webhook_secret: {{file: {}}}\n",
+                "  - name: {}\n    clone_url: {}\n    gitlab: {}\n    github: {}\n    gitea: {}\n    webhook_secret: {{file: {}}}\n",
                 p.name,
                 p.clone_url,
                 p.gitlab,
                 p.github,
+                p.gitea,
                 secret_path.display(),
             ));
             config.push_str(&if p.stack {
@@ -393,7 +397,7 @@ impl Stack {
         }
         if let Some(forge) = &options.forge {
             config.push_str(&format!(
-                "forges:\n  gitlab: {{url: {forge}, token: {{value: {GITLAB_TOKEN}}}}}\n  github: {{url: {forge}, token: {{value: {GITHUB_TOKEN}}}}}\n"
+                "forges:\n  gitlab: {{url: {forge}, token: {{value: {GITLAB_TOKEN}}}}}\n  github: {{url: {forge}, token: {{value: {GITHUB_TOKEN}}}}}\n  gitea: {{url: {forge}, token: {{value: {GITEA_TOKEN}}}}}\n"
             ));
         }
         if !options.chat.is_empty() {
@@ -830,6 +834,28 @@ impl Stack {
                 "x-hub-signature-256",
                 crate::forge::github_signature(s, body),
             );
+        }
+        req.send().await.expect("webhook-ingest answers")
+    }
+
+    /// POSTs a Gitea delivery signed with `secret` (unsigned when `None`).
+    pub async fn post_gitea(
+        &self,
+        body: &serde_json::Value,
+        secret: Option<&str>,
+        event: &str,
+        delivery: &str,
+    ) -> reqwest::Response {
+        let body = serde_json::to_vec(body).expect("json");
+        let mut req = self
+            .http_client()
+            .post(self.ingest_url("/hooks/gitea"))
+            .header("content-type", "application/json")
+            .header("x-gitea-event", event)
+            .header("x-gitea-delivery", delivery)
+            .body(body.clone());
+        if let Some(s) = secret {
+            req = req.header("x-gitea-signature", crate::forge::gitea_signature(s, &body));
         }
         req.send().await.expect("webhook-ingest answers")
     }

@@ -15,7 +15,7 @@ use gantry_tests::auth_registry::start_registry;
 use gantry_tests::git_http::GitServer;
 use gantry_tests::recorder::Recorder;
 use gantry_tests::stack::{
-    GITHUB_TOKEN, GITLAB_TOKEN, ProjectSpec, SECRET, SERVICES, bin_dir, tokens,
+    GITEA_TOKEN, GITHUB_TOKEN, GITLAB_TOKEN, ProjectSpec, SECRET, SERVICES, bin_dir, tokens,
 };
 use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions, accepted_pipeline, forge};
 
@@ -208,6 +208,7 @@ async fn no_configured_secret_reaches_any_log_record_or_call() {
         ("registry password", REGISTRY_PASSWORD.to_owned()),
         ("GitLab token", GITLAB_TOKEN.to_owned()),
         ("GitHub token", GITHUB_TOKEN.to_owned()),
+        ("Gitea token", GITEA_TOKEN.to_owned()),
         ("chat URL", chat_url.clone()),
         ("chat URL secret", CHAT_SECRET.to_owned()),
         ("admin API token", tokens::ADMIN.to_owned()),

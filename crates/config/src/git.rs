@@ -87,6 +87,51 @@ pub fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>
     )
 }
 
+/// The place a git URL points to, for comparing two of them: scheme and
+/// `host[:port]` (lowercase, user info dropped); `ssh` for the scp-like
+/// `user@host:path`; `file` and no host for a local path.
+fn origin(url: &str) -> (String, String) {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        return (scheme.to_ascii_lowercase(), host.to_ascii_lowercase());
+    }
+    match url.split_once(':') {
+        Some((host, _)) if !host.contains('/') => (
+            "ssh".into(),
+            host.rsplit_once('@')
+                .map_or(host, |(_, h)| h)
+                .to_ascii_lowercase(),
+        ),
+        _ => ("file".into(), String::new()),
+    }
+}
+
+/// Whether Gantry may fetch a fork's merge request from `fork_url`, a URL
+/// that came in a webhook, for a project cloned from `project_url`: only
+/// from the same server (scheme, host and port), which also gets the
+/// project's clone credentials; never a URL with credentials of its own
+/// or one git could take for an option. Returns why not.
+pub fn fork_url_refusal(project_url: &str, fork_url: &str) -> Option<String> {
+    if fork_url.is_empty() {
+        return Some("the fork's clone URL is missing".into());
+    }
+    if fork_url.starts_with('-') || fork_url.chars().any(|c| c.is_control() || c == ' ') {
+        return Some(format!("the fork's clone URL {fork_url:?} is not a URL"));
+    }
+    if split_credentials(fork_url).1.is_some() {
+        return Some("the fork's clone URL carries credentials".into());
+    }
+    let (want, got) = (origin(project_url), origin(fork_url));
+    if want != got {
+        return Some(format!(
+            "the fork's clone URL {fork_url:?} is not on the server of the project's clone URL ({}://{})",
+            want.0, want.1
+        ));
+    }
+    None
+}
+
 /// The user name sent with a token given alone in a clone URL.
 pub const TOKEN_USER: &str = "gantry";
 
@@ -144,6 +189,32 @@ mod tests {
         ] {
             assert_eq!(split_credentials(kept), (kept.to_owned(), None), "{kept}");
         }
+    }
+
+    #[test]
+    fn forks_are_fetched_only_from_the_project_server() {
+        let project = "https://gitlab.example.com/team/a.git";
+        assert_eq!(
+            fork_url_refusal(project, "https://GitLab.example.com/ada/a.git"),
+            None
+        );
+        for refused in [
+            "",
+            "https://evil.example.com/ada/a.git",
+            "http://gitlab.example.com/ada/a.git",
+            "https://gitlab.example.com:8443/ada/a.git",
+            "https://u:p@gitlab.example.com/ada/a.git",
+            "--upload-pack=touch /tmp/x",
+            "file:///etc",
+            "git@gitlab.example.com:ada/a.git",
+        ] {
+            assert!(fork_url_refusal(project, refused).is_some(), "{refused}");
+        }
+        assert_eq!(
+            fork_url_refusal("git@host:team/a.git", "git@host:ada/a.git"),
+            None
+        );
+        assert_eq!(fork_url_refusal("file:///srv/a", "file:///srv/b"), None);
     }
 
     #[test]

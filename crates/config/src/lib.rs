@@ -176,6 +176,8 @@ struct RawForges {
     gitlab: Option<Spanned<RawForge>>,
     #[serde(default)]
     github: Option<Spanned<RawForge>>,
+    #[serde(default)]
+    gitea: Option<Spanned<RawForge>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +243,8 @@ struct RawProject {
     gitlab: Option<String>,
     #[serde(default)]
     github: Option<String>,
+    #[serde(default)]
+    gitea: Option<String>,
     #[serde(default)]
     default_branch: Option<String>,
     webhook_secret: SecretSource,
@@ -453,6 +457,8 @@ pub struct Project {
     pub gitlab: Option<String>,
     /// Full name of the repository on GitHub (`owner/repo`).
     pub github: Option<String>,
+    /// Full name of the repository on Gitea (`owner/repo`).
+    pub gitea: Option<String>,
     /// Default branch when the forge does not say (manual triggers); `main` if unset.
     pub default_branch: String,
     /// Only in services that resolve [`SecretKind::Webhook`].
@@ -488,6 +494,13 @@ impl Project {
             .as_deref()
             .is_some_and(|g| g.eq_ignore_ascii_case(full_name))
     }
+
+    /// Whether the project is the Gitea repository `full_name` (case-insensitive).
+    pub fn is_gitea(&self, full_name: &str) -> bool {
+        self.gitea
+            .as_deref()
+            .is_some_and(|g| g.eq_ignore_ascii_case(full_name))
+    }
 }
 
 /// Credentials for one registry host.
@@ -511,14 +524,33 @@ pub enum Rule {
     Branch(String),
     /// A git tag name or glob, e.g. `v*`.
     Tag(String),
+    /// `merge_request: true`: images of merge requests' pipelines (which no
+    /// branch or tag rule matches: they deploy nowhere else). A merge
+    /// request from a fork is never deployed automatically: its code is
+    /// anyone's.
+    #[serde(rename = "merge_request")]
+    MergeRequest(bool),
+}
+
+/// What an image was built from, as the rules of an environment see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    /// The branch of a push (empty otherwise).
+    pub branch: &'a str,
+    /// The git tag of a push (empty otherwise).
+    pub tag: &'a str,
+    /// Whether it is the pipeline of a merge request from the project
+    /// itself (not from a fork: those match no rule).
+    pub merge_request: bool,
 }
 
 impl Rule {
-    /// Whether an image built from `branch` or `tag` (one of them empty) matches.
-    pub fn matches(&self, branch: &str, tag: &str) -> bool {
+    /// Whether an image built from `origin` matches.
+    pub fn matches(&self, origin: Origin<'_>) -> bool {
         match self {
-            Rule::Branch(p) => !branch.is_empty() && glob(p, branch),
-            Rule::Tag(p) => !tag.is_empty() && glob(p, tag),
+            Rule::Branch(p) => !origin.branch.is_empty() && glob(p, origin.branch),
+            Rule::Tag(p) => !origin.tag.is_empty() && glob(p, origin.tag),
+            Rule::MergeRequest(wanted) => *wanted && origin.merge_request,
         }
     }
 }
@@ -528,6 +560,7 @@ impl fmt::Display for Rule {
         match self {
             Rule::Branch(p) => write!(f, "branch: {p}"),
             Rule::Tag(p) => write!(f, "tag: {p}"),
+            Rule::MergeRequest(b) => write!(f, "merge_request: {b}"),
         }
     }
 }
@@ -588,16 +621,18 @@ pub struct Environment {
 }
 
 impl Environment {
-    pub fn matches(&self, branch: &str, tag: &str) -> bool {
-        self.rules.iter().any(|r| r.matches(branch, tag))
+    /// Whether an image built from `origin` is deployed here automatically.
+    pub fn matches(&self, origin: Origin<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(origin))
     }
 }
 
-/// A forge's API, for commit statuses.
+/// A forge's API, for commit statuses and merge request comments.
 #[derive(Debug, Clone)]
 pub struct Forge {
     /// Base URL: `https://gitlab.example.com` (the API is under `/api/v4`),
-    /// or `https://api.github.com`.
+    /// `https://api.github.com`, or `https://gitea.example.com` (the API is
+    /// under `/api/v1`).
     pub url: String,
     /// Only in services that resolve [`SecretKind::Forge`].
     pub token: Option<Secret>,
@@ -639,6 +674,7 @@ pub struct GantryConfig {
     pub environments: Vec<Environment>,
     pub gitlab: Option<Forge>,
     pub github: Option<Forge>,
+    pub gitea: Option<Forge>,
     pub chat: Vec<Chat>,
     /// Base of the links Gantry sends out (the notifier's HTTP address as
     /// users reach it), e.g. `https://gantry.example.com`.
@@ -882,6 +918,7 @@ impl Check<'_> {
                 clone_credentials,
                 gitlab: p.gitlab,
                 github: p.github,
+                gitea: p.gitea,
                 default_branch: p.default_branch.unwrap_or_else(|| "main".to_owned()),
                 webhook_secret: secret,
                 image,
@@ -976,6 +1013,12 @@ impl Check<'_> {
             }
             if !stack && e.service.is_some() {
                 self.located(at, "only a stack's environment names a service".into());
+            }
+            if e.rules.contains(&Rule::MergeRequest(false)) {
+                self.located(
+                    at,
+                    "`merge_request: false` matches nothing: leave the rule out (merge requests deploy only where `merge_request: true` says)".into(),
+                );
             }
             if e.target != "docker" {
                 self.located(
@@ -1106,6 +1149,7 @@ impl GantryConfig {
 
         let gitlab = cx.forge("gitlab", raw.forges.gitlab);
         let github = cx.forge("github", raw.forges.github);
+        let gitea = cx.forge("gitea", raw.forges.gitea);
         let chat = cx.chat(raw.chat, &names);
         let tokens = tokens::validate(raw.tokens, &mut |at, problem| cx.located(at, problem));
         if cx.problems.is_empty() {
@@ -1115,6 +1159,7 @@ impl GantryConfig {
                 environments,
                 gitlab,
                 github,
+                gitea,
                 chat,
                 public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
                 tokens,
@@ -1232,8 +1277,23 @@ mod tests {
         assert!(glob("*-hotfix-*", "a-hotfix-b"));
         assert!(!glob("*-hotfix-*", "a-hotfix"));
         assert!(glob("*", ""));
-        assert!(Rule::Tag("v*".into()).matches("", "v2"));
-        assert!(!Rule::Tag("v*".into()).matches("v2", ""));
+        let tag = |tag| Origin {
+            tag,
+            ..Origin::default()
+        };
+        let branch = |branch| Origin {
+            branch,
+            ..Origin::default()
+        };
+        assert!(Rule::Tag("v*".into()).matches(tag("v2")));
+        assert!(!Rule::Tag("v*".into()).matches(branch("v2")));
+        let mr = Origin {
+            merge_request: true,
+            ..Origin::default()
+        };
+        assert!(Rule::MergeRequest(true).matches(mr));
+        assert!(!Rule::MergeRequest(true).matches(branch("main")));
+        assert!(!Rule::Branch("*".into()).matches(mr));
     }
 
     #[test]
@@ -1245,7 +1305,30 @@ mod tests {
         )
         .expect("valid");
         let env = ok.environment("staging").expect("staging");
-        assert!(env.matches("main", "") && env.matches("", "v1.0.0") && !env.matches("dev", ""));
+        let at = |branch, tag| Origin {
+            branch,
+            tag,
+            merge_request: false,
+        };
+        assert!(env.matches(at("main", "")) && env.matches(at("", "v1.0.0")));
+        assert!(!env.matches(at("dev", "")));
+        let review = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: review\n    project: a\n    rules: [{{merge_request: true}}]\n"),
+        )
+        .expect("valid");
+        let review = review.environment("review").expect("review");
+        assert!(review.matches(Origin {
+            merge_request: true,
+            ..Origin::default()
+        }));
+        assert!(!review.matches(at("main", "")));
+        let err = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: review\n    project: a\n    rules: [{{merge_request: false}}]\n"),
+        )
+        .expect_err("matches nothing");
+        assert!(err.to_string().contains("matches nothing"), "{err}");
         let err = GantryConfig::parse(
             "g.yml",
             &format!("{base}environments:\n  - name: prod\n    project: b\n    target: nomad\n    endpoint: nowhere\n"),

@@ -1,6 +1,7 @@
-//! Registry tags made from git names, shared by the builder (which reads a
-//! branch's last image as its build cache) and the registry-publisher
-//! (which tags images; its policy is in its `tags` module).
+//! Registry tags made from git names, shared by the builder (which pushes
+//! an image and reads a branch's last one as its build cache) and the
+//! registry-publisher (which tags images; its policy is in its `tags`
+//! module).
 
 /// Longest tag the registry accepts.
 const MAX_TAG: usize = 128;
@@ -40,6 +41,12 @@ pub fn branch_tag(branch: &str) -> String {
     } else {
         tag
     }
+}
+
+/// The only tag of a merge request's image: `mr-<number>` (no branch can
+/// take it: see [`branch_tag`]).
+pub fn merge_request_tag(number: u64) -> String {
+    format!("mr-{number}")
 }
 
 #[cfg(test)]

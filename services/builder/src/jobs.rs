@@ -158,7 +158,7 @@ pub async fn enqueue_request(
     )
     .execute(&mut *tx)
     .await?;
-    if supersede && matches!(job, Job::Build(_)) && !rev.branch.is_empty() {
+    if supersede && matches!(job, Job::Build(_)) && !rev.git_ref.is_empty() {
         supersede_older(&mut tx, &event.project, &rev.git_ref).await?;
     }
     tx.commit().await?;

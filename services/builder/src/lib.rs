@@ -128,7 +128,13 @@ impl Handler for RequestHandler {
             } else {
                 &rev.default_branch
             };
-            p.cancel_superseded.applies_to(&rev.branch, default_branch)
+            // A merge request's new head supersedes its older ones (its
+            // ref is no branch anyone deploys from).
+            if rev.merge_request.is_some() {
+                p.cancel_superseded != gantry_config::CancelSuperseded::None
+            } else {
+                p.cancel_superseded.applies_to(&rev.branch, default_branch)
+            }
         });
         match jobs::enqueue_request(&self.pool, &event, &job, supersede).await {
             Ok(new) => {

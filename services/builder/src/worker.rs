@@ -343,9 +343,9 @@ impl Worker {
             .map_err(|e| Ended::stop("checkout", format!("cannot create a work directory: {e}")))?;
 
         let started = Instant::now();
-        // The configuration, not the event, says where the project lives.
+        let url = fetch_url(project, &revision).map_err(|why| Ended::stop("checkout", why))?;
         crate::checkout::checkout(
-            &project.clone_url,
+            url,
             project.clone_credentials.as_ref(),
             &revision.commit_sha,
             dir.path(),
@@ -410,7 +410,7 @@ impl Worker {
 
         let started = Instant::now();
         let pushed = self
-            .push(project, &image_id, &revision.commit_sha, log)
+            .push(project, &image_id, &pushed_tag_of(&revision), log)
             .await;
         // The registry holds the image now (or it failed): the engine keeps
         // nothing of it, so builds do not fill it up.
@@ -438,7 +438,7 @@ impl Worker {
         let rules = &file.rules;
         let changed = if rules.uses_changes() && !revision.before_sha.is_empty() {
             crate::checkout::changed_files(
-                &project.clone_url,
+                fetch_url(project, revision).ok()?,
                 project.clone_credentials.as_ref(),
                 &revision.before_sha,
                 &revision.commit_sha,
@@ -449,7 +449,12 @@ impl Worker {
         } else {
             None
         };
-        rules.skip_reason(&revision.branch, &revision.tag, changed.as_deref())
+        // A merge request is filtered by the branch it comes from.
+        let branch = match &revision.merge_request {
+            Some(mr) => &mr.source_branch,
+            None => &revision.branch,
+        };
+        rules.skip_reason(branch, &revision.tag, changed.as_deref())
     }
 
     /// Refuses a build taken over too often; cleans what an earlier attempt left.
@@ -509,8 +514,9 @@ impl Worker {
         built.map_err(|e| Ended::stop("build", format!("image build failed: {e:#}")))
     }
 
-    /// Pulls the project's last published images of this branch and of the
-    /// default branch (`:<branch tag>`, `:latest`), whose layers the image
+    /// Pulls the project's last published images of this branch (of this
+    /// merge request: `:mr-<number>`) and of the default branch
+    /// (`:<branch tag>`, `:latest`), whose layers the image
     /// build may reuse: the registry is the build cache, so every builder
     /// replica, on any host, has the same one. Returns those it got.
     async fn pull_cache(
@@ -520,7 +526,9 @@ impl Worker {
         log: &LogSink,
     ) -> Vec<String> {
         let mut wanted = Vec::new();
-        if !revision.branch.is_empty() {
+        if revision.merge_request.is_some() {
+            wanted.push(format!("{}:{}", project.image, pushed_tag_of(revision)));
+        } else if !revision.branch.is_empty() {
             wanted.push(format!(
                 "{}:{}",
                 project.image,
@@ -545,9 +553,9 @@ impl Worker {
     }
 
     /// The engine's tags of a build's image: the builder's own, and the one
-    /// it pushes (`<project image>:<commit sha>`).
+    /// it pushes (see [`pushed_tag_of`]).
     fn image_tags(&self, build: &Claimed) -> [String; 2] {
-        let sha = build.job.revision().commit_sha;
+        let pushed = pushed_tag_of(&build.job.revision());
         let repository = self
             .config
             .project(&build.project)
@@ -559,11 +567,11 @@ impl Worker {
                 build.project.to_ascii_lowercase(),
                 build.id
             ),
-            format!("{repository}:{sha}"),
+            format!("{repository}:{pushed}"),
         ]
     }
 
-    /// Pushes the tested image as `<project image>:<commit sha>`, retrying
+    /// Pushes the tested image as `<project image>:<tag>`, retrying
     /// with backoff; returns the repository and the manifest digest.
     async fn push(
         &self,
@@ -747,12 +755,55 @@ impl Worker {
 /// `NAME=value` of the project's secrets a build's test steps get: a
 /// protected one only in pipelines of the default branch and of tags. The
 /// log names the ones withheld (never a value).
+/// The tag a build's image is pushed under: its commit sha, or for a merge
+/// request's pipeline `mr-<number>`, the only tag such an image ever gets
+/// (a commit of a fork must not take a tag a branch's image could have).
+fn pushed_tag_of(revision: &gantry_proto::v1::Revision) -> String {
+    match &revision.merge_request {
+        Some(mr) => gantry_config::tags::merge_request_tag(mr.number),
+        None => revision.commit_sha.clone(),
+    }
+}
+
+/// Where a revision's commit is fetched from: the project's repository as
+/// the configuration (not the event) names it; for a merge request from a
+/// fork, the fork, which must be on the same server (see
+/// [`gantry_config::git::fork_url_refusal`]). Returns why not.
+fn fetch_url<'a>(
+    project: &'a gantry_config::Project,
+    revision: &'a gantry_proto::v1::Revision,
+) -> Result<&'a str, String> {
+    match &revision.merge_request {
+        Some(mr) if mr.from_fork => {
+            match gantry_config::git::fork_url_refusal(&project.clone_url, &mr.head_clone_url) {
+                None => Ok(&mr.head_clone_url),
+                Some(why) => Err(why),
+            }
+        }
+        _ => Ok(&project.clone_url),
+    }
+}
+
 async fn secrets_for(
     build: &Claimed,
     project: &gantry_config::Project,
     log: &LogSink,
 ) -> Vec<String> {
     let rev = build.job.revision();
+    if rev.merge_request.as_ref().is_some_and(|mr| mr.from_fork) {
+        if !project.secrets.is_empty() {
+            let names: Vec<&str> = project.secrets.iter().map(|s| s.name.as_str()).collect();
+            log.system(
+                "build",
+                format!(
+                    "secrets withheld from this pipeline (a merge request from a fork gets none): {}",
+                    names.join(", ")
+                ),
+            )
+            .await;
+        }
+        return Vec::new();
+    }
     let default_branch = if rev.default_branch.is_empty() {
         &project.default_branch
     } else {

@@ -270,11 +270,17 @@ impl Events {
                         stacks::trigger(&mut tx, stack, trigger, None).await?;
                     }
                 }
+                let origin = gantry_config::Origin {
+                    branch: &rev.branch,
+                    tag: &rev.tag,
+                    // A fork's merge request is deployed by hand or not at all.
+                    merge_request: rev.merge_request.as_ref().is_some_and(|mr| !mr.from_fork),
+                };
                 for env in self
                     .config
                     .environments
                     .iter()
-                    .filter(|e| e.project == event.project && e.matches(&rev.branch, &rev.tag))
+                    .filter(|e| e.project == event.project && e.matches(origin))
                 {
                     if queue::is_blocked(&mut tx, &env.name, &image).await? {
                         tracing::info!(environment = %env.name, digest = %image.digest,

@@ -173,10 +173,13 @@ pub fn auto_environments<'a>(
     config: &'a GantryConfig,
     stack: &'a Project,
 ) -> impl Iterator<Item = &'a Environment> + 'a {
-    config
-        .environments
-        .iter()
-        .filter(move |e| e.project == stack.name && e.matches(&stack.default_branch, ""))
+    config.environments.iter().filter(move |e| {
+        e.project == stack.name
+            && e.matches(gantry_config::Origin {
+                branch: &stack.default_branch,
+                ..Default::default()
+            })
+    })
 }
 
 /// Every stack environment's live address (for the endpoints at start).

@@ -1,6 +1,7 @@
-//! Outgoing calls: commit statuses on GitLab and GitHub, and chat messages
-//! (Slack-compatible incoming webhooks, which Mattermost and Rocket.Chat
-//! accept too, and a generic JSON webhook).
+//! Outgoing calls: commit statuses on GitLab, GitHub and Gitea, the one
+//! comment of each merge request's pipelines (created once, then edited),
+//! and chat messages (Slack-compatible incoming webhooks, which Mattermost
+//! and Rocket.Chat accept too, and a generic JSON webhook).
 //!
 //! Calls are rows of `outbound`, written with the projection change that
 //! caused them; [`send_loop`] delivers them with retries and backoff, in order
@@ -16,6 +17,7 @@ use gantry_proto::v1::Revision;
 use gantry_queue::{Claim, Queue};
 use gantry_retry::Policy;
 use gantry_states::PipelineState;
+use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
@@ -86,9 +88,10 @@ impl StatusState {
         }
     }
 
-    /// GitHub has no "running" (a running pipeline stays pending there), no
-    /// "canceled" (a canceled one is an "error") and no "skipped" (a skipped
-    /// one is a "success": nothing failed); the description says why.
+    /// GitHub (and Gitea) has no "running" (a running pipeline stays
+    /// pending there), no "canceled" (a canceled one is an "error") and no
+    /// "skipped" (a skipped one is a "success": nothing failed); the
+    /// description says why.
     fn github(self) -> &'static str {
         match self {
             Self::Pending | Self::Running => "pending",
@@ -116,11 +119,23 @@ async fn insert(
     path: &str,
     body: &Value,
 ) -> sqlx::Result<()> {
+    insert_call(tx, key, destination, path, None, body).await
+}
+
+async fn insert_call(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &str,
+    destination: &str,
+    path: &str,
+    edit_path: Option<&str>,
+    body: &Value,
+) -> sqlx::Result<()> {
     sqlx::query!(
-        "INSERT INTO outbound (key, destination, path, body) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO outbound (key, destination, path, edit_path, body) VALUES ($1, $2, $3, $4, $5)",
         key,
         destination,
         path,
+        edit_path,
         body,
     )
     .execute(&mut **tx)
@@ -181,9 +196,18 @@ pub async fn queue_status(
         insert(tx, &key, "gitlab", &api, &body).await?;
         queued = true;
     }
-    if let (Some(full_name), Some(_)) = (&p.github, &config.github)
-        && reports_to(&rev.source, "github")
-    {
+    // Gitea's statuses API is GitHub's, under `/api/v1`.
+    let hubs = [
+        ("github", &p.github, &config.github, "/repos"),
+        ("gitea", &p.gitea, &config.gitea, "/api/v1/repos"),
+    ];
+    for (forge, name, api, base) in hubs {
+        let (Some(full_name), Some(_)) = (name, api) else {
+            continue;
+        };
+        if !reports_to(&rev.source, forge) {
+            continue;
+        }
         let mut body = json!({
             "state": status.state.github(),
             "context": status.context,
@@ -192,12 +216,90 @@ pub async fn queue_status(
         if let Some(url) = &status.target_url {
             body["target_url"] = json!(url);
         }
-        let api = format!("/repos/{full_name}/statuses/{}", rev.commit_sha);
-        let key = format!("github:{full_name}:{}:{}", rev.commit_sha, status.context);
-        insert(tx, &key, "github", &api, &body).await?;
+        let api = format!("{base}/{full_name}/statuses/{}", rev.commit_sha);
+        let key = format!("{forge}:{full_name}:{}:{}", rev.commit_sha, status.context);
+        insert(tx, &key, forge, &api, &body).await?;
         queued = true;
     }
     Ok(queued)
+}
+
+/// The text of a merge request's comment for its pipeline's `status`.
+fn comment_text(rev: &Revision, status: &Status) -> String {
+    let mark = match status.state {
+        StatusState::Pending => ":hourglass: queued",
+        StatusState::Running => ":arrows_counterclockwise: running",
+        StatusState::Success => ":white_check_mark: passed",
+        StatusState::Failed => ":x: failed",
+        StatusState::Canceled => ":no_entry_sign: canceled",
+        StatusState::Skipped => ":fast_forward: skipped",
+    };
+    let mut text = format!("**Gantry** pipeline of {}: {mark}", short(&rev.commit_sha));
+    if !status.description.is_empty() {
+        text.push_str(&format!(" — {}", escape(&status.description)));
+    }
+    if let Some(url) = &status.target_url {
+        text.push_str(&format!(" ([pipeline]({url}), [log]({url}/log))"));
+    }
+    text.push_str(
+        "\n\n<sub>Gantry edits this comment as new commits of the merge request are built.</sub>",
+    );
+    text
+}
+
+/// Queues the edit of the merge request's comment (its creation the first
+/// time) with the state of the pipeline `pipeline_id` of `rev`, unless a
+/// newer pipeline of the merge request exists: its state is what the
+/// comment shows. Returns whether a call was queued.
+pub async fn queue_comment(
+    tx: &mut Transaction<'_, Postgres>,
+    config: &GantryConfig,
+    pipeline_id: &str,
+    rev: &Revision,
+    status: &Status,
+) -> sqlx::Result<bool> {
+    let Some(mr) = &rev.merge_request else {
+        return Ok(false);
+    };
+    let project = &rev.forge_project;
+    let (create, edit) = match rev.source.as_str() {
+        "gitlab" if config.gitlab.is_some() => {
+            let base = format!(
+                "/api/v4/projects/{}/merge_requests/{}/notes",
+                gantry_config::git::percent_encode(project),
+                mr.number
+            );
+            (base.clone(), format!("{base}/"))
+        }
+        "github" if config.github.is_some() => (
+            format!("/repos/{project}/issues/{}/comments", mr.number),
+            format!("/repos/{project}/issues/comments/"),
+        ),
+        "gitea" if config.gitea.is_some() => (
+            format!("/api/v1/repos/{project}/issues/{}/comments", mr.number),
+            format!("/api/v1/repos/{project}/issues/comments/"),
+        ),
+        _ => return Ok(false),
+    };
+    let key = format!("comment:{}:{project}:{}", rev.source, mr.number);
+    // Pipeline ids are UUIDv7: in text order, the newest is the greatest.
+    let latest = sqlx::query_scalar!(
+        "INSERT INTO merge_request_comments (key, latest_pipeline) VALUES ($1, $2)
+         ON CONFLICT (key) DO UPDATE
+           SET latest_pipeline = GREATEST(merge_request_comments.latest_pipeline, EXCLUDED.latest_pipeline),
+               updated_at = now()
+         RETURNING latest_pipeline",
+        key,
+        pipeline_id,
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    if latest != pipeline_id {
+        return Ok(false);
+    }
+    let body = json!({ "body": comment_text(rev, status) });
+    insert_call(tx, &key, &rev.source, &create, Some(&edit), &body).await?;
+    Ok(true)
 }
 
 /// Something the team hears about.
@@ -596,8 +698,11 @@ pub async fn queue_chat(
 }
 
 struct Call {
+    key: String,
     destination: String,
     path: String,
+    /// Of a comment's call: where it is edited once created.
+    edit_path: Option<String>,
     body: Value,
     /// This try's number (1 for the first).
     attempt: i32,
@@ -627,7 +732,7 @@ async fn claim(pool: &PgPool, owner: &str) -> anyhow::Result<Vec<Call>> {
     }
     let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
     let mut rows: HashMap<i64, _> = sqlx::query!(
-        "SELECT id, destination, path, body FROM outbound WHERE id = ANY($1)",
+        "SELECT id, key, destination, path, edit_path, body FROM outbound WHERE id = ANY($1)",
         &ids[..],
     )
     .fetch_all(pool)
@@ -640,8 +745,10 @@ async fn claim(pool: &PgPool, owner: &str) -> anyhow::Result<Vec<Call>> {
         .filter_map(|claim| {
             let row = rows.remove(&claim.id)?;
             Some(Call {
+                key: row.key,
                 destination: row.destination,
                 path: row.path,
+                edit_path: row.edit_path,
                 body: row.body,
                 attempt: claim.attempt,
                 claim,
@@ -696,7 +803,19 @@ pub async fn send_loop(
 }
 
 async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig, call: Call) {
-    let result = send(client, config, &call).await;
+    let result = match &call.edit_path {
+        Some(edit_path) => send_comment(pool, client, config, &call, edit_path).await,
+        None => send(
+            client,
+            config,
+            &call.destination,
+            Method::POST,
+            &call.path,
+            &call.body,
+        )
+        .await
+        .map(drop),
+    };
     let c = &call.claim;
     let update = match &result {
         Ok(()) => {
@@ -767,6 +886,8 @@ struct CallError {
     /// The receiver refused the call itself (a 4xx other than 408/429), or it
     /// cannot be made any more: sending it again would fail the same way.
     permanent: bool,
+    /// The receiver answered 404 (a comment someone deleted).
+    not_found: bool,
 }
 
 impl std::fmt::Display for CallError {
@@ -779,28 +900,115 @@ fn permanent(message: String) -> CallError {
     CallError {
         message,
         permanent: true,
+        not_found: false,
     }
 }
 
-async fn send(
+fn transient(message: String) -> CallError {
+    CallError {
+        message,
+        permanent: false,
+        not_found: false,
+    }
+}
+
+/// Sends a merge request's comment: edits the one created before or, when
+/// there is none yet (or someone deleted it), creates it and records its
+/// id. The calls of one merge request go in order (their key), so two
+/// creations never race.
+async fn send_comment(
+    pool: &PgPool,
     client: &reqwest::Client,
     config: &GantryConfig,
     call: &Call,
+    edit_path: &str,
 ) -> Result<(), CallError> {
-    let request = match call.destination.as_str() {
+    let known = sqlx::query_scalar!(
+        "SELECT comment_id FROM merge_request_comments WHERE key = $1",
+        call.key,
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| transient(format!("cannot read the comment's id: {e}")))?
+    .flatten();
+    if let Some(id) = known {
+        // GitLab edits a note with PUT, GitHub and Gitea a comment with PATCH.
+        let method = if call.destination == "gitlab" {
+            Method::PUT
+        } else {
+            Method::PATCH
+        };
+        let path = format!("{edit_path}{id}");
+        match send(client, config, &call.destination, method, &path, &call.body).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.not_found => {
+                tracing::info!(
+                    key = call.key,
+                    "the merge request's comment is gone; creating it again"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let created = send(
+        client,
+        config,
+        &call.destination,
+        Method::POST,
+        &call.path,
+        &call.body,
+    )
+    .await?;
+    let Some(id) = created.get("id").and_then(Value::as_i64) else {
+        return Err(permanent(
+            "the forge created the comment without saying its id".into(),
+        ));
+    };
+    if let Err(e) = sqlx::query!(
+        "UPDATE merge_request_comments SET comment_id = $2, updated_at = now() WHERE key = $1",
+        call.key,
+        id,
+    )
+    .execute(pool)
+    .await
+    {
+        // Sending it again would make a second comment: the next change
+        // creates a new one instead.
+        tracing::warn!(key = call.key, error = %e, "cannot record the comment's id");
+    }
+    Ok(())
+}
+
+/// Sends one call to `destination` (a forge, or `chat:<channel>`); returns
+/// the JSON the receiver answered (`null` when it is not JSON).
+async fn send(
+    client: &reqwest::Client,
+    config: &GantryConfig,
+    destination: &str,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> Result<Value, CallError> {
+    let request = match destination {
         "gitlab" => {
             let (url, token) = forge(config.gitlab.as_ref(), "gitlab")?;
             client
-                .post(format!("{url}{}", call.path))
+                .request(method, format!("{url}{path}"))
                 .header("PRIVATE-TOKEN", token)
         }
         "github" => {
             let (url, token) = forge(config.github.as_ref(), "github")?;
             client
-                .post(format!("{url}{}", call.path))
+                .request(method, format!("{url}{path}"))
                 .bearer_auth(token)
                 .header("Accept", "application/vnd.github+json")
                 .header("X-GitHub-Api-Version", "2022-11-28")
+        }
+        "gitea" => {
+            let (url, token) = forge(config.gitea.as_ref(), "gitea")?;
+            client
+                .request(method, format!("{url}{path}"))
+                .header("Authorization", format!("token {token}"))
         }
         other => {
             let name = other.strip_prefix("chat:").unwrap_or(other);
@@ -817,16 +1025,14 @@ async fn send(
     };
     // A chat URL is a credential: errors are recorded and logged without it.
     let response = request
-        .json(&call.body)
+        .json(body)
         .send()
         .await
-        .map_err(|e| CallError {
-            message: e.without_url().to_string(),
-            permanent: false,
-        })?;
+        .map_err(|e| transient(e.without_url().to_string()))?;
     let status = response.status();
     if status.is_success() {
-        return Ok(());
+        let bytes = response.bytes().await.unwrap_or_default();
+        return Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
     }
     let text: String = response
         .text()
@@ -840,6 +1046,7 @@ async fn send(
         permanent: status.is_client_error()
             && status != reqwest::StatusCode::REQUEST_TIMEOUT
             && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
+        not_found: status == reqwest::StatusCode::NOT_FOUND,
     })
 }
 

@@ -224,6 +224,7 @@ pub async fn apply(
             target_url: links.pipeline.clone(),
         };
         queued |= outbound::queue_status(tx, config, &event.project, &rev, &status).await?;
+        queued |= outbound::queue_comment(tx, config, &event.pipeline_id, &rev, &status).await?;
         tracing::debug!(from = %old_state, to = %state, "pipeline state changed");
     }
 

@@ -1,17 +1,20 @@
 //! The tag policy: which tags an image of a revision gets.
 //!
-//! - the full commit sha, always;
+//! - the full commit sha, for every push;
 //! - the branch name, sanitised into a valid Docker tag; a branch whose tag
 //!   would look like one of the others (`latest`, a commit sha or a prefix
 //!   of one — 7 or more hex digits —, a version `1.2.3`, anything starting
 //!   with a digit, `mr-*` kept for merge requests) gets the prefix
 //!   `branch-`, so that no branch can overwrite them;
 //! - the semver of a `v*` git tag (`v1.2.3` → `1.2.3`, pre-releases included);
-//! - `latest` for the repository's default branch.
+//! - `latest` for the repository's default branch;
+//! - for a merge request's pipeline, only `mr-<number>`: an image of a
+//!   merge request (perhaps a fork's) never takes a tag a branch, a release
+//!   or `latest` could have.
 
 use gantry_proto::v1::Revision;
 
-pub use gantry_config::tags::{branch_tag, sanitize};
+pub use gantry_config::tags::{branch_tag, merge_request_tag, sanitize};
 
 /// The semver of a release tag: `v1.2.3` or `1.2.3` (with pre-release/build) → `1.2.3`.
 pub fn semver_of(tag: &str) -> Option<String> {
@@ -23,6 +26,9 @@ pub fn semver_of(tag: &str) -> Option<String> {
 
 /// All tags of `rev`, without duplicates, sha first.
 pub fn tags_for(rev: &Revision) -> Vec<String> {
+    if let Some(mr) = &rev.merge_request {
+        return vec![merge_request_tag(mr.number)];
+    }
     let mut tags = vec![rev.commit_sha.clone()];
     let mut add = |t: String| {
         if !t.is_empty() && !tags.contains(&t) {
@@ -53,6 +59,17 @@ mod tests {
             default_branch: default_branch.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn merge_requests_get_only_their_tag() {
+        let mut r = rev("", "", "main");
+        r.merge_request = Some(gantry_proto::v1::MergeRequest {
+            number: 7,
+            source_branch: "main".into(),
+            ..Default::default()
+        });
+        assert_eq!(tags_for(&r), vec!["mr-7".to_owned()]);
     }
 
     #[test]

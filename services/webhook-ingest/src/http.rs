@@ -1,5 +1,7 @@
-//! The webhook endpoints: `POST /hooks/gitlab` and `POST /hooks/github`, and
-//! per project `POST /hooks/gitlab/{project}` and `/hooks/github/{project}`.
+//! The webhook endpoints: `POST /hooks/gitlab`, `/hooks/github` and
+//! `/hooks/gitea`, and per project `POST /hooks/<forge>/{project}`. Pushes
+//! and merge requests (GitLab's `Merge Request Hook`, GitHub's and Gitea's
+//! `pull_request`) start pipelines.
 //!
 //! Order of checks: declared body size (413, before the body is read), body
 //! size (413), the secret (401), JSON (400; GitHub's form-encoded deliveries
@@ -11,8 +13,8 @@
 //! with the pipeline id (200 "duplicate" for a delivery seen before).
 //!
 //! The secret is checked before the body is parsed: GitLab's token against
-//! every project's secret, GitHub's HMAC over the raw body likewise (each
-//! comparison in constant time). An unknown project and a wrong secret get
+//! every project's secret, GitHub's and Gitea's HMAC over the raw body
+//! likewise (each comparison in constant time). An unknown project and a wrong secret get
 //! the same 401, so nobody learns which projects exist.
 
 use std::sync::Arc;
@@ -104,6 +106,8 @@ pub fn routes(state: Arc<AppState>, body_limit: usize) -> axum::Router {
         .route("/hooks/gitlab/{project}", post(gitlab))
         .route("/hooks/github", post(github))
         .route("/hooks/github/{project}", post(github))
+        .route("/hooks/gitea", post(gitea))
+        .route("/hooks/gitea/{project}", post(gitea))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             body_limit,
@@ -199,10 +203,25 @@ async fn accept(
     outcome: PushOutcome,
     delivery: Delivery<'_>,
 ) -> Result<Response, HookError> {
-    let mut revision = match outcome {
-        PushOutcome::Ignore(why) => return Err(HookError::Ignored(why.to_owned())),
-        PushOutcome::Build(rev) => *rev,
+    let (mut revision, forks) = match outcome {
+        PushOutcome::Ignore(why) => return Err(HookError::Ignored(why)),
+        PushOutcome::Build(rev, forks) => (*rev, forks),
     };
+    if let Some(mr) = &mut revision.merge_request {
+        if project.is_stack() {
+            return Err(HookError::Ignored(
+                "merge requests of a stack project start no pipeline".into(),
+            ));
+        }
+        // The builder checks it again and fails the pipeline, with the
+        // reason, when none of the fork's URLs is on the project's server.
+        mr.head_clone_url = forks
+            .iter()
+            .find(|url| gantry_config::git::fork_url_refusal(&project.clone_url, url).is_none())
+            .or(forks.first())
+            .cloned()
+            .unwrap_or_default();
+    }
     revision.clone_url = project.clone_url.clone();
     if revision.default_branch.is_empty() {
         revision.default_branch = project.default_branch.clone();
@@ -263,19 +282,31 @@ async fn gitlab(
     let event = header(headers, "x-gitlab-event")
         .unwrap_or_default()
         .to_owned();
-    if event != "Push Hook" && event != "Tag Push Hook" {
-        return Err(HookError::Ignored(format!(
-            "event {event:?} does not start pipelines"
-        )));
-    }
-    let push: forge::GitlabPush = typed(value, "GitLab push")?;
-    if push.object_kind != "push" && push.object_kind != "tag_push" {
+    let (kinds, outcome): (&[&str], _) = match event.as_str() {
+        "Push Hook" | "Tag Push Hook" => {
+            let push: forge::GitlabPush = typed(value, "GitLab push")?;
+            (
+                &["push", "tag_push"],
+                (push.object_kind.clone(), push.outcome()),
+            )
+        }
+        "Merge Request Hook" => {
+            let mr: forge::GitlabMergeRequest = typed(value, "GitLab merge request")?;
+            (&["merge_request"], (mr.object_kind.clone(), mr.outcome()))
+        }
+        _ => {
+            return Err(HookError::Ignored(format!(
+                "event {event:?} does not start pipelines"
+            )));
+        }
+    };
+    let (object_kind, outcome) = outcome;
+    if !kinds.contains(&object_kind.as_str()) {
         return Err(HookError::BadPayload(format!(
-            "object_kind {:?} does not match event {event:?}",
-            push.object_kind
+            "object_kind {object_kind:?} does not match event {event:?}"
         )));
     }
-    let outcome = push.outcome().map_err(HookError::BadPayload)?;
+    let outcome = outcome.map_err(HookError::BadPayload)?;
     let key = delivery_key(headers, "x-gitlab-event-uuid", &body);
     let delivery = Delivery {
         source: "gitlab",
@@ -286,6 +317,37 @@ async fn gitlab(
     accept(state, project, outcome, delivery).await
 }
 
+/// What tells GitHub's deliveries from Gitea's (their payloads are alike).
+struct Hub {
+    source: &'static str,
+    signature_header: &'static str,
+    signature_matches: fn(&[u8], &[u8], &str) -> bool,
+    event_header: &'static str,
+    delivery_header: &'static str,
+    on: fn(&Project) -> bool,
+    is: fn(&Project, &str) -> bool,
+}
+
+const GITHUB: Hub = Hub {
+    source: "github",
+    signature_header: "x-hub-signature-256",
+    signature_matches: forge::github_signature_matches,
+    event_header: "x-github-event",
+    delivery_header: "x-github-delivery",
+    on: |p| p.github.is_some(),
+    is: Project::is_github,
+};
+
+const GITEA: Hub = Hub {
+    source: "gitea",
+    signature_header: "x-gitea-signature",
+    signature_matches: forge::gitea_signature_matches,
+    event_header: "x-gitea-event",
+    delivery_header: "x-gitea-delivery",
+    on: |p| p.gitea.is_some(),
+    is: Project::is_gitea,
+};
+
 /// `POST /hooks/github` and `/hooks/github/{project}`.
 #[tracing::instrument(name = "webhook.github", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
 async fn github(
@@ -294,25 +356,43 @@ async fn github(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HookError> {
+    hub(&GITHUB, &hooks, only, &headers, body).await
+}
+
+/// `POST /hooks/gitea` and `/hooks/gitea/{project}`.
+#[tracing::instrument(name = "webhook.gitea", skip_all, fields(otel.kind = "server", project, commit, pipeline_id))]
+async fn gitea(
+    State(hooks): State<Arc<Hooks>>,
+    only: Option<UrlPath<String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HookError> {
+    hub(&GITEA, &hooks, only, &headers, body).await
+}
+
+/// A GitHub or Gitea delivery: `push` and `pull_request` start pipelines.
+async fn hub(
+    forge: &Hub,
+    hooks: &Hooks,
+    only: Option<UrlPath<String>>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HookError> {
     let only = only.map(|UrlPath(p)| p);
     let only = only.as_deref();
-    let headers = &headers;
     record_parent(headers);
-    let body = body_or_error(&hooks, body)?;
+    let body = body_or_error(hooks, body)?;
     let state = &hooks.app;
     let signature = headers
-        .get("x-hub-signature-256")
+        .get(forge.signature_header)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     // The HMAC covers the raw body: nothing is parsed before it checks out.
-    let candidates = authenticated(
-        state,
-        only,
-        |p| p.github.is_some(),
-        |secret| forge::github_signature_matches(signature, &body, secret),
-    )?;
+    let candidates = authenticated(state, only, forge.on, |secret| {
+        (forge.signature_matches)(signature, &body, secret)
+    })?;
     let value = parse_json(&github_json(headers, &body)?)?;
-    let event = header(headers, "x-github-event")
+    let event = header(headers, forge.event_header)
         .unwrap_or_default()
         .to_owned();
     // A new hook's ping; an organisation's or an app's names no repository.
@@ -322,19 +402,24 @@ async fn github(
     let name = str_at(&value, "/repository/full_name")?;
     let project = candidates
         .into_iter()
-        .find(|p| p.is_github(name))
+        .find(|p| (forge.is)(p, name))
         .ok_or(HookError::Unauthorized)?;
     tracing::Span::current().record("project", project.name.as_str());
-    if event != "push" {
-        return Err(HookError::Ignored(format!(
-            "event {event:?} does not start pipelines"
-        )));
-    }
-    let push: forge::GithubPush = typed(value, "GitHub push")?;
-    let outcome = push.outcome().map_err(HookError::BadPayload)?;
-    let key = delivery_key(headers, "x-github-delivery", &body);
+    let outcome = match event.as_str() {
+        "push" => typed::<forge::GithubPush>(value, "push")?.outcome(forge.source),
+        "pull_request" => {
+            typed::<forge::PullRequestEvent>(value, "pull_request")?.outcome(forge.source)
+        }
+        _ => {
+            return Err(HookError::Ignored(format!(
+                "event {event:?} does not start pipelines"
+            )));
+        }
+    };
+    let outcome = outcome.map_err(HookError::BadPayload)?;
+    let key = delivery_key(headers, forge.delivery_header, &body);
     let delivery = Delivery {
-        source: "github",
+        source: forge.source,
         key: &key,
         event: &event,
         body: &body,
@@ -342,8 +427,8 @@ async fn github(
     accept(state, project, outcome, delivery).await
 }
 
-/// The JSON of a GitHub delivery: the body, or the `payload` field of a
-/// hook set to the `application/x-www-form-urlencoded` content type (the
+/// The JSON of a GitHub or Gitea delivery: the body, or the `payload` field
+/// of a hook set to the `application/x-www-form-urlencoded` content type (the
 /// signature covers the body as sent, so it is checked before this).
 fn github_json<'a>(
     headers: &HeaderMap,
