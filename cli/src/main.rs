@@ -29,6 +29,7 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 mod demo;
 mod lint;
+mod secrets;
 mod stacks;
 
 #[derive(Parser, Debug)]
@@ -114,6 +115,9 @@ enum Command {
     /// A stack's integration runs and releases.
     #[command(subcommand)]
     Stack(stacks::StackCommand),
+    /// A project's secrets for its test steps: set (value on stdin), unset, list; a new key.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// API tokens: make one, or hash one for the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -340,6 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Envs => envs(&cli).await?,
         Command::Stacks => stacks::list(&cli).await?,
         Command::Stack(command) => stacks::run(&cli, command.clone()).await?,
+        Command::Secrets(command) => secrets::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
         // Answered in `main`: it needs no service and has its own exit codes.

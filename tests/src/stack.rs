@@ -162,6 +162,8 @@ pub struct StackOptions {
     pub public_pages: bool,
     /// More YAML of each project (indented under the project), e.g. `limits`.
     pub project_extra: String,
+    /// More top-level YAML of the Gantry configuration (e.g. `secrets_key`).
+    pub config_extra: String,
     /// Services expected not to become ready (a part they need is missing):
     /// the stack waits only for them to be live.
     pub expect_unready: Vec<&'static str>,
@@ -417,6 +419,7 @@ impl Stack {
             "public_url: {scheme}://127.0.0.1:{}\n",
             ports["notifier"].0
         ));
+        config.push_str(&options.config_extra);
         config.push_str("tokens:\n");
         for (name, token, scope) in tokens::ALL {
             config.push_str(&format!(
@@ -930,18 +933,31 @@ impl Stack {
 
     /// Runs the `gantry` command against this stack, with the admin token.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_with_input(args, b"")
+    }
+
+    /// Runs the CLI against this stack with `input` on its standard input.
+    pub fn cli_with_input(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        use std::io::Write as _;
         let url = |service: &str| format!("http://127.0.0.1:{}", self.grpc_port(service));
         let bin = bin_dir().join("gantry");
         assert!(bin.exists(), "{} is missing", bin.display());
-        Command::new(bin)
+        let mut child = Command::new(bin)
             .args(args)
             .env("GANTRY_NOTIFIER_URL", url("notifier"))
             .env("GANTRY_BUILDER_URL", url("builder"))
             .env("GANTRY_INGEST_URL", url("webhook-ingest"))
             .env("GANTRY_DEPLOYER_URL", url("deployer"))
             .env("GANTRY_TOKEN", tokens::ADMIN)
-            .output()
-            .expect("gantry runs")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("gantry runs");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input).expect("write the CLI's input");
+        }
+        child.wait_with_output().expect("gantry ends")
     }
 
     /// A connection to this stack's database.

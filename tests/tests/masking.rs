@@ -2,7 +2,8 @@
 //! never its logs: printed plainly, base64-encoded, URL-encoded or split
 //! across two chunks of output, they are `[MASKED]` in the stored log and in
 //! `StreamLogs`. A protected secret reaches only the default branch (and
-//! tags); elsewhere the log says it was withheld.
+//! tags); elsewhere the log says it was withheld. Secrets set with
+//! `gantry secrets set` are stored sealed and work the same way.
 
 use std::time::Duration;
 
@@ -102,4 +103,103 @@ async fn secrets_reach_the_steps_and_never_the_logs() {
         stored.contains("secrets withheld from this pipeline (protected: only the default branch and tags get them): DEPLOY_KEY"),
         "{stored}"
     );
+}
+
+#[tokio::test]
+async fn secrets_set_with_the_cli_are_sealed_given_to_steps_and_masked() {
+    const KEY: &str = "6f1c2a9e0d4b7c3a5e8f1d2c4b6a8e0f9d7c5b3a1e2f4d6c8b0a9e7d5c3b1a2f";
+    const STORED: &str = "stored-Secret/value+7f3a";
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("web", &repo.url());
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+        project_extra: format!(
+            "    secrets:\n      - {{name: API_TOKEN, value: {{value: '{TOKEN}'}}}}\n"
+        ),
+        config_extra: format!("secrets_key: {{value: '{KEY}'}}\n"),
+        ..Default::default()
+    })
+    .await;
+
+    let key = stack.cli(&["secrets", "key"]);
+    let key = String::from_utf8_lossy(&key.stdout);
+    assert!(
+        key.trim().len() == 64 && key.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+
+    // The value comes on standard input.
+    let set = stack.cli_with_input(
+        &["secrets", "set", "web", "STORED_TOKEN"],
+        format!("{STORED}\n").as_bytes(),
+    );
+    assert!(set.status.success(), "{set:?}");
+    for (args, input, refusal) in [
+        (["secrets", "set", "web", "SHORT"], "abc", "8 characters"),
+        (
+            ["secrets", "set", "web", "API_TOKEN"],
+            "another-long-value",
+            "configuration file",
+        ),
+        (
+            ["secrets", "set", "web", "not a name"],
+            "long-enough-value",
+            "environment variable name",
+        ),
+        (
+            ["secrets", "set", "nowhere", "X_TOKEN"],
+            "long-enough-value",
+            "no service project",
+        ),
+    ] {
+        let out = stack.cli_with_input(&args, input.as_bytes());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(refusal),
+            "{args:?}: {stderr}"
+        );
+    }
+    let list = stack.cli(&["secrets", "list", "web"]);
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        list.contains("API_TOKEN") && list.contains("from the configuration file"),
+        "{list}"
+    );
+    assert!(
+        list.contains("STORED_TOKEN") && list.contains("stored by"),
+        "{list}"
+    );
+    assert!(!list.contains(STORED), "{list}");
+
+    // Sealed at rest: the database holds no trace of the value.
+    let mut db = stack.db().await;
+    let sealed: Vec<u8> = sqlx::query_scalar(
+        "SELECT sealed FROM builder.project_secrets WHERE project = 'web' AND name = 'STORED_TOKEN'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("the stored secret");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(STORED);
+    for form in [STORED.as_bytes(), b64.as_bytes(), b"stored-Secret"] {
+        assert!(!sealed.windows(form.len()).any(|w| w == form));
+    }
+
+    // A build's steps get it, and its log masks it.
+    let steps = "  - name: stored\n    run: test \"$STORED_TOKEN\" = 'stored-Secret/value+7f3a' && echo \"stored is $STORED_TOKEN\"\n";
+    let c1 = repo.commit_file(".gantry.yml", &pipeline(steps), "use the stored secret");
+    let p1 = stack.push(&project, "refs/heads/main", &c1).await;
+    let end = stack.wait_outcome(&p1, TIMEOUT).await;
+    let stored = stored_log(&stack, &p1).await;
+    assert_eq!(end.routing_key, "image.published", "{end:?}\n{stored}");
+    assert!(stored.contains("stored is [MASKED]"), "{stored}");
+    assert!(!stored.contains(STORED), "{stored}");
+
+    // Removed: listed no more.
+    let unset = stack.cli(&["secrets", "unset", "web", "STORED_TOKEN"]);
+    assert!(unset.status.success(), "{unset:?}");
+    let list = stack.cli(&["secrets", "list", "web"]);
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("STORED_TOKEN"));
+    let again = stack.cli(&["secrets", "unset", "web", "STORED_TOKEN"]);
+    assert!(!again.status.success());
 }

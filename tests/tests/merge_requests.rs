@@ -151,9 +151,16 @@ async fn merge_requests_and_gitea_pushes() {
         .wait_for(&statuses, TIMEOUT, |calls| {
             calls
                 .iter()
-                .any(|c| c.body["name"] == "gantry" && c.body["state"] == "success")
+                .any(|c| c.body["name"] == "gantry/merge-request" && c.body["state"] == "success")
         })
         .await;
+    let status = recorder.calls(&statuses);
+    assert!(
+        status
+            .iter()
+            .all(|c| c.body["ref"] == "refs/merge-requests/7/head"),
+        "{status:#?}"
+    );
     let notes = "/api/v4/projects/team%2Fweb/merge_requests/7/notes";
     let calls = recorder
         .wait_for(notes, TIMEOUT, |calls| {
@@ -272,6 +279,13 @@ async fn merge_requests_and_gitea_pushes() {
     // deployer has taken its image in, no deployment was queued with it.
     deployer_saw(&stack, &p3).await;
     assert!(environments_of(&stack, &p3).await.is_empty());
+    // Nor by hand through a short sha, which a fork's author can mine.
+    let short = stack.cli(&["deploy", &staging.name, &c3[..10]]);
+    let stderr = String::from_utf8_lossy(&short.stderr);
+    assert!(
+        !short.status.success() && stderr.contains("no published image"),
+        "{stderr}"
+    );
 
     // A fork on another server is never fetched.
     let mut elsewhere = forge::pull_request(

@@ -10,10 +10,11 @@ use gantry_proto::v1::builds_client::BuildsClient;
 use gantry_proto::v1::deployments_client::DeploymentsClient;
 use gantry_proto::v1::ingest_client::IngestClient;
 use gantry_proto::v1::pipelines_client::PipelinesClient;
+use gantry_proto::v1::secrets_client::SecretsClient;
 use gantry_proto::v1::{
     DeployRequest, GetBuildsRequest, GetPipelineRequest, ListDeploymentsRequest,
-    ListEnvironmentsRequest, ListPipelinesRequest, RollbackRequest, StreamLogsRequest,
-    TriggerRequest, WatchPipelinesRequest,
+    ListEnvironmentsRequest, ListPipelinesRequest, ListSecretsRequest, RollbackRequest,
+    SetSecretRequest, StreamLogsRequest, TriggerRequest, UnsetSecretRequest, WatchPipelinesRequest,
 };
 use gantry_tests::stack::{ProjectSpec, SECRET, bin_dir, tokens};
 use gantry_tests::{SampleRepo, Stack, StackOptions, accepted_pipeline, forge, registry};
@@ -79,6 +80,28 @@ async fn call(stack: &Stack, service: &str, method: &str, token: Option<&str>) -
             })
             .await
             .map(drop),
+        "SetSecret" => SecretsClient::new(ch)
+            .set(SetSecretRequest {
+                project: "hello".into(),
+                name: "API_TOKEN".into(),
+                value: "a-long-enough-value".into(),
+                protected: false,
+            })
+            .await
+            .map(drop),
+        "UnsetSecret" => SecretsClient::new(ch)
+            .unset(UnsetSecretRequest {
+                project: "hello".into(),
+                name: "API_TOKEN".into(),
+            })
+            .await
+            .map(drop),
+        "ListSecrets" => SecretsClient::new(ch)
+            .list(ListSecretsRequest {
+                project: "hello".into(),
+            })
+            .await
+            .map(drop),
         other => panic!("no call for {other}"),
     };
     match result {
@@ -97,6 +120,9 @@ async fn every_grpc_method_wants_a_token_with_its_scope_and_pages_a_read_token()
         ("webhook-ingest", "Trigger", tokens::TRIGGER, tokens::READ),
         ("builder", "StreamLogs", tokens::READ, tokens::TRIGGER),
         ("builder", "GetBuilds", tokens::READ, tokens::DEPLOY),
+        ("builder", "SetSecret", tokens::ADMIN, tokens::TRIGGER),
+        ("builder", "UnsetSecret", tokens::ADMIN, tokens::DEPLOY),
+        ("builder", "ListSecrets", tokens::READ, tokens::TRIGGER),
         (
             "deployer",
             "ListEnvironments",

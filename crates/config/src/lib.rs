@@ -159,6 +159,9 @@ struct RawConfig {
     tokens: Vec<Spanned<tokens::RawToken>>,
     #[serde(default)]
     pages: RawPages,
+    /// Seals the secrets stored with `gantry secrets set` (builder).
+    #[serde(default)]
+    secrets_key: Option<Spanned<SecretSource>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +281,26 @@ struct RawStepSecret {
 /// The shortest secret value: shorter ones cannot be masked in logs
 /// without masking ordinary text.
 pub const MIN_SECRET_LEN: usize = 8;
+
+/// Why `name` cannot name a secret (an environment variable of a test
+/// step), if it cannot.
+pub fn secret_name_refusal(name: &str) -> Option<String> {
+    let valid = name.len() <= 128
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        Some(format!(
+            "secret name {name:?} is not an environment variable name"
+        ))
+    } else if name.starts_with("GANTRY_") {
+        Some(format!("secret name {name:?}: GANTRY_ names are Gantry's"))
+    } else {
+        None
+    }
+}
 
 /// A secret a project's test steps get as an environment variable.
 #[derive(Debug, Clone)]
@@ -683,6 +706,10 @@ pub struct GantryConfig {
     pub tokens: Vec<ApiToken>,
     /// Whether the notifier's pages answer without a `read` token.
     pub public_pages: bool,
+    /// The key that seals the project secrets stored in the database (set
+    /// with `gantry secrets set`); only in services that resolve
+    /// [`SecretKind::Step`] (the builder).
+    pub secrets_key: Option<gantry_seal::SealKey>,
 }
 
 /// Everything wrong with a configuration file.
@@ -860,30 +887,8 @@ impl Check<'_> {
             }
             let mut secrets: Vec<StepSecret> = Vec::new();
             for raw in p.secrets {
-                let valid_name = raw
-                    .name
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                    && raw
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
-                if !valid_name {
-                    self.located(
-                        at,
-                        format!(
-                            "secret name {:?} is not an environment variable name",
-                            raw.name
-                        ),
-                    );
-                    continue;
-                }
-                if raw.name.starts_with("GANTRY_") {
-                    self.located(
-                        at,
-                        format!("secret name {:?}: GANTRY_ names are Gantry's", raw.name),
-                    );
+                if let Some(why) = secret_name_refusal(&raw.name) {
+                    self.located(at, why);
                     continue;
                 }
                 if secrets.iter().any(|s| s.name == raw.name) {
@@ -1152,6 +1157,13 @@ impl GantryConfig {
         let gitea = cx.forge("gitea", raw.forges.gitea);
         let chat = cx.chat(raw.chat, &names);
         let tokens = tokens::validate(raw.tokens, &mut |at, problem| cx.located(at, problem));
+        let secrets_key = raw.secrets_key.and_then(|sp| {
+            let at = At::of(&sp, "secrets_key");
+            let text = cx.secret(SecretKind::Step, &sp.value, at, "secrets_key")?;
+            gantry_seal::SealKey::from_text(text.expose())
+                .map_err(|e| cx.located(at, e))
+                .ok()
+        });
         if cx.problems.is_empty() {
             Ok(Self {
                 projects,
@@ -1164,6 +1176,7 @@ impl GantryConfig {
                 public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
                 tokens,
                 public_pages: raw.pages.public,
+                secrets_key,
             })
         } else {
             Err(ConfigError::Invalid {

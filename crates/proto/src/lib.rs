@@ -87,6 +87,14 @@ impl v1::Event {
 /// Connecting to Gantry's gRPC API as a client: TLS for `https://` URLs
 /// (the system's roots, plus a CA certificate if given) and the bearer token
 /// on every call.
+/// A time as the API's `google.protobuf.Timestamp`.
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
 pub mod client {
     use tonic::metadata::{Ascii, MetadataValue};
     use tonic::service::interceptor::InterceptedService;

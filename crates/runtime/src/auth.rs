@@ -21,6 +21,9 @@ pub const SCOPES: &[(&str, Scope)] = &[
     ("/gantry.v1.Builds/StreamLogs", Scope::Read),
     ("/gantry.v1.Builds/GetBuilds", Scope::Read),
     ("/gantry.v1.Builds/Cancel", Scope::Trigger),
+    ("/gantry.v1.Secrets/Set", Scope::Admin),
+    ("/gantry.v1.Secrets/Unset", Scope::Admin),
+    ("/gantry.v1.Secrets/List", Scope::Read),
     ("/gantry.v1.Deployments/ListEnvironments", Scope::Read),
     ("/gantry.v1.Deployments/ListDeployments", Scope::Read),
     ("/gantry.v1.Deployments/Deploy", Scope::Deploy),
@@ -113,6 +116,18 @@ impl From<Denied> for tonic::Status {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub token: String,
+}
+
+impl Caller {
+    /// The name of the token `request` was let in with, for the record of
+    /// who changed something.
+    pub fn name_of<T>(request: &tonic::Request<T>) -> String {
+        request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.token.clone())
+            .unwrap_or_else(|| "an unnamed caller".into())
+    }
 }
 
 /// The tower layer that guards a gRPC server with [`authorize`].

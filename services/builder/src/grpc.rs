@@ -176,11 +176,7 @@ impl Builds for BuildsService {
         &self,
         request: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
-        let who = request
-            .extensions()
-            .get::<gantry_runtime::auth::Caller>()
-            .map(|c| c.token.clone())
-            .unwrap_or_else(|| "an unnamed caller".into());
+        let who = gantry_runtime::auth::Caller::name_of(&request);
         let req = request.into_inner();
         if req.pipeline_id.is_empty() {
             return Err(ApiError::InvalidArgument("give a pipeline_id".into()).into());

@@ -9,17 +9,21 @@
 //!   `gantry-pipeline`,
 //!   `docker` (image build and sandboxed test containers), `services`
 //!   (containers the test steps talk to, on the build's network), `push` (the
-//!   tested image to the registry under its commit sha), `logs` (batched,
-//!   capped, with the project's secrets masked by `mask`);
+//!   tested image to the registry under its commit sha, a merge request's
+//!   under `mr-<number>`), `logs` (batched, capped, with the project's
+//!   secrets masked by `mask`);
+//! - `secrets`: the projects' secrets stored sealed (`gantry.v1.Secrets`),
+//!   opened when a build starts;
 //! - `stack_file` and `stack_run`: a stack's integration run (the
 //!   `stack:` section of its `.gantry.yml` from `gantry-pipeline`, its compose file made safe and
 //!   pinned, `docker-compose` up, health, test services, logs, always torn
 //!   down);
 //! - `jobs`: the `builds` table (service builds and stack runs) and the
 //!   verdict events (`build.*`, `stack.run_*`) written through the outbox;
-//! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds).
+//! - `grpc`: `gantry.v1.Builds` (StreamLogs with follow, GetBuilds, Cancel).
 //!
-//! Schema `builder`: `builds`, `build_logs`, `outbox`, `processed_events`.
+//! Schema `builder`: `builds`, `build_logs`, `project_secrets`, `outbox`,
+//! `processed_events`.
 
 pub mod checkout;
 pub mod context;
@@ -29,6 +33,7 @@ pub mod jobs;
 pub mod logs;
 pub mod mask;
 pub mod push;
+pub mod secrets;
 pub mod services;
 pub mod stack_file;
 pub mod stack_run;
@@ -189,6 +194,7 @@ impl gantry_runtime::Service for Service {
             step_network: s.step_network.clone(),
             running: Default::default(),
         };
+        let secrets_config = config.clone();
         let pool = base.pool.clone();
         base.consume(
             gantry_bus::queues::BUILDER,
@@ -210,6 +216,13 @@ impl gantry_runtime::Service for Service {
                     relay_wake: base.relay_wake.clone(),
                 }),
                 gantry_proto::v1::builds_server::SERVICE_NAME,
+            )
+            .and(
+                gantry_proto::v1::secrets_server::SecretsServer::new(secrets::SecretsService {
+                    pool: base.pool.clone(),
+                    config: secrets_config,
+                }),
+                gantry_proto::v1::secrets_server::SERVICE_NAME,
             ),
             readiness: Readiness::new().check("docker", move || {
                 let docker = docker.clone();

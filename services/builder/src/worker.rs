@@ -291,6 +291,16 @@ impl Worker {
                 format!("project {} is not configured", build.project),
             );
         };
+        // The secrets stored with `gantry secrets set` join the
+        // configuration's, masked alike.
+        let mut project = project.clone();
+        if matches!(build.job, Job::Build(_)) {
+            match crate::secrets::stored_for(&self.pool, &self.config, &project.name).await {
+                Ok(stored) => project.secrets.extend(stored),
+                Err(why) => return End::stopped(&build.job, "config", why),
+            }
+        }
+        let project = &project;
         let log = LogSink::new(
             self.pool.clone(),
             build.id,
@@ -514,9 +524,8 @@ impl Worker {
         built.map_err(|e| Ended::stop("build", format!("image build failed: {e:#}")))
     }
 
-    /// Pulls the project's last published images of this branch (of this
-    /// merge request: `:mr-<number>`) and of the default branch
-    /// (`:<branch tag>`, `:latest`), whose layers the image
+    /// Pulls the project's last published images of this branch and of the
+    /// default branch (`:<branch tag>`, `:latest`), whose layers the image
     /// build may reuse: the registry is the build cache, so every builder
     /// replica, on any host, has the same one. Returns those it got.
     async fn pull_cache(
@@ -526,9 +535,8 @@ impl Worker {
         log: &LogSink,
     ) -> Vec<String> {
         let mut wanted = Vec::new();
-        if revision.merge_request.is_some() {
-            wanted.push(format!("{}:{}", project.image, pushed_tag_of(revision)));
-        } else if !revision.branch.is_empty() {
+        // A merge request's image (perhaps a fork's) is never anyone's cache.
+        if revision.merge_request.is_none() && !revision.branch.is_empty() {
             wanted.push(format!(
                 "{}:{}",
                 project.image,
@@ -752,9 +760,6 @@ impl Worker {
     }
 }
 
-/// `NAME=value` of the project's secrets a build's test steps get: a
-/// protected one only in pipelines of the default branch and of tags. The
-/// log names the ones withheld (never a value).
 /// The tag a build's image is pushed under: its commit sha, or for a merge
 /// request's pipeline `mr-<number>`, the only tag such an image ever gets
 /// (a commit of a fork must not take a tag a branch's image could have).
@@ -784,6 +789,10 @@ fn fetch_url<'a>(
     }
 }
 
+/// `NAME=value` of the project's secrets a build's test steps get: a
+/// protected one only in pipelines of the default branch and of tags, none
+/// in a merge request's from a fork. The log names the ones withheld
+/// (never a value).
 async fn secrets_for(
     build: &Claimed,
     project: &gantry_config::Project,

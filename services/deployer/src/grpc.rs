@@ -25,12 +25,7 @@ pub struct DeploymentsService {
     pub wake: Arc<Notify>,
 }
 
-pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use gantry_proto::timestamp;
 
 impl From<Row> for DeploymentInfo {
     fn from(r: Row) -> Self {
@@ -163,7 +158,11 @@ impl Deployments for DeploymentsService {
              WHERE project = $1
                AND repository = $3
                AND (digest = $2 OR digest = 'sha256:' || $2 OR $2 = ANY(tags) OR pipeline_id = $2
-                    OR (length($2) >= 7 AND $2 ~ '^[0-9a-f]+$' AND starts_with(commit_sha, $2)))
+                    OR (length($2) >= 7 AND $2 ~ '^[0-9a-f]+$' AND starts_with(commit_sha, $2)
+                        -- A merge request's commit (perhaps a fork's, whose author can
+                        -- mine a short sha) answers only to its full sha.
+                        AND (length($2) = 40 OR NOT (git_ref LIKE 'refs/merge-requests/%'
+                                                     OR git_ref LIKE 'refs/pull/%'))))
              ORDER BY CASE WHEN digest = $2 OR digest = 'sha256:' || $2 THEN 0
                            WHEN pipeline_id = $2 THEN 1
                            WHEN starts_with(commit_sha, $2) THEN 2

@@ -27,12 +27,7 @@ pub struct PipelinesService {
     pub config: Arc<GantryConfig>,
 }
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use gantry_proto::timestamp;
 
 pub struct PipelineRow {
     pipeline_id: String,

@@ -103,6 +103,17 @@ impl StatusState {
     }
 }
 
+/// The status context of a pipeline: `gantry`, or `gantry/merge-request`
+/// for a merge request's (whose head commit may also be built as a push to
+/// its branch: the two statuses stay apart).
+pub fn pipeline_context(rev: &Revision) -> &'static str {
+    if rev.merge_request.is_some() {
+        "gantry/merge-request"
+    } else {
+        "gantry"
+    }
+}
+
 /// A commit status for one context.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -171,7 +182,11 @@ pub async fn queue_status(
     if let (Some(path), Some(_)) = (&p.gitlab, &config.gitlab)
         && reports_to(&rev.source, "gitlab")
     {
-        let git_ref = if rev.tag.is_empty() {
+        // A merge request's commit may be on no branch of the project (a
+        // fork's): GitLab then wants the merge request's ref.
+        let git_ref = if rev.merge_request.is_some() {
+            &rev.git_ref
+        } else if rev.tag.is_empty() {
             &rev.branch
         } else {
             &rev.tag
@@ -236,7 +251,7 @@ fn comment_text(rev: &Revision, status: &Status) -> String {
     };
     let mut text = format!("**Gantry** pipeline of {}: {mark}", short(&rev.commit_sha));
     if !status.description.is_empty() {
-        text.push_str(&format!(" — {}", escape(&status.description)));
+        text.push_str(&format!(" — {}", code_span(&status.description)));
     }
     if let Some(url) = &status.target_url {
         text.push_str(&format!(" ([pipeline]({url}), [log]({url}/log))"));
@@ -245,6 +260,23 @@ fn comment_text(rev: &Revision, status: &Status) -> String {
         "\n\n<sub>Gantry edits this comment as new commits of the merge request are built.</sub>",
     );
     text
+}
+
+/// `text` (which may come from a fork: a step name, a branch) as a
+/// Markdown code span, where nothing mentions, links or references:
+/// backticks and control characters replaced, cut to [`MAX_FIELD`]
+/// characters.
+fn code_span(text: &str) -> String {
+    let inner: String = text
+        .chars()
+        .take(MAX_FIELD)
+        .map(|c| match c {
+            '`' => '\'',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    format!("`{}`", inner.trim())
 }
 
 /// Queues the edit of the merge request's comment (its creation the first
@@ -1053,6 +1085,26 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comment_text_neither_mentions_nor_links() {
+        let rev = Revision {
+            commit_sha: "0123456789abcdef0123".into(),
+            ..Default::default()
+        };
+        let status = Status {
+            context: "gantry/merge-request".into(),
+            state: StatusState::Failed,
+            description: "Failed at step @all `x` [here](http://evil) #1\n/close".into(),
+            target_url: None,
+        };
+        let text = comment_text(&rev, &status);
+        assert!(
+            text.contains("`Failed at step @all 'x' [here](http://evil) #1 /close`"),
+            "{text}"
+        );
+        assert_eq!(text.matches('`').count(), 2, "{text}");
+    }
 
     #[test]
     fn gitlab_project_ids_are_encoded() {

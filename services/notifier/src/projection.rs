@@ -218,7 +218,7 @@ pub async fn apply(
     let mut queued = false;
     if let Some(state) = advanced {
         let status = Status {
-            context: "gantry".into(),
+            context: outbound::pipeline_context(&rev).into(),
             state: StatusState::from_pipeline(state),
             description: c.description.clone(),
             target_url: links.pipeline.clone(),
@@ -228,8 +228,16 @@ pub async fn apply(
         tracing::debug!(from = %old_state, to = %state, "pipeline state changed");
     }
 
-    // Chat: only when the state of the project's ref changes.
+    // Chat: only when the state of the project's ref changes; a merge
+    // request's pipelines speak on the merge request (its comment), not to
+    // the team's channels, which a fork's author could otherwise flood.
+    let merge_request = rev.merge_request.is_some();
     let chat = match event.payload.as_ref() {
+        Some(Payload::BuildFailed(_) | Payload::PublishFailed(_) | Payload::ImagePublished(_))
+            if merge_request =>
+        {
+            None
+        }
         Some(Payload::BuildFailed(_) | Payload::PublishFailed(_)) if advanced.is_some() => {
             if set_ref_state(tx, event, &rev, "red").await?.is_some() {
                 Some(ChatEvent::Failed {

@@ -275,6 +275,9 @@ pub struct GitlabMergeRequest {
     pub object_attributes: GitlabMrAttributes,
 }
 
+/// What a merge request hook says of the merge request. Only what every
+/// action carries is required: the others (null once a fork is deleted, for
+/// instance) are checked for the actions that build.
 #[derive(Debug, Deserialize)]
 pub struct GitlabMrAttributes {
     pub iid: u64,
@@ -283,16 +286,22 @@ pub struct GitlabMrAttributes {
     /// The head before an `update` that added commits (absent otherwise).
     #[serde(default)]
     pub oldrev: Option<String>,
+    #[serde(default)]
     pub source_branch: String,
+    #[serde(default)]
     pub target_branch: String,
-    pub source_project_id: u64,
-    pub target_project_id: u64,
+    #[serde(default)]
+    pub source_project_id: Option<u64>,
+    #[serde(default)]
+    pub target_project_id: Option<u64>,
     #[serde(default)]
     pub title: String,
     #[serde(default)]
     pub url: String,
-    pub source: GitlabMrProject,
-    pub last_commit: GitlabCommit,
+    #[serde(default)]
+    pub source: Option<GitlabMrProject>,
+    #[serde(default)]
+    pub last_commit: Option<GitlabCommit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,7 +344,13 @@ impl GitlabMergeRequest {
             "update" => return ignore("merge request updated without new commits"),
             other => return ignore(format!("merge request action {other:?} starts no pipeline")),
         }
-        let from_fork = a.source_project_id != a.target_project_id;
+        let (Some(source), Some(source_id)) = (&a.source, a.source_project_id) else {
+            return ignore("the merge request's source project was deleted");
+        };
+        let Some(last_commit) = &a.last_commit else {
+            return Err("object_attributes.last_commit is missing".into());
+        };
+        let from_fork = a.target_project_id != Some(source_id);
         let mr = MergeRequest {
             number: a.iid,
             source_branch: a.source_branch.clone(),
@@ -345,7 +360,7 @@ impl GitlabMergeRequest {
             from_fork,
             head_clone_url: String::new(),
             head_project: if from_fork {
-                a.source.path_with_namespace.clone()
+                source.path_with_namespace.clone()
             } else {
                 String::new()
             },
@@ -353,17 +368,17 @@ impl GitlabMergeRequest {
         let mut rev = merge_request_revision(
             "gitlab",
             format!("refs/merge-requests/{}/head", a.iid),
-            &a.last_commit.id,
+            &last_commit.id,
             &self.project.path_with_namespace,
             mr,
         )?;
         rev.before_sha = before_sha(a.oldrev.as_deref().unwrap_or_default());
         rev.default_branch = self.project.default_branch.clone().unwrap_or_default();
-        rev.author_name = a.last_commit.author.name.clone();
-        rev.author_email = a.last_commit.author.email.clone().unwrap_or_default();
-        rev.commit_message = a.last_commit.message.clone();
+        rev.author_name = last_commit.author.name.clone();
+        rev.author_email = last_commit.author.email.clone().unwrap_or_default();
+        rev.commit_message = last_commit.message.clone();
         let forks = if from_fork {
-            [&a.source.git_http_url, &a.source.git_ssh_url]
+            [&source.git_http_url, &source.git_ssh_url]
                 .into_iter()
                 .flatten()
                 .cloned()
@@ -398,6 +413,10 @@ pub struct PullRequest {
     pub base: PullRequestEnd,
     #[serde(default)]
     pub user: Option<Pusher>,
+    /// Gitea: 1 for a pull request pushed with AGit (`git push origin
+    /// HEAD:refs/for/main`), which anyone who can read may open.
+    #[serde(default)]
+    pub flow: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -427,7 +446,11 @@ impl PullRequestEvent {
         let Some(head) = &pr.head.repo else {
             return ignore("the pull request's head repository was deleted");
         };
-        let from_fork = !head.full_name.eq_ignore_ascii_case(&base.full_name);
+        // A Gitea AGit pull request lives in the base repository but anyone
+        // who can read it may push one (its head ref is `refs/…`, not a
+        // branch): it is treated as a fork's.
+        let agit = pr.flow.is_some_and(|f| f != 0) || pr.head.branch.starts_with("refs/");
+        let from_fork = agit || !head.full_name.eq_ignore_ascii_case(&base.full_name);
         let mr = MergeRequest {
             number: self.number,
             source_branch: pr.head.branch.clone(),
@@ -581,6 +604,44 @@ mod tests {
         assert!(mr.from_fork);
         assert_eq!(mr.head_project, "awesome_space/awesome_project");
         assert_eq!(forks.len(), 2);
+        // Once the fork is deleted GitLab sends nulls: a close is still
+        // ignored (not refused), and so is an update.
+        let gone: GitlabMergeRequest = serde_json::from_value(serde_json::json!({
+            "object_kind": "merge_request",
+            "project": { "path_with_namespace": "gitlabhq/gitlab-test" },
+            "object_attributes": { "iid": 1, "action": "close", "source": null,
+                "source_project_id": null, "target_project_id": 14, "last_commit": null }
+        }))
+        .expect("parses");
+        assert!(matches!(gone.outcome(), Ok(PushOutcome::Ignore(_))));
+        let mut reopened = gone;
+        reopened.object_attributes.action = Some("reopen".into());
+        assert!(matches!(reopened.outcome(), Ok(PushOutcome::Ignore(_))));
+    }
+
+    #[test]
+    fn a_gitea_agit_pull_request_counts_as_a_fork() {
+        let base = serde_json::json!({ "full_name": "Codertocat/Hello-World",
+            "clone_url": "https://github.com/Codertocat/Hello-World.git" });
+        let mut agit = pull_request("opened", base.clone());
+        agit.pull_request.head.branch = "refs/pull/2/head".into();
+        let PushOutcome::Build(rev, _) = agit.outcome("gitea").expect("valid") else {
+            panic!("builds");
+        };
+        assert!(rev.merge_request.expect("a merge request").from_fork);
+        let mut flow = pull_request("opened", base.clone());
+        flow.pull_request.flow = Some(1);
+        let PushOutcome::Build(rev, _) = flow.outcome("gitea").expect("valid") else {
+            panic!("builds");
+        };
+        assert!(rev.merge_request.expect("a merge request").from_fork);
+        let PushOutcome::Build(rev, _) = pull_request("opened", base)
+            .outcome("gitea")
+            .expect("valid")
+        else {
+            panic!("builds");
+        };
+        assert!(!rev.merge_request.expect("a merge request").from_fork);
     }
 
     fn pull_request(action: &str, head: serde_json::Value) -> PullRequestEvent {
