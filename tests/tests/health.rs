@@ -90,7 +90,7 @@ async fn every_service_reports_liveness_readiness_and_grpc_health() {
         );
         let own: &[&str] = match service {
             "webhook-ingest" => &["gantry.v1.Ingest"],
-            "builder" => &["gantry.v1.Builds"],
+            "builder" => &["gantry.v1.Builds", "gantry.v1.Secrets"],
             "deployer" => &["gantry.v1.Deployments", "gantry.v1.Stacks"],
             "notifier" => &["gantry.v1.Pipelines"],
             _ => &[],
