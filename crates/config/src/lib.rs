@@ -111,18 +111,22 @@ pub enum SecretKind {
     Forge,
     /// Chat webhook URLs (notifier).
     Chat,
-    /// Projects' secrets for their test steps (builder).
+    /// Projects' secrets for their test steps, and the key that seals
+    /// those stored in the database (builder).
     Step,
+    /// Credentials of deploy targets: Rancher API keys (deployer).
+    Target,
 }
 
 impl SecretKind {
-    pub const ALL: [SecretKind; 6] = [
+    pub const ALL: [SecretKind; 7] = [
         SecretKind::Webhook,
         SecretKind::Clone,
         SecretKind::Registry,
         SecretKind::Forge,
         SecretKind::Chat,
         SecretKind::Step,
+        SecretKind::Target,
     ];
 }
 
@@ -222,6 +226,24 @@ struct RawEnvironment {
     /// Of a stack's environment: the compose service behind the endpoint.
     #[serde(default)]
     service: Option<String>,
+    /// Of a `rancher` environment: where its service is.
+    #[serde(default)]
+    rancher: Option<RawRancher>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRancher {
+    url: String,
+    project: String,
+    stack: String,
+    service: String,
+    access_key: String,
+    secret_key: SecretSource,
+    #[serde(default)]
+    batch_size: Option<u32>,
+    #[serde(default)]
+    interval_millis: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -619,13 +641,35 @@ pub struct HealthCheck {
     pub timeout: std::time::Duration,
 }
 
+/// A service on Rancher 1.6 (Cattle) that an environment upgrades in place.
+#[derive(Debug, Clone)]
+pub struct Rancher {
+    /// Base URL of the Rancher server (the API is under `/v2-beta`).
+    pub url: String,
+    /// The Rancher environment's (API: project's) id, e.g. `1a5`.
+    pub project: String,
+    /// The stack and the service in it, by name.
+    pub stack: String,
+    pub service: String,
+    /// The API key: access key (its name) and secret key; the secret only
+    /// in services that resolve [`SecretKind::Target`] (the deployer).
+    pub access_key: String,
+    pub secret_key: Option<Secret>,
+    /// Containers replaced at once, and the pause between two batches.
+    pub batch_size: u32,
+    pub interval_millis: u64,
+}
+
 /// Where the deployer rolls out a project's images.
 #[derive(Debug, Clone)]
 pub struct Environment {
     pub name: String,
     pub project: String,
-    /// `docker` (a local engine, or a remote one through `DOCKER_HOST`).
+    /// `docker` (a local engine, or a remote one through `DOCKER_HOST`), or
+    /// `rancher` (a Rancher 1.6 service, see [`Environment::rancher`]).
     pub target: String,
+    /// Of a `rancher` environment: the service it upgrades.
+    pub rancher: Option<Rancher>,
     /// Published images matching any rule are deployed automatically.
     pub rules: Vec<Rule>,
     /// The port the service listens on inside its container.
@@ -1025,12 +1069,56 @@ impl Check<'_> {
                     "`merge_request: false` matches nothing: leave the rule out (merge requests deploy only where `merge_request: true` says)".into(),
                 );
             }
-            if e.target != "docker" {
-                self.located(
-                    at,
-                    format!("target {:?} is not supported (docker)", e.target),
-                );
-            }
+            let rancher = match (e.target.as_str(), e.rancher) {
+                ("docker", None) => None,
+                ("docker", Some(_)) => {
+                    self.located(at, "rancher settings need `target: rancher`".into());
+                    None
+                }
+                ("rancher", None) => {
+                    self.located(
+                        at,
+                        "target rancher needs `rancher: {url, project, stack, service, access_key, secret_key}`".into(),
+                    );
+                    None
+                }
+                ("rancher", Some(r)) => {
+                    if stack {
+                        self.located(at, "a stack's environment deploys with docker".into());
+                    }
+                    if e.endpoint.is_some() || e.port.is_some() || e.health.http.is_some() {
+                        self.located(
+                            at,
+                            "a rancher environment has no endpoint, port or health.http: Rancher balances and health-checks its service".into(),
+                        );
+                    }
+                    if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                        self.located(at, "rancher.url must be http(s)://".into());
+                    }
+                    if r.batch_size == Some(0) {
+                        self.located(at, "rancher.batch_size must be at least 1".into());
+                    }
+                    let secret_key =
+                        self.secret(SecretKind::Target, &r.secret_key, at, "rancher.secret_key");
+                    Some(Rancher {
+                        url: r.url.trim_end_matches('/').to_owned(),
+                        project: r.project,
+                        stack: r.stack,
+                        service: r.service,
+                        access_key: r.access_key,
+                        secret_key,
+                        batch_size: r.batch_size.unwrap_or(1),
+                        interval_millis: r.interval_millis.unwrap_or(2000),
+                    })
+                }
+                (other, _) => {
+                    self.located(
+                        at,
+                        format!("target {other:?} is not supported (docker, rancher)"),
+                    );
+                    None
+                }
+            };
             if let Some(endpoint) = &e.endpoint {
                 if endpoint.parse::<std::net::SocketAddr>().is_err() {
                     self.located(at, format!("endpoint {endpoint:?} must be ip:port"));
@@ -1052,6 +1140,7 @@ impl Check<'_> {
                 name: name.clone(),
                 project: e.project,
                 target: e.target,
+                rancher,
                 rules: e.rules,
                 port: e.port,
                 endpoint: e.endpoint,
@@ -1336,6 +1425,38 @@ mod tests {
             ..Origin::default()
         }));
         assert!(!review.matches(at("main", "")));
+        let rancher = "    target: rancher\n    rancher: {url: 'https://rancher.example.com/', project: 1a5, stack: shop, service: a, access_key: K, secret_key: {value: s3cret}}\n";
+        let ok = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: prod\n    project: a\n{rancher}"),
+        )
+        .expect("valid");
+        let r = ok
+            .environment("prod")
+            .and_then(|e| e.rancher.clone())
+            .expect("rancher");
+        assert_eq!(r.url, "https://rancher.example.com");
+        assert_eq!((r.batch_size, r.interval_millis), (1, 2000));
+        assert_eq!(r.secret_key.as_ref().map(Secret::expose), Some("s3cret"));
+        for (extra, problem) in [
+            ("    target: rancher\n", "target rancher needs"),
+            (
+                &format!("{rancher}    endpoint: 127.0.0.1:1\n    port: 80\n") as &str,
+                "no endpoint, port",
+            ),
+            ("    target: nomad\n", "not supported (docker, rancher)"),
+            (
+                "    rancher: {url: x, project: p, stack: s, service: a, access_key: K, secret_key: {value: s}}\n",
+                "need `target: rancher`",
+            ),
+        ] {
+            let err = GantryConfig::parse(
+                "g.yml",
+                &format!("{base}environments:\n  - name: prod\n    project: a\n{extra}"),
+            )
+            .expect_err(problem);
+            assert!(err.to_string().contains(problem), "{err}");
+        }
         let err = GantryConfig::parse(
             "g.yml",
             &format!("{base}environments:\n  - name: review\n    project: a\n    rules: [{{merge_request: false}}]\n"),

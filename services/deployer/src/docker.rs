@@ -18,7 +18,8 @@ use gantry_config::{Environment, Registry};
 use anyhow::Context as _;
 use gantry_docker::EngineError;
 
-use crate::queue::Row;
+use crate::queue::{Live, Row};
+use crate::target::{Failure, Running, Target};
 
 /// Labels on every container the deployer starts.
 pub mod labels {
@@ -42,6 +43,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// Grace period of `docker stop` for the old version.
 const STOP_TIMEOUT_SECS: i32 = 10;
+/// Pulls of an image (waiting as `Policy::Pull` says) before the deployment fails.
+const PULL_ATTEMPTS: u32 = 4;
 
 pub struct DockerTarget {
     pub docker: Docker,
@@ -235,5 +238,50 @@ impl DockerTarget {
     /// Removes a container at once (a failed new version).
     pub async fn remove(&self, container: &str) {
         gantry_docker::remove_container(&self.docker, container).await;
+    }
+}
+
+#[tonic::async_trait]
+impl Target for DockerTarget {
+    async fn prepare(&self, _env: &Environment, row: &Row, live: Option<&Live>) {
+        self.remove_leftovers(row, live.map(|l| l.container_id.as_str()))
+            .await;
+    }
+
+    /// Pulls (retrying while the registry is away), starts the new version
+    /// beside the old one and waits until it is healthy; a new version that
+    /// never is gets removed, and the old one (if any) keeps running.
+    async fn roll_out(
+        &self,
+        env: &Environment,
+        row: &Row,
+        registry: &Registry,
+        live: Option<&Live>,
+    ) -> Result<Running, Failure> {
+        gantry_retry::Policy::Pull(PULL_ATTEMPTS)
+            .retry("pull the image", || self.pull(row, registry))
+            .await
+            .map_err(|g| Failure::Refused(g.error.context(format!("{} pulls failed", g.tries))))?;
+        let id = self.create(env, row).await.map_err(Failure::Refused)?;
+        let started = match self.start(&id).await {
+            Ok(()) => self.wait_healthy(env, &id).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(address) => Ok(Running { id, address }),
+            Err(error) => {
+                self.remove(&id).await;
+                Err(Failure::Failed {
+                    error,
+                    rolled_back: live.is_some(),
+                })
+            }
+        }
+    }
+
+    /// Lets the old version drain the connections it has, then stops it.
+    async fn retire(&self, _env: &Environment, old: &Live) {
+        tokio::time::sleep(DRAIN).await;
+        DockerTarget::retire(self, &old.container_id).await;
     }
 }

@@ -5,8 +5,10 @@
 //!   branch or tag gets a deployment queued ([`queue`]) — unless that digest
 //!   failed there before.
 //! - The deployment loop ([`worker`]) runs one deployment per environment at
-//!   a time through the Docker target ([`docker`]): start-first, health
-//!   check, take over or roll back, with `deploy.*` events.
+//!   a time through the environment's target ([`target`]: [`docker`], a
+//!   Docker engine; [`rancher`], a Rancher 1.6 service upgraded in place):
+//!   start-first, health check, take over or roll back, with `deploy.*`
+//!   events.
 //! - Environments with an `endpoint` are served by [`edge`], which forwards
 //!   to the live version, so a replacement has no gap in answers.
 //! - gRPC `Deployments` ([`grpc`]): environments and what runs there,
@@ -26,10 +28,12 @@ pub mod docker;
 pub mod edge;
 pub mod grpc;
 pub mod queue;
+pub mod rancher;
 pub mod stack_deploy;
 pub mod stack_target;
 pub mod stacks;
 pub mod stacks_grpc;
+pub mod target;
 pub mod worker;
 
 use std::sync::Arc;
@@ -318,7 +322,7 @@ fn outcome(written: anyhow::Result<()>) -> Outcome {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    gantry_runtime::service_identity!("deployer", (8083, 9093), [Registry]);
+    gantry_runtime::service_identity!("deployer", (8083, 9093), [Registry, Target]);
 
     async fn start(
         s: Settings,
@@ -377,7 +381,7 @@ impl gantry_runtime::Service for Service {
         base.spawn(worker::run(stack_worker, shutdown.clone()));
         let worker = Arc::new(worker::Worker {
             pool: pool.clone(),
-            target: docker::DockerTarget::new(docker.clone())?,
+            targets: target::Targets::new(docker::DockerTarget::new(docker.clone())?)?,
             config: config.clone(),
             backends,
             owner: format!("deployer-{}", uuid::Uuid::new_v4().simple()),

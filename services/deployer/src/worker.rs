@@ -1,8 +1,10 @@
 //! The deployment loop: claims waiting deployments (one per environment at a
-//! time, several environments at once) and carries each through the target:
-//! pull, start beside the old version, health check, take over (the endpoint
-//! switches, the old version drains and stops) — or remove the new version
-//! and keep the old one.
+//! time, several environments at once) and carries each through the
+//! environment's [`Target`](crate::target::Target): the new version rolled
+//! out beside the old one until healthy, then it takes over (the endpoint
+//! switches, the old version is retired) — or it is taken away and the old
+//! one keeps running. Everything but the rollout itself is here, the same
+//! for every target.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,20 +15,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::docker::{DRAIN, DockerTarget};
 use crate::edge::Backends;
 use crate::queue::{self, Row};
+use crate::target::{Failure, Targets};
 use gantry_retry::Policy;
 
 /// How often the queue is looked at without a wake-up (another replica's
 /// work, expired leases).
 const POLL: Duration = Duration::from_secs(2);
-/// Pulls of an image (waiting as `Policy::Pull` says) before the deployment fails.
-const PULL_ATTEMPTS: u32 = 4;
 
 pub struct Worker {
     pub pool: PgPool,
-    pub target: DockerTarget,
+    pub targets: Targets,
     pub config: Arc<GantryConfig>,
     pub backends: Backends,
     /// This replica's name in `deployments.owner`.
@@ -186,41 +186,30 @@ impl Worker {
                 return;
             }
         };
-        let keep = live.as_ref().map(|l| l.container_id.as_str());
-        self.target.remove_leftovers(row, keep).await;
-        tracing::info!(previous = ?live.as_ref().map(|l| &l.digest), "deploying");
-        // Err((error, the image's own fault)).
-        let outcome = async {
-            self.pull(row).await.map_err(|e| (e, false))?;
-            let id = self
-                .target
-                .create(&env, row)
-                .await
-                .map_err(|e| (e, false))?;
-            let started = match self.target.start(&id).await {
-                Ok(()) => self.target.wait_healthy(&env, &id).await,
-                Err(e) => Err(e),
-            };
-            match started {
-                Ok(addr) => Ok((id, addr)),
-                Err(e) => {
-                    self.target.remove(&id).await;
-                    Err((e, true))
-                }
-            }
-        }
-        .await;
-        match outcome {
-            Ok((id, addr)) => {
+        let Some(target) = self.targets.of(&env) else {
+            self.record_failure(
+                row,
+                &format!("target {:?} is not known to this deployer", env.target),
+                false,
+                false,
+            )
+            .await;
+            return;
+        };
+        target.prepare(&env, row, live.as_ref()).await;
+        tracing::info!(target = %env.target, previous = ?live.as_ref().map(|l| &l.digest), "deploying");
+        let registry = self.config.registry_for(&row.repository);
+        match target.roll_out(&env, row, &registry, live.as_ref()).await {
+            Ok(running) => {
                 let endpoint = env.endpoint.clone().unwrap_or_default();
-                let address = addr.map(|a| a.to_string());
+                let address = running.address.map(|a| a.to_string());
                 let recorded = self
                     .record(|| {
                         queue::succeed(
                             &self.pool,
                             row,
                             &self.owner,
-                            &id,
+                            &running.id,
                             address.as_deref(),
                             &endpoint,
                         )
@@ -230,32 +219,25 @@ impl Worker {
                     return;
                 }
                 if env.endpoint.is_some() {
-                    self.backends.set(&env.name, addr);
+                    self.backends.set(&env.name, running.address);
                 }
                 self.relay_wake.notify_one();
-                tracing::info!(container = %id, "deployed");
-                if let Some(old) = live.filter(|l| l.container_id != id) {
-                    tokio::time::sleep(DRAIN).await;
-                    self.target.retire(&old.container_id).await;
+                tracing::info!(id = %running.id, "deployed");
+                if let Some(old) = live.filter(|l| l.container_id != running.id) {
+                    target.retire(&env, &old).await;
                 }
             }
-            Err((e, image_fault)) => {
+            Err(Failure::Refused(e)) => {
                 let reason = format!("{e:#}");
-                let rolled_back = image_fault && live.is_some();
+                tracing::warn!(reason, "deployment refused");
+                self.record_failure(row, &reason, false, false).await;
+            }
+            Err(Failure::Failed { error, rolled_back }) => {
+                let reason = format!("{error:#}");
                 tracing::warn!(reason, rolled_back, "deployment failed");
-                self.record_failure(row, &reason, rolled_back, image_fault)
-                    .await;
+                self.record_failure(row, &reason, rolled_back, true).await;
             }
         }
-    }
-
-    /// Pulls the image, retrying while the registry is away.
-    async fn pull(&self, row: &Row) -> anyhow::Result<()> {
-        let registry = self.config.registry_for(&row.repository);
-        Policy::Pull(PULL_ATTEMPTS)
-            .retry("pull the image", || self.target.pull(row, &registry))
-            .await
-            .map_err(|g| g.error.context(format!("{} pulls failed", g.tries)))
     }
 
     async fn record_failure(&self, row: &Row, reason: &str, rolled_back: bool, block: bool) {

@@ -1,0 +1,342 @@
+//! The Rancher 1.6 target (Cattle, API `v2-beta`): an environment names a
+//! Rancher URL, environment (project) id, stack and service, and Gantry
+//! upgrades that service in place:
+//!
+//! 1. read the service (found by stack and service name); it must be
+//!    `active` — one already upgrading is someone else's upgrade;
+//! 2. `POST …/services/{id}?action=upgrade` with an `inServiceStrategy`
+//!    carrying the service's whole `launchConfig` (every field kept, the
+//!    image replaced by `docker:<repository>@<digest>`, the environment's
+//!    `env` merged into its `environment`) and its `secondaryLaunchConfigs`
+//!    (the sidekicks) unchanged, `batchSize`, `intervalMillis` and
+//!    `startFirst: true` (the new containers start before the old stop);
+//! 3. poll until the service is `upgraded` and `healthy` (Rancher's own
+//!    health checks) within the environment's timeout, then
+//!    `action=finishupgrade` and wait for `active`;
+//! 4. on `unhealthy`, an error state or the timeout: `action=rollback`,
+//!    wait for `active` — the old image runs again — and report a rollback.
+//!
+//! Rancher's refusals (401, a 422 with its `code` and `message`) become
+//! deployment failures that say what to fix; nothing changed on Rancher.
+
+use std::time::Duration;
+
+use gantry_config::{Environment, Registry};
+use serde_json::{Value, json};
+
+use crate::queue::{Live, Row};
+use crate::target::{Failure, Running, Target};
+
+/// How long one API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause between two reads of the service while it changes state.
+const POLL: Duration = Duration::from_millis(500);
+/// How long finishing or rolling back an upgrade may take.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct RancherTarget {
+    http: reqwest::Client,
+}
+
+/// One environment's Rancher API, authenticated.
+struct Api<'a> {
+    http: &'a reqwest::Client,
+    base: String,
+    access_key: &'a str,
+    secret_key: &'a str,
+}
+
+impl Api<'_> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let what = format!("{method} {path}");
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(self.access_key, Some(self.secret_key))
+            .header("Accept", "application/json");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            Failure::Refused(anyhow::anyhow!(
+                "Rancher cannot be reached ({what}): {}",
+                e.without_url()
+            ))
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let detail = |v: &Value| {
+            let code = v["code"].as_str().unwrap_or_default();
+            let message = v["message"].as_str().unwrap_or_default();
+            let detail = v["detail"].as_str().unwrap_or_default();
+            [code, message, detail]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ")
+        };
+        let why = match status.as_u16() {
+            401 | 403 => format!(
+                "Rancher refused the API key ({status}) for {what}: check the environment's rancher.access_key and rancher.secret_key"
+            ),
+            422 => format!("Rancher refused {what} (422 {})", detail(&value)),
+            404 => format!("Rancher has no {path} (404)"),
+            _ => format!(
+                "Rancher answered {status} to {what}: {}",
+                if value.is_null() {
+                    text.chars().take(200).collect()
+                } else {
+                    detail(&value)
+                }
+            ),
+        };
+        Err(Failure::Refused(anyhow::anyhow!(why)))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, Failure> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn action(&self, service: &str, action: &str, body: &Value) -> Result<Value, Failure> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("{service}?action={action}"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// The first of a collection, or why there is none.
+    async fn find(&self, path: &str, what: &str) -> Result<Value, Failure> {
+        let list = self.get(path).await?;
+        list["data"]
+            .as_array()
+            .and_then(|d| d.first())
+            .cloned()
+            .ok_or_else(|| Failure::Refused(anyhow::anyhow!("Rancher has no {what}")))
+    }
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_default()
+}
+
+impl RancherTarget {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(CALL_TIMEOUT)
+                .user_agent(concat!("gantry-deployer/", env!("CARGO_PKG_VERSION")))
+                .build()?,
+        })
+    }
+
+    fn api<'a>(
+        &'a self,
+        env: &'a Environment,
+    ) -> Result<(Api<'a>, &'a gantry_config::Rancher), Failure> {
+        let r = env.rancher.as_ref().ok_or_else(|| {
+            Failure::Refused(anyhow::anyhow!(
+                "environment {} has no rancher settings",
+                env.name
+            ))
+        })?;
+        let secret = r.secret_key.as_ref().ok_or_else(|| {
+            Failure::Refused(anyhow::anyhow!(
+                "rancher.secret_key of {} is not resolved",
+                env.name
+            ))
+        })?;
+        Ok((
+            Api {
+                http: &self.http,
+                base: format!(
+                    "{}/v2-beta/projects/{}",
+                    r.url,
+                    gantry_config::git::percent_encode(&r.project)
+                ),
+                access_key: &r.access_key,
+                secret_key: secret.expose(),
+            },
+            r,
+        ))
+    }
+
+    /// The service's path (`/services/{id}`), found by stack and name.
+    async fn service_path(api: &Api<'_>, r: &gantry_config::Rancher) -> Result<String, Failure> {
+        let stack = api
+            .find(
+                &format!(
+                    "/stacks?name={}",
+                    gantry_config::git::percent_encode(&r.stack)
+                ),
+                &format!("stack {:?}", r.stack),
+            )
+            .await?;
+        let service = api
+            .find(
+                &format!(
+                    "/services?name={}&stackId={}",
+                    gantry_config::git::percent_encode(&r.service),
+                    gantry_config::git::percent_encode(text(&stack, "id"))
+                ),
+                &format!("service {:?} in stack {:?}", r.service, r.stack),
+            )
+            .await?;
+        Ok(format!(
+            "/services/{}",
+            gantry_config::git::percent_encode(text(&service, "id"))
+        ))
+    }
+
+    /// Reads the service until `done` says it is there (Ok(true)) or failed
+    /// (Ok(false)), or `timeout` runs out (Err with what was last seen).
+    async fn wait(
+        api: &Api<'_>,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> Option<bool>,
+    ) -> Result<Result<Value, String>, Failure> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let service = api.get(path).await?;
+            match done(&service) {
+                Some(true) => return Ok(Ok(service)),
+                Some(false) => {
+                    return Ok(Err(format!(
+                        "the service is {} and {}",
+                        text(&service, "state"),
+                        text(&service, "healthState")
+                    )));
+                }
+                None => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Err(format!(
+                    "not upgraded and healthy within {}s (the service is {} and {})",
+                    timeout.as_secs(),
+                    text(&service, "state"),
+                    text(&service, "healthState")
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The upgrade's `inServiceStrategy`: the service's launch configuration
+/// with only the image (and the environment's `env`) changed.
+pub fn strategy(service: &Value, env: &Environment, row: &Row) -> Value {
+    let r = env.rancher.as_ref();
+    let mut launch = service["launchConfig"].clone();
+    if !launch.is_object() {
+        launch = json!({});
+    }
+    launch["imageUuid"] = json!(format!("docker:{}", row.reference()));
+    if !env.env.is_empty() {
+        if !launch["environment"].is_object() {
+            launch["environment"] = json!({});
+        }
+        for (k, v) in &env.env {
+            launch["environment"][k] = json!(v);
+        }
+    }
+    let mut strategy = json!({
+        "launchConfig": launch,
+        "batchSize": r.map_or(1, |r| r.batch_size),
+        "intervalMillis": r.map_or(2000, |r| r.interval_millis),
+        "startFirst": true,
+    });
+    if let Some(sidekicks) = service
+        .get("secondaryLaunchConfigs")
+        .filter(|v| v.is_array())
+    {
+        strategy["secondaryLaunchConfigs"] = sidekicks.clone();
+    }
+    json!({ "inServiceStrategy": strategy })
+}
+
+#[tonic::async_trait]
+impl Target for RancherTarget {
+    async fn prepare(&self, _env: &Environment, _row: &Row, _live: Option<&Live>) {}
+
+    async fn roll_out(
+        &self,
+        env: &Environment,
+        row: &Row,
+        _registry: &Registry,
+        _live: Option<&Live>,
+    ) -> Result<Running, Failure> {
+        let (api, r) = self.api(env)?;
+        let path = Self::service_path(&api, r).await?;
+        let service = api.get(&path).await?;
+        let state = text(&service, "state");
+        if state != "active" {
+            return Err(Failure::Refused(anyhow::anyhow!(
+                "the Rancher service {}/{} is {state}, not active: finish or roll back that upgrade in Rancher first",
+                r.stack,
+                r.service
+            )));
+        }
+        api.action(&path, "upgrade", &strategy(&service, env, row))
+            .await?;
+        let upgraded = Self::wait(&api, &path, env.health.timeout, |s| {
+            match (text(s, "state"), text(s, "healthState")) {
+                ("upgraded", "healthy") => Some(true),
+                (_, "unhealthy") | ("error", _) => Some(false),
+                _ => None,
+            }
+        })
+        .await?;
+        match upgraded {
+            Ok(_) => {
+                api.action(&path, "finishupgrade", &json!({})).await?;
+                let finished = Self::wait(&api, &path, SETTLE_TIMEOUT, |s| {
+                    (text(s, "state") == "active").then_some(true)
+                })
+                .await?;
+                finished.map_err(|why| {
+                    Failure::Refused(anyhow::anyhow!("finishing the upgrade: {why}"))
+                })?;
+                Ok(Running {
+                    id: path.trim_start_matches("/services/").to_owned(),
+                    address: None,
+                })
+            }
+            Err(why) => {
+                api.action(&path, "rollback", &json!({})).await?;
+                let back = Self::wait(&api, &path, SETTLE_TIMEOUT, |s| {
+                    (text(s, "state") == "active").then_some(true)
+                })
+                .await?;
+                let error = match back {
+                    Ok(_) => anyhow::anyhow!("{why}; Rancher rolled the service back"),
+                    Err(stuck) => anyhow::anyhow!("{why}; rolling back did not end: {stuck}"),
+                };
+                Err(Failure::Failed {
+                    error,
+                    rolled_back: true,
+                })
+            }
+        }
+    }
+
+    async fn retire(&self, _env: &Environment, _old: &Live) {
+        // `finishupgrade` removed the old containers.
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Refused(e)
+    }
+}

@@ -1,0 +1,77 @@
+//! Where an environment's versions run: one [`Target`] per kind
+//! (`docker`, `rancher`), behind one trait. The worker keeps everything
+//! else — queueing, the one-deployment-per-environment lock, supersession,
+//! the lease, events, the endpoint — so that adding a target is one module
+//! that implements [`Target`] and one line in [`Targets::new`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gantry_config::{Environment, Registry};
+
+use crate::queue::{Live, Row};
+
+/// What runs once a new version took over.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The target's id of what runs (a container, a Rancher service).
+    pub id: String,
+    /// Where the environment's endpoint forwards to, when the target has
+    /// one (Docker: the container's address).
+    pub address: Option<SocketAddr>,
+}
+
+/// Why a rollout did not take over.
+#[derive(Debug)]
+pub enum Failure {
+    /// The target refused or could not be reached; nothing changed there
+    /// (the image is not to blame).
+    Refused(anyhow::Error),
+    /// The new version failed (did not start, unhealthy, too slow) and was
+    /// taken away; `rolled_back`: an earlier version runs again.
+    Failed {
+        error: anyhow::Error,
+        rolled_back: bool,
+    },
+}
+
+/// A kind of place where versions run.
+#[tonic::async_trait]
+pub trait Target: Send + Sync {
+    /// Cleans what an earlier attempt of `row` left behind (keeping `live`).
+    async fn prepare(&self, env: &Environment, row: &Row, live: Option<&Live>);
+
+    /// Rolls `row`'s image (by digest) out in `env` while the old version
+    /// (`live`, if Gantry knows one) keeps serving, until the new one is
+    /// healthy; on failure, what ran before runs again.
+    async fn roll_out(
+        &self,
+        env: &Environment,
+        row: &Row,
+        registry: &Registry,
+        live: Option<&Live>,
+    ) -> Result<Running, Failure>;
+
+    /// Once the new version took over and the endpoint switched: retires
+    /// the old one.
+    async fn retire(&self, env: &Environment, old: &Live);
+}
+
+/// The targets by the name environments give (`target:`).
+#[derive(Clone)]
+pub struct Targets(HashMap<&'static str, Arc<dyn Target>>);
+
+impl Targets {
+    pub fn new(docker: crate::docker::DockerTarget) -> anyhow::Result<Self> {
+        let mut targets: HashMap<&'static str, Arc<dyn Target>> = HashMap::new();
+        targets.insert("docker", Arc::new(docker));
+        targets.insert("rancher", Arc::new(crate::rancher::RancherTarget::new()?));
+        Ok(Self(targets))
+    }
+
+    /// The target of `env`.
+    pub fn of(&self, env: &Environment) -> Option<&Arc<dyn Target>> {
+        self.0.get(env.target.as_str())
+    }
+}

@@ -1,0 +1,201 @@
+//! The Rancher 1.6 target against a server that speaks the v2-beta API of
+//! services (`gantry_tests::rancher`): a healthy upgrade ends with
+//! `finishupgrade` and the launch configuration sent keeps every field but
+//! the image (sidekicks included); an unhealthy one ends with `rollback`,
+//! the old image still the service's; a refused API key (401) and a refused
+//! upgrade (422 with Rancher's code) are failures that say so, and a
+//! service someone else is upgrading is left alone.
+
+use std::time::Duration;
+
+use gantry_proto::v1::event::Payload;
+use gantry_tests::rancher::FakeRancher;
+use gantry_tests::stack::{ProjectSpec, Seen};
+use gantry_tests::{SampleRepo, Stack, StackOptions};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The launch configuration the service has before Gantry touches it.
+fn launch_config() -> serde_json::Value {
+    json!({
+        "imageUuid": "docker:registry.example.com/team/hello:2026-11-01",
+        "environment": { "DATABASE_URL": "postgres://db/hello", "LOG_LEVEL": "info" },
+        "labels": { "io.rancher.container.pull_image": "always", "team": "web" },
+        "ports": ["8080:8080/tcp"],
+        "healthCheck": {
+            "port": 8080, "requestLine": "GET /health HTTP/1.0", "interval": 2000,
+            "responseTimeout": 2000, "healthyThreshold": 2, "unhealthyThreshold": 3,
+            "strategy": "recreate"
+        },
+        "dataVolumes": ["/srv/hello:/data"],
+        "memory": 268435456,
+        "networkMode": "managed",
+        "tty": false
+    })
+}
+
+/// The `expected` end event (`deploy.succeeded`, `.failed`, `.rolled_back`:
+/// a rollback also says `failed` first) of the `nth` deployment (from 0) to
+/// `environment`, in the order their ends were seen.
+async fn deploy_end(stack: &Stack, environment: &str, nth: usize, expected: &str) -> Seen {
+    let ends = ["deploy.succeeded", "deploy.failed", "deploy.rolled_back"];
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let seen: Vec<Seen> = stack
+            .events()
+            .into_iter()
+            .filter(|s| ends.contains(&s.routing_key.as_str()))
+            .filter(|s| deployment_of(s).environment == environment)
+            .collect();
+        let mut ids: Vec<String> = Vec::new();
+        for s in &seen {
+            let id = deployment_of(s).deployment_id;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if let Some(id) = ids.get(nth)
+            && let Some(s) = seen
+                .iter()
+                .find(|s| deployment_of(s).deployment_id == *id && s.routing_key == expected)
+        {
+            return s.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {expected} for deployment #{nth} in {environment}: {seen:#?}\n{}",
+            stack.log_tail("deployer")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn deployment_of(s: &Seen) -> gantry_proto::v1::Deployment {
+    let d = match &s.event.payload {
+        Some(Payload::DeploySucceeded(e)) => e.deployment.clone(),
+        Some(Payload::DeployFailed(e)) => e.deployment.clone(),
+        Some(Payload::DeployRolledBack(e)) => e.deployment.clone(),
+        _ => None,
+    };
+    d.unwrap_or_default()
+}
+
+fn reason(s: &Seen) -> String {
+    match &s.event.payload {
+        Some(Payload::DeployFailed(e)) => e.reason.clone(),
+        Some(Payload::DeployRolledBack(e)) => e.reason.clone(),
+        _ => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn rancher_services_are_upgraded_finished_or_rolled_back() {
+    let rancher = FakeRancher::start("shop", "hello", launch_config()).await;
+    let repo = SampleRepo::new();
+    let project = ProjectSpec::new("web", &repo.url());
+    let env = |name: &str, rules: &str, secret: &str| {
+        format!(
+            "  - name: {name}\n    project: web\n    target: rancher\n    rules: {rules}\n    health: {{timeout_secs: 30}}\n    rancher:\n      url: {}\n      project: 1a5\n      stack: shop\n      service: hello\n      access_key: {}\n      secret_key: {{value: '{secret}'}}\n      batch_size: 2\n      interval_millis: 500\n",
+            rancher.url, rancher.access_key
+        )
+    };
+    let stack = Stack::start(StackOptions {
+        projects: vec![project.clone()],
+        lease_secs: 60,
+        config_extra: format!(
+            "environments:\n{}{}",
+            env("production", "[{branch: main}]", &rancher.secret_key),
+            env("wrong-key", "[{tag: 'v*'}]", "not-the-secret-key"),
+        ),
+        ..Default::default()
+    })
+    .await;
+
+    // 1. A healthy upgrade: upgrade, wait, finish.
+    let c1 = repo.head();
+    let p1 = stack.push(&project, "refs/heads/main", &c1).await;
+    let end = deploy_end(&stack, "production", 0, "deploy.succeeded").await;
+    assert_eq!(end.event.pipeline_id, p1);
+    let Some(Payload::DeploySucceeded(ok)) = &end.event.payload else {
+        unreachable!()
+    };
+    let digest = ok.deployment.clone().unwrap_or_default().digest;
+    let calls = rancher.calls();
+    let upgrades: Vec<_> = calls
+        .iter()
+        .filter(|c| c.uri.ends_with("?action=upgrade"))
+        .collect();
+    assert_eq!(upgrades.len(), 1, "{calls:#?}");
+    assert_eq!(
+        upgrades[0].uri,
+        "/v2-beta/projects/1a5/services/1s12?action=upgrade"
+    );
+    let strategy = &upgrades[0].body["inServiceStrategy"];
+    let image = format!("docker:{}@{digest}", project.image());
+    let mut expected = launch_config();
+    expected["imageUuid"] = json!(image);
+    assert_eq!(
+        strategy["launchConfig"], expected,
+        "every field kept but the image"
+    );
+    assert_eq!(strategy["secondaryLaunchConfigs"][0]["name"], "log-shipper");
+    assert_eq!(strategy["startFirst"], true);
+    assert_eq!(strategy["batchSize"], 2);
+    assert_eq!(strategy["intervalMillis"], 500);
+    let actions: Vec<&str> = calls
+        .iter()
+        .filter_map(|c| c.uri.split("?action=").nth(1))
+        .collect();
+    assert_eq!(actions, ["upgrade", "finishupgrade"]);
+    assert_eq!(rancher.service()["state"], "active");
+    assert_eq!(rancher.service()["launchConfig"]["imageUuid"], image);
+
+    // 2. The new containers fail Rancher's health checks: rolled back.
+    rancher.fail_next_upgrade();
+    let c2 = repo.commit_file("index.html", "hello v2\n", "v2");
+    stack.push(&project, "refs/heads/main", &c2).await;
+    let end = deploy_end(&stack, "production", 1, "deploy.rolled_back").await;
+    assert!(reason(&end).contains("unhealthy"), "{end:?}");
+    assert!(reason(&end).contains("rolled the service back"), "{end:?}");
+    let actions: Vec<String> = rancher
+        .calls()
+        .iter()
+        .filter_map(|c| c.uri.split("?action=").nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(actions, ["upgrade", "finishupgrade", "upgrade", "rollback"]);
+    assert_eq!(
+        rancher.service()["launchConfig"]["imageUuid"],
+        image,
+        "the old image runs"
+    );
+
+    // 3. Rancher refuses the upgrade (422): a failure naming its code.
+    rancher.refuse_next_upgrade("InvalidReference", "Image docker:… not found");
+    let deploy = stack.cli(&["deploy", "production", &c1]);
+    assert!(deploy.status.success(), "{deploy:?}");
+    let end = deploy_end(&stack, "production", 2, "deploy.failed").await;
+    assert!(
+        reason(&end).contains("422 InvalidReference: Image docker:… not found"),
+        "{end:?}"
+    );
+
+    // 4. Someone else's upgrade is under way: left alone.
+    rancher.set_state("upgrading");
+    let before = rancher.calls().len();
+    let deploy = stack.cli(&["deploy", "production", &c1]);
+    assert!(deploy.status.success(), "{deploy:?}");
+    let end = deploy_end(&stack, "production", 3, "deploy.failed").await;
+    assert!(reason(&end).contains("is upgrading, not active"), "{end:?}");
+    assert!(
+        rancher.calls()[before..].iter().all(|c| c.method == "GET"),
+        "nothing changed on Rancher"
+    );
+    rancher.set_state("active");
+
+    // 5. A wrong API key: 401, said plainly.
+    let deploy = stack.cli(&["deploy", "wrong-key", &c1]);
+    assert!(deploy.status.success(), "{deploy:?}");
+    let end = deploy_end(&stack, "wrong-key", 0, "deploy.failed").await;
+    assert!(reason(&end).contains("refused the API key"), "{end:?}");
+}
