@@ -17,9 +17,9 @@ use gantry_proto::v1::deployments_client::DeploymentsClient;
 use gantry_proto::v1::ingest_client::IngestClient;
 use gantry_proto::v1::pipelines_client::PipelinesClient;
 use gantry_proto::v1::{
-    CancelRequest, DeployRequest, DeploymentInfo, EnvironmentInfo, ListEnvironmentsRequest,
-    ListPipelinesRequest, PipelineSummary, RollbackRequest, StreamLogsRequest, TriggerRequest,
-    WatchPipelinesRequest,
+    ApproveRequest, CancelRequest, DeployRequest, DeploymentInfo, EnvironmentInfo,
+    ListEnvironmentsRequest, ListPipelinesRequest, PipelineSummary, RejectRequest, RollbackRequest,
+    StreamLogsRequest, TriggerRequest, WatchPipelinesRequest,
 };
 use gantry_states::{DeploymentState, PipelineState};
 use serde_json::{Value, json};
@@ -110,6 +110,15 @@ enum Command {
     Deploy { environment: String, image: String },
     /// Takes an environment back to the version before the current one.
     Rollback { environment: String },
+    /// Approves the deployment awaiting approval in an environment.
+    Approve { environment: String },
+    /// Rejects the deployment awaiting approval in an environment.
+    Reject {
+        environment: String,
+        /// Why, for the record and the team.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Stacks with their members, last run and latest release.
     Stacks,
     /// A stack's integration runs and releases.
@@ -238,7 +247,8 @@ fn deployment_json(d: &DeploymentInfo) -> Value {
         "repository": d.repository, "digest": d.digest, "commit": d.commit_sha, "ref": d.git_ref,
         "pipeline_id": d.pipeline_id, "state": d.state, "trigger": d.trigger, "reason": d.reason,
         "container_id": d.container_id, "created_at": time(&d.created_at),
-        "finished_at": time(&d.finished_at),
+        "finished_at": time(&d.finished_at), "decided_by": d.decided_by,
+        "decided_at": time(&d.decided_at),
     })
 }
 
@@ -248,6 +258,7 @@ fn environment_json(e: &EnvironmentInfo) -> Value {
         "endpoint": e.endpoint,
         "current": e.current.as_ref().map(deployment_json),
         "pending": e.pending.as_ref().map(deployment_json),
+        "approval": e.approval, "promote_from": e.promote_from,
     })
 }
 
@@ -347,6 +358,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Secrets(command) => secrets::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
+        Command::Approve { environment } => decide(&cli, environment, None).await?,
+        Command::Reject {
+            environment,
+            reason,
+        } => decide(&cli, environment, Some(reason.unwrap_or_default())).await?,
         // Answered in `main`: it needs no service and has its own exit codes.
         Command::Lint { .. } => {}
     }
@@ -482,13 +498,14 @@ async fn envs(cli: &Cli) -> anyhow::Result<()> {
             } else {
                 format!(" at {}", e.endpoint)
             };
-            println!(
-                "{} ({} {}, {}){endpoint}",
-                e.name,
-                e.target,
-                e.project,
-                e.rules.join("; ")
-            );
+            let mut feeds = e.rules.join("; ");
+            if !e.promote_from.is_empty() {
+                feeds = format!("promoted from {}", e.promote_from);
+            }
+            if !e.approval.is_empty() {
+                feeds.push_str(&format!("; approval {}", e.approval));
+            }
+            println!("{} ({} {}, {feeds}){endpoint}", e.name, e.target, e.project);
             match &e.current {
                 Some(d) => println!(
                     "    runs {}@{} (commit {}, {}) since {}",
@@ -501,11 +518,20 @@ async fn envs(cli: &Cli) -> anyhow::Result<()> {
                 None => println!("    nothing deployed yet"),
             }
             if let Some(d) = &e.pending {
+                let state = if d.state == "awaiting_approval" {
+                    format!(
+                        "AWAITING APPROVAL (gantry approve {0} | gantry reject {0}):",
+                        e.name
+                    )
+                } else {
+                    d.state.clone()
+                };
                 println!(
-                    "    {} {} (commit {})",
-                    d.state,
+                    "    {state} {} (commit {}, {}, queued {})",
                     short(&d.digest, 12),
-                    short(&d.commit_sha, 10)
+                    short(&d.commit_sha, 10),
+                    d.trigger,
+                    time(&d.created_at)
                 );
             }
         }
@@ -536,6 +562,44 @@ async fn rollback(cli: &Cli, environment: String) -> anyhow::Result<()> {
         .deployment
         .unwrap_or_default();
     report_queued(cli.json, &d);
+    Ok(())
+}
+
+/// `gantry approve` and `gantry reject`.
+async fn decide(cli: &Cli, environment: String, reject: Option<String>) -> anyhow::Result<()> {
+    let mut client = DeploymentsClient::new(channel(cli, &cli.deployer).await?);
+    let d = match reject {
+        None => client.approve(ApproveRequest { environment }).await?,
+        Some(reason) => {
+            client
+                .reject(RejectRequest {
+                    environment,
+                    reason,
+                })
+                .await?
+        }
+    }
+    .into_inner()
+    .deployment
+    .unwrap_or_default();
+    if cli.json {
+        print_json(&deployment_json(&d));
+    } else {
+        println!(
+            "deployment {} of {}@{} (commit {}) to {}: {} by {}",
+            d.deployment_id,
+            d.repository,
+            short(&d.digest, 12),
+            short(&d.commit_sha, 10),
+            d.environment,
+            if d.state == "rejected" {
+                "rejected"
+            } else {
+                "approved"
+            },
+            d.decided_by
+        );
+    }
     Ok(())
 }
 

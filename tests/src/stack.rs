@@ -115,6 +115,8 @@ pub struct EnvSpec {
     pub service: Option<String>,
     /// Environment variables of the environment's containers.
     pub vars: Vec<(String, String)>,
+    /// More YAML of the environment (indented under it), e.g. `approval`.
+    pub extra: String,
 }
 
 impl EnvSpec {
@@ -133,6 +135,7 @@ impl EnvSpec {
             timeout_secs: 20,
             service: None,
             vars: Vec::new(),
+            extra: String::new(),
         }
     }
 
@@ -396,6 +399,7 @@ impl Stack {
                 let vars: Vec<String> = e.vars.iter().map(|(k, v)| format!("{k}: '{v}'")).collect();
                 config.push_str(&format!("    env: {{{}}}\n", vars.join(", ")));
             }
+            config.push_str(&e.extra);
         }
         if let Some(forge) = &options.forge {
             config.push_str(&format!(

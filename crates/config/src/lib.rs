@@ -21,7 +21,7 @@ pub mod tags;
 pub mod tokens;
 pub mod yaml;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -229,6 +229,25 @@ struct RawEnvironment {
     /// Of a `rancher` environment: where its service is.
     #[serde(default)]
     rancher: Option<RawRancher>,
+    /// `required`, or `{by: [token names]}`.
+    #[serde(default)]
+    approval: Option<RawApproval>,
+    /// Another environment whose successful deployments this one receives.
+    #[serde(default)]
+    promote_from: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawApproval {
+    Word(String),
+    By(RawApprovers),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovers {
+    by: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -660,6 +679,21 @@ pub struct Rancher {
     pub interval_millis: u64,
 }
 
+/// Who must approve an environment's deployments before they run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Approval {
+    /// Names of the API tokens that may approve (or reject); empty: any
+    /// token with the `deploy` scope.
+    pub by: Vec<String>,
+}
+
+impl Approval {
+    /// Whether the token named `token` may approve.
+    pub fn allows(&self, token: &str) -> bool {
+        self.by.is_empty() || self.by.iter().any(|b| b == token)
+    }
+}
+
 /// Where the deployer rolls out a project's images.
 #[derive(Debug, Clone)]
 pub struct Environment {
@@ -670,6 +704,11 @@ pub struct Environment {
     pub target: String,
     /// Of a `rancher` environment: the service it upgrades.
     pub rancher: Option<Rancher>,
+    /// Deployments wait for a person's approval (all but rollbacks).
+    pub approval: Option<Approval>,
+    /// The environment whose successful deployments this one receives,
+    /// digest for digest (instead of rules).
+    pub promote_from: Option<String>,
     /// Published images matching any rule are deployed automatically.
     pub rules: Vec<Rule>,
     /// The port the service listens on inside its container.
@@ -1029,6 +1068,14 @@ impl Check<'_> {
                 .find(|p| stack_envs.contains(&p.name) && p.follows.iter().any(|f| f == service))
                 .map(|p| p.name.clone())
         };
+        // name → (project, promote_from), for the promotion checks.
+        let declared: HashMap<String, (String, Option<String>)> = raw
+            .iter()
+            .map(|sp| {
+                let e = &sp.value;
+                (e.name.clone(), (e.project.clone(), e.promote_from.clone()))
+            })
+            .collect();
         let mut environments = Vec::new();
         let mut names = HashSet::new();
         for (i, sp) in raw.into_iter().enumerate() {
@@ -1135,12 +1182,72 @@ impl Check<'_> {
             {
                 self.located(at, "health.http must be a path starting with '/'".into());
             }
+            let approval = match e.approval {
+                None => None,
+                Some(RawApproval::Word(w)) if w == "required" => Some(Approval::default()),
+                Some(RawApproval::Word(w)) => {
+                    self.located(
+                        at,
+                        format!("approval {w:?}: write `approval: required` or `approval: {{by: [token names]}}`"),
+                    );
+                    None
+                }
+                Some(RawApproval::By(b)) => {
+                    if b.by.is_empty() {
+                        self.located(
+                            at,
+                            "approval.by names nobody: no deployment could ever run".into(),
+                        );
+                    }
+                    Some(Approval { by: b.by })
+                }
+            };
+            if stack && (approval.is_some() || e.promote_from.is_some()) {
+                self.located(
+                    at,
+                    "a stack's environment takes releases: approval and promote_from are for a service's".into(),
+                );
+            }
+            if let Some(from) = &e.promote_from {
+                match declared.get(from) {
+                    None => self.located(at, format!("promote_from {from:?} is no environment")),
+                    Some((project, _)) if *project != e.project => self.located(
+                        at,
+                        format!(
+                            "promote_from {from:?} deploys project {project:?}, not {:?}",
+                            e.project
+                        ),
+                    ),
+                    Some(_) => {
+                        // Following promote_from must not lead back here.
+                        let mut at_env = Some(from.clone());
+                        for _ in 0..=declared.len() {
+                            match at_env {
+                                Some(ref n) if *n == e.name => {
+                                    self.located(at, "promote_from leads back to this environment: promotions would never end".into());
+                                    break;
+                                }
+                                Some(ref n) => at_env = declared.get(n).and_then(|d| d.1.clone()),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            if e.promote_from.is_some() && !e.rules.is_empty() {
+                self.located(
+                    at,
+                    "an environment fed by promote_from has no rules: it receives what succeeded there".into(),
+                );
+            }
             let name = e.name;
             environments.push(Environment {
                 name: name.clone(),
                 project: e.project,
                 target: e.target,
                 rancher,
+                approval,
+                promote_from: e.promote_from,
                 rules: e.rules,
                 port: e.port,
                 endpoint: e.endpoint,
@@ -1246,6 +1353,19 @@ impl GantryConfig {
         let gitea = cx.forge("gitea", raw.forges.gitea);
         let chat = cx.chat(raw.chat, &names);
         let tokens = tokens::validate(raw.tokens, &mut |at, problem| cx.located(at, problem));
+        for env in &environments {
+            for name in env.approval.iter().flat_map(|a| &a.by) {
+                if !tokens
+                    .iter()
+                    .any(|t| t.name == *name && t.allows(Scope::Deploy))
+                {
+                    cx.problems.push(format!(
+                        "{file}: environment {}: approval.by names {name:?}, which is no token with the deploy scope",
+                        env.name
+                    ));
+                }
+            }
+        }
         let secrets_key = raw.secrets_key.and_then(|sp| {
             let at = At::of(&sp, "secrets_key");
             let text = cx.secret(SecretKind::Step, &sp.value, at, "secrets_key")?;
@@ -1457,6 +1577,54 @@ mod tests {
             .expect_err(problem);
             assert!(err.to_string().contains(problem), "{err}");
         }
+        let tokens = "tokens:\n  - {name: ops, sha256: 4c1e0f1b6a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f, scopes: [deploy]}\n  - {name: ci, sha256: 5c1e0f1b6a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f, scopes: [trigger]}\n";
+        let promoted = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}environments:\n  - name: staging\n    project: a\n    rules: [{{branch: main}}]\n  - name: prod\n    project: a\n    promote_from: staging\n    approval: {{by: [ops]}}\n{tokens}"),
+        )
+        .expect("valid");
+        let prod = promoted.environment("prod").expect("prod");
+        assert_eq!(prod.promote_from.as_deref(), Some("staging"));
+        let approval = prod.approval.clone().expect("approval");
+        assert!(approval.allows("ops") && !approval.allows("ci"));
+        for (envs, problem) in [
+            (
+                "  - name: prod\n    project: a\n    promote_from: nowhere\n",
+                "is no environment",
+            ),
+            (
+                "  - name: x\n    project: a\n    promote_from: y\n  - name: y\n    project: a\n    promote_from: x\n",
+                "leads back",
+            ),
+            (
+                "  - name: s\n    project: a\n  - name: prod\n    project: a\n    promote_from: s\n    rules: [{branch: main}]\n",
+                "has no rules",
+            ),
+            (
+                "  - name: prod\n    project: a\n    approval: maybe\n",
+                "approval \"maybe\"",
+            ),
+            (
+                "  - name: prod\n    project: a\n    approval: {by: [ci]}\n",
+                "no token with the deploy scope",
+            ),
+        ] {
+            let err = GantryConfig::parse("g.yml", &format!("{base}environments:\n{envs}{tokens}"))
+                .expect_err(problem);
+            assert!(err.to_string().contains(problem), "{problem}: {err}");
+        }
+        assert_eq!(
+            GantryConfig::parse(
+                "g.yml",
+                &format!(
+                    "{base}environments:\n  - name: prod\n    project: a\n    approval: required\n"
+                ),
+            )
+            .expect("valid")
+            .environment("prod")
+            .and_then(|e| e.approval.clone()),
+            Some(Approval::default())
+        );
         let err = GantryConfig::parse(
             "g.yml",
             &format!("{base}environments:\n  - name: review\n    project: a\n    rules: [{{merge_request: false}}]\n"),

@@ -27,6 +27,9 @@ pub mod routing {
     pub const DEPLOY_SUCCEEDED: &str = "deploy.succeeded";
     pub const DEPLOY_FAILED: &str = "deploy.failed";
     pub const DEPLOY_ROLLED_BACK: &str = "deploy.rolled_back";
+    pub const DEPLOY_AWAITING_APPROVAL: &str = "deploy.awaiting_approval";
+    pub const DEPLOY_APPROVED: &str = "deploy.approved";
+    pub const DEPLOY_REJECTED: &str = "deploy.rejected";
     pub const STACK_RUN_REQUESTED: &str = "stack.run_requested";
     pub const STACK_RUN_STARTED: &str = "stack.run_started";
     pub const STACK_RUN_PASSED: &str = "stack.run_passed";
@@ -62,6 +65,9 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::StackDeployRolledBack(_) => routing::STACK_DEPLOY_ROLLED_BACK,
         Payload::BuildCanceled(_) => routing::BUILD_CANCELED,
         Payload::BuildSkipped(_) => routing::BUILD_SKIPPED,
+        Payload::DeployAwaitingApproval(_) => routing::DEPLOY_AWAITING_APPROVAL,
+        Payload::DeployApproved(_) => routing::DEPLOY_APPROVED,
+        Payload::DeployRejected(_) => routing::DEPLOY_REJECTED,
     }
 }
 

@@ -28,6 +28,8 @@ pub const SCOPES: &[(&str, Scope)] = &[
     ("/gantry.v1.Deployments/ListDeployments", Scope::Read),
     ("/gantry.v1.Deployments/Deploy", Scope::Deploy),
     ("/gantry.v1.Deployments/Rollback", Scope::Deploy),
+    ("/gantry.v1.Deployments/Approve", Scope::Deploy),
+    ("/gantry.v1.Deployments/Reject", Scope::Deploy),
     ("/gantry.v1.Stacks/List", Scope::Read),
     ("/gantry.v1.Stacks/Get", Scope::Read),
     ("/gantry.v1.Stacks/ListRuns", Scope::Read),

@@ -9,8 +9,9 @@
 //! - [`BuildState`]: queued → running → succeeded | failed | skipped, or canceled
 //!   from queued or running (the builder's queue; a build given back or
 //!   taken over goes from running to queued).
-//! - [`DeploymentState`]: waiting → running → succeeded | failed |
-//!   rolled_back, or superseded while waiting (the deployer's queue); the
+//! - [`DeploymentState`]: (awaiting_approval → rejected, or approved →)
+//!   waiting → running → succeeded | failed | rolled_back, or superseded
+//!   while awaiting or waiting (the deployer's queue); the
 //!   notifier keeps the latest per pipeline and environment, moving forward
 //!   by [`DeploymentState::rank`].
 //!
@@ -196,6 +197,8 @@ impl BuildState {
 states! {
     /// A deployment in the deployer's queue.
     DeploymentState, "deployment" {
+        /// Its environment requires approval: waits for a person.
+        AwaitingApproval = "awaiting_approval",
         /// Queued; waits for its environment to be free.
         Waiting = "waiting",
         /// Held by a deployer under a lease.
@@ -208,6 +211,8 @@ states! {
         RolledBack = "rolled_back",
         /// A newer image was queued for the environment before it ran.
         Superseded = "superseded",
+        /// Someone rejected it while it awaited approval.
+        Rejected = "rejected",
     }
 }
 
@@ -217,16 +222,23 @@ impl DeploymentState {
     /// (the two events of one failed deployment may arrive in any order).
     pub const fn rank(self) -> i32 {
         match self {
+            DeploymentState::AwaitingApproval => -2,
             DeploymentState::Waiting => -1,
             DeploymentState::Running => 0,
-            DeploymentState::Succeeded | DeploymentState::Failed | DeploymentState::Superseded => 1,
+            DeploymentState::Succeeded
+            | DeploymentState::Failed
+            | DeploymentState::Superseded
+            | DeploymentState::Rejected => 1,
             DeploymentState::RolledBack => 2,
         }
     }
 
-    /// Waiting or running: not over yet.
+    /// Awaiting approval, waiting or running: not over yet.
     pub const fn is_pending(self) -> bool {
-        matches!(self, DeploymentState::Waiting | DeploymentState::Running)
+        matches!(
+            self,
+            DeploymentState::AwaitingApproval | DeploymentState::Waiting | DeploymentState::Running
+        )
     }
 }
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use gantry_config::GantryConfig;
 use gantry_proto::v1::deployments_server::Deployments;
 use gantry_proto::v1::{
-    DeployRequest, DeployResponse, DeploymentInfo, EnvironmentInfo, ListDeploymentsRequest,
-    ListDeploymentsResponse, ListEnvironmentsRequest, ListEnvironmentsResponse, Revision,
-    RollbackRequest,
+    ApproveRequest, DeployRequest, DeployResponse, DeploymentInfo, EnvironmentInfo,
+    ListDeploymentsRequest, ListDeploymentsResponse, ListEnvironmentsRequest,
+    ListEnvironmentsResponse, RejectRequest, Revision, RollbackRequest,
 };
 use gantry_runtime::ApiError;
 use prost::Message as _;
@@ -45,6 +45,8 @@ impl From<Row> for DeploymentInfo {
             container_id: r.container_id.unwrap_or_default(),
             created_at: Some(timestamp(r.created_at)),
             finished_at: r.finished_at.map(timestamp),
+            decided_by: r.decided_by.unwrap_or_default(),
+            decided_at: r.decided_at.map(timestamp),
         }
     }
 }
@@ -79,9 +81,47 @@ impl DeploymentsService {
         })
     }
 
+    /// Approves or rejects what awaits approval in `environment`, as `who`.
+    async fn decide(
+        &self,
+        environment: &str,
+        decision: queue::Decision,
+        who: &str,
+        reason: &str,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let env = self.environment(environment)?;
+        let Some(approval) = &env.approval else {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} does not require approval: its deployments do not wait",
+                env.name
+            ))
+            .into());
+        };
+        if !approval.allows(who) {
+            return Err(Status::permission_denied(format!(
+                "the token {who:?} may not decide on deployments to {} (approval.by: {})",
+                env.name,
+                approval.by.join(", ")
+            )));
+        }
+        let row = queue::decide(&self.pool, &env.name, decision, who, reason)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("no deployment awaits approval in {}", env.name))
+            })?;
+        if decision == queue::Decision::Approve {
+            self.wake.notify_one();
+        }
+        tracing::info!(environment = %env.name, digest = %row.digest, by = who, ?decision, "deployment decided");
+        Ok(Response::new(DeployResponse {
+            deployment: Some(row.into()),
+        }))
+    }
+
     async fn queue(
         &self,
-        env: &str,
+        env: &gantry_config::Environment,
         image: &Image,
         trigger: Trigger,
         block: Option<&str>,
@@ -89,7 +129,7 @@ impl DeploymentsService {
         let write = async {
             let mut tx = self.pool.begin().await?;
             if let Some(digest) = block {
-                queue::block(&mut tx, env, digest, "rolled back on request").await?;
+                queue::block(&mut tx, &env.name, digest, "rolled back on request").await?;
             }
             let row = queue::enqueue(&mut tx, env, image, trigger).await?;
             tx.commit().await?;
@@ -97,7 +137,7 @@ impl DeploymentsService {
         };
         let row = write.await.map_err(ApiError::store)?;
         self.wake.notify_one();
-        tracing::info!(environment = env, digest = %row.digest, trigger = trigger.as_str(), "deployment queued");
+        tracing::info!(environment = %env.name, digest = %row.digest, trigger = trigger.as_str(), state = %row.state, "deployment queued");
         Ok(Response::new(DeployResponse {
             deployment: Some(row.into()),
         }))
@@ -120,7 +160,7 @@ impl Deployments for DeploymentsService {
             .await
             .map_err(ApiError::store)?;
             let pending = crate::queue::deployment_rows!(
-                "WHERE environment = $1 AND state IN ('running', 'waiting') ORDER BY (state = 'running') DESC, created_at DESC LIMIT 1",
+                "WHERE environment = $1 AND state IN ('running', 'waiting', 'awaiting_approval') ORDER BY (state = 'running') DESC, created_at DESC LIMIT 1",
                 env.name
             )
             .fetch_optional(&self.pool)
@@ -134,6 +174,12 @@ impl Deployments for DeploymentsService {
                 endpoint: env.endpoint.clone().unwrap_or_default(),
                 current: current.map(Into::into),
                 pending: pending.map(Into::into),
+                approval: match &env.approval {
+                    None => String::new(),
+                    Some(a) if a.by.is_empty() => "required".into(),
+                    Some(a) => format!("required, by {}", a.by.join(", ")),
+                },
+                promote_from: env.promote_from.clone().unwrap_or_default(),
             });
         }
         Ok(Response::new(ListEnvironmentsResponse { environments }))
@@ -186,8 +232,7 @@ impl Deployments for DeploymentsService {
             ))
             .into());
         };
-        self.queue(&env.name, &image.into(), Trigger::Manual, None)
-            .await
+        self.queue(env, &image.into(), Trigger::Manual, None).await
     }
 
     async fn rollback(
@@ -226,7 +271,32 @@ impl Deployments for DeploymentsService {
             repository: previous.repository,
             digest: previous.digest,
         };
-        self.queue(&env.name, &image, Trigger::Rollback, Some(&live.digest))
+        self.queue(env, &image, Trigger::Rollback, Some(&live.digest))
+            .await
+    }
+
+    async fn approve(
+        &self,
+        request: Request<ApproveRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let who = gantry_runtime::auth::Caller::name_of(&request);
+        let req = request.into_inner();
+        self.decide(&req.environment, queue::Decision::Approve, &who, "")
+            .await
+    }
+
+    async fn reject(
+        &self,
+        request: Request<RejectRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let who = gantry_runtime::auth::Caller::name_of(&request);
+        let req = request.into_inner();
+        let reason = if req.reason.trim().is_empty() {
+            format!("rejected by {who}")
+        } else {
+            format!("rejected by {who}: {}", req.reason.trim())
+        };
+        self.decide(&req.environment, queue::Decision::Reject, &who, &reason)
             .await
     }
 

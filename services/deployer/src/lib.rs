@@ -291,7 +291,7 @@ impl Events {
                             "not deployed: this image (or its commit) failed in the environment before");
                         continue;
                     }
-                    queue::enqueue(&mut tx, &env.name, &image, Trigger::Auto).await?;
+                    queue::enqueue(&mut tx, env, &image, Trigger::Auto).await?;
                     queued += 1;
                 }
             }

@@ -1,8 +1,11 @@
 //! The deployment queue, a leased queue ([`DEPLOYMENTS`], with the rules of
 //! `gantry-queue`). A published image that matches an environment becomes a
-//! `waiting` deployment; queuing one supersedes the deployments still
-//! waiting for that environment, so only the newest image waits behind a
-//! running one. A waiting deployment is claimed only when its environment
+//! `waiting` deployment — `awaiting_approval` first where the environment
+//! requires approval, until someone approves ([`approve`]) or rejects it;
+//! queuing one supersedes the deployments still awaiting or waiting for
+//! that environment, so only the newest image waits behind a running one.
+//! A deployment that succeeds queues the same image for the environments
+//! promoted from its own (`promote_from`). A waiting deployment is claimed only when its environment
 //! has none running — a unique partial index makes "one running deployment
 //! per environment" a database guarantee — and held under a lease, so a dead
 //! deployer's work is taken over; one whose lease ran out while a newer
@@ -15,7 +18,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::{
-    DeployFailed, DeployRolledBack, DeployStarted, DeploySucceeded, Deployment, Event, Revision,
+    DeployApproved, DeployAwaitingApproval, DeployFailed, DeployRejected, DeployRolledBack,
+    DeployStarted, DeploySucceeded, Deployment, Event, Revision,
 };
 use gantry_queue::{Claim, Queue};
 use gantry_states::DeploymentState;
@@ -39,6 +43,8 @@ pub enum Trigger {
     Auto,
     Manual,
     Rollback,
+    /// It succeeded in the environment this one is promoted from.
+    Promotion,
 }
 
 impl Trigger {
@@ -47,6 +53,7 @@ impl Trigger {
             Trigger::Auto => "auto",
             Trigger::Manual => "manual",
             Trigger::Rollback => "rollback",
+            Trigger::Promotion => "promotion",
         }
     }
 }
@@ -60,7 +67,8 @@ macro_rules! deployment_rows {
             $crate::queue::Row,
             r#"SELECT id, environment, project, pipeline_id, repository, digest, revision, trigger,
                       state AS "state: gantry_states::DeploymentState", reason, previous_digest,
-                      container_id, traceparent, attempt, created_at, finished_at
+                      container_id, traceparent, attempt, created_at, finished_at,
+                      decided_by, decided_at
                FROM deployments "# + $rest
             $(, $arg)*
         )
@@ -87,6 +95,9 @@ pub struct Row {
     pub attempt: i32,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Who approved or rejected it, and when.
+    pub decided_by: Option<String>,
+    pub decided_at: Option<DateTime<Utc>>,
 }
 
 impl Row {
@@ -188,13 +199,22 @@ pub async fn block(
     Ok(())
 }
 
-/// Queues `image` for `environment`; deployments still waiting there are superseded.
+/// Queues `image` for `env` — to await approval there if `env` requires it
+/// (a rollback does not wait: it goes back to what ran); deployments still
+/// awaiting or waiting there are superseded.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
-    environment: &str,
+    env: &gantry_config::Environment,
     image: &Image,
     trigger: Trigger,
 ) -> sqlx::Result<Row> {
+    let environment = env.name.as_str();
+    let awaiting = env.approval.is_some() && trigger != Trigger::Rollback;
+    let state = if awaiting {
+        DeploymentState::AwaitingApproval
+    } else {
+        DeploymentState::Waiting
+    };
     // Serialises queue changes of one environment.
     sqlx::query!(
         "SELECT name FROM environments WHERE name = $1 FOR UPDATE",
@@ -205,7 +225,7 @@ pub async fn enqueue(
     let superseded = sqlx::query!(
         "UPDATE deployments SET state = 'superseded', finished_at = now(),
                 reason = 'a newer image was queued for this environment'
-         WHERE environment = $1 AND state = 'waiting'",
+         WHERE environment = $1 AND state IN ('waiting', 'awaiting_approval')",
         environment
     )
     .execute(&mut **tx)
@@ -214,13 +234,13 @@ pub async fn enqueue(
     if superseded > 0 {
         tracing::info!(environment, superseded, "waiting deployments superseded");
     }
-    sqlx::query_as!(
+    let row = sqlx::query_as!(
         Row,
-        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent, state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          RETURNING id, environment, project, pipeline_id, repository, digest, revision, trigger,
                    state AS "state: DeploymentState", reason, previous_digest, container_id,
-                   traceparent, attempt, created_at, finished_at"#,
+                   traceparent, attempt, created_at, finished_at, decided_by, decided_at"#,
         Uuid::now_v7(),
         environment,
         image.project,
@@ -230,9 +250,75 @@ pub async fn enqueue(
         image.revision.encode_to_vec(),
         trigger.as_str(),
         gantry_telemetry::current_traceparent(),
+        state as DeploymentState,
     )
     .fetch_one(&mut **tx)
-    .await
+    .await?;
+    if awaiting {
+        let event = row.event(Payload::DeployAwaitingApproval(DeployAwaitingApproval {
+            deployment: Some(row.message()),
+        }));
+        gantry_bus::enqueue_traced(tx, &event, row.traceparent.as_deref()).await?;
+    }
+    Ok(row)
+}
+
+/// Someone's decision on what awaits approval in an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+/// Approves (it is queued: `waiting`) or rejects the deployment awaiting
+/// approval in `environment`, recording `by` and when; `None` when none
+/// awaits.
+pub async fn decide(
+    pool: &PgPool,
+    environment: &str,
+    decision: Decision,
+    by: &str,
+    reason: &str,
+) -> anyhow::Result<Option<Row>> {
+    let mut tx = pool.begin().await?;
+    let state = match decision {
+        Decision::Approve => DeploymentState::Waiting,
+        Decision::Reject => DeploymentState::Rejected,
+    };
+    let decided: Option<Uuid> = sqlx::query_scalar!(
+        "UPDATE deployments SET state = $2, decided_by = $3, decided_at = now(),
+                reason = CASE WHEN $2 = 'rejected' THEN $4 ELSE reason END,
+                finished_at = CASE WHEN $2 = 'rejected' THEN now() ELSE finished_at END
+         WHERE id = (SELECT id FROM deployments WHERE environment = $1 AND state = 'awaiting_approval'
+                     ORDER BY created_at DESC LIMIT 1 FOR UPDATE)
+         RETURNING id",
+        environment,
+        state as DeploymentState,
+        by,
+        reason,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = decided else {
+        return Ok(None);
+    };
+    let row = deployment_rows!("WHERE id = $1", id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let payload = match decision {
+        Decision::Approve => Payload::DeployApproved(DeployApproved {
+            deployment: Some(row.message()),
+            by: by.to_owned(),
+        }),
+        Decision::Reject => Payload::DeployRejected(DeployRejected {
+            deployment: Some(row.message()),
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        }),
+    };
+    gantry_bus::enqueue_traced(&mut tx, &row.event(payload), row.traceparent.as_deref()).await?;
+    tx.commit().await?;
+    Ok(Some(row))
 }
 
 /// The deployments queue: waiting deployments of environments where none
@@ -310,7 +396,9 @@ pub async fn live_addresses(pool: &PgPool) -> sqlx::Result<Vec<(String, Option<S
         .collect())
 }
 
-/// The new version took over: it becomes live and `deploy.succeeded` is written.
+/// The new version took over: it becomes live, `deploy.succeeded` is
+/// written, and the same image is queued for the environments promoted
+/// from this one (`promote_to`; not where it failed before).
 pub async fn succeed(
     pool: &PgPool,
     row: &Row,
@@ -318,6 +406,7 @@ pub async fn succeed(
     container_id: &str,
     address: Option<&str>,
     endpoint: &str,
+    promote_to: &[&gantry_config::Environment],
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     // The claim condition comes from `gantry-queue`, so this one is checked at run time.
@@ -357,6 +446,20 @@ pub async fn succeed(
         endpoint: endpoint.to_owned(),
     }));
     gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
+    let image = Image {
+        pipeline_id: row.pipeline_id.clone(),
+        project: row.project.clone(),
+        repository: row.repository.clone(),
+        digest: row.digest.clone(),
+        revision: row.revision(),
+    };
+    for next in promote_to {
+        if is_blocked(&mut tx, &next.name, &image).await? {
+            tracing::info!(environment = %next.name, "not promoted: this image failed there before");
+            continue;
+        }
+        enqueue(&mut tx, next, &image, Trigger::Promotion).await?;
+    }
     tx.commit().await?;
     Ok(())
 }

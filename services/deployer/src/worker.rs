@@ -203,6 +203,12 @@ impl Worker {
             Ok(running) => {
                 let endpoint = env.endpoint.clone().unwrap_or_default();
                 let address = running.address.map(|a| a.to_string());
+                let promote_to: Vec<&gantry_config::Environment> = self
+                    .config
+                    .environments
+                    .iter()
+                    .filter(|e| e.promote_from.as_deref() == Some(env.name.as_str()))
+                    .collect();
                 let recorded = self
                     .record(|| {
                         queue::succeed(
@@ -212,6 +218,7 @@ impl Worker {
                             &running.id,
                             address.as_deref(),
                             &endpoint,
+                            &promote_to,
                         )
                     })
                     .await;

@@ -114,6 +114,18 @@ pub fn summary(event: &Event) -> String {
                 d.environment, d.previous_digest, r.reason
             )
         }
+        Some(Payload::DeployAwaitingApproval(a)) => {
+            let d = a.deployment.clone().unwrap_or_default();
+            format!("{} awaits approval for {}", d.digest, d.environment)
+        }
+        Some(Payload::DeployApproved(a)) => {
+            let d = a.deployment.clone().unwrap_or_default();
+            format!("{} approved by {} for {}", d.digest, a.by, d.environment)
+        }
+        Some(Payload::DeployRejected(r)) => {
+            let d = r.deployment.clone().unwrap_or_default();
+            format!("{} rejected for {}: {}", d.digest, d.environment, r.reason)
+        }
         Some(Payload::StackRunRequested(r)) => {
             let run = r.run.clone().unwrap_or_default();
             format!(

@@ -346,6 +346,8 @@ pub enum ChatEvent {
         environment: String,
         endpoint: String,
     },
+    /// A deployment waits for someone's approval (`gantry approve ENV`).
+    AwaitingApproval { environment: String, digest: String },
     /// A first deployment to an environment failed (nothing to go back to).
     DeployFailed { environment: String, reason: String },
     /// A deployment failed and the previous version kept running.
@@ -484,6 +486,7 @@ impl Chat {
             ChatEvent::Recovered => "pipeline.recovered",
             ChatEvent::Deployed { .. } => "deploy.succeeded",
             ChatEvent::DeployFailed { .. } => "deploy.failed",
+            ChatEvent::AwaitingApproval { .. } => "deploy.awaiting_approval",
             ChatEvent::RolledBack { .. } => "deploy.rolled_back",
             ChatEvent::StackFailed { .. } => "stack.failed",
             ChatEvent::StackRecovered { .. } => "stack.recovered",
@@ -534,6 +537,17 @@ impl Chat {
                 } else {
                     format!(" ({})", escape(endpoint))
                 },
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::AwaitingApproval {
+                environment,
+                digest,
+            } => format!(
+                ":raised_hand: {at} ({}) awaits approval to run in *{}*: `gantry approve {}` or `gantry reject {}`.{}",
+                escape(short(digest)),
+                escape(environment),
+                escape(environment),
+                escape(environment),
                 link("pipeline", &self.links.pipeline)
             ),
             ChatEvent::DeployFailed {
@@ -644,6 +658,13 @@ impl Chat {
                     } => {
                         body["environment"] = json!(environment);
                         body["endpoint"] = json!(endpoint);
+                    }
+                    ChatEvent::AwaitingApproval {
+                        environment,
+                        digest,
+                    } => {
+                        body["environment"] = json!(environment);
+                        body["digest"] = json!(digest);
                     }
                     ChatEvent::DeployFailed {
                         environment,

@@ -26,6 +26,9 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::DeploySucceeded(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployFailed(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployRolledBack(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeployAwaitingApproval(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeployApproved(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::DeployRejected(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::StackRunRequested(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunStarted(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunPassed(p) => p.run.as_ref()?.revision.as_ref(),
@@ -122,7 +125,10 @@ fn change(event: &Event) -> Change {
             Payload::DeployStarted(_)
             | Payload::DeploySucceeded(_)
             | Payload::DeployFailed(_)
-            | Payload::DeployRolledBack(_),
+            | Payload::DeployRolledBack(_)
+            | Payload::DeployAwaitingApproval(_)
+            | Payload::DeployApproved(_)
+            | Payload::DeployRejected(_),
         ) => c.stage = Some(Stage::Deploy),
         Some(Payload::StackRunStarted(r)) if is_stack_push(event, r.run.as_ref()) => {
             c.state = Some(PipelineState::Running);
@@ -256,7 +262,10 @@ pub async fn apply(
             Payload::DeployStarted(_)
             | Payload::DeploySucceeded(_)
             | Payload::DeployFailed(_)
-            | Payload::DeployRolledBack(_),
+            | Payload::DeployRolledBack(_)
+            | Payload::DeployAwaitingApproval(_)
+            | Payload::DeployApproved(_)
+            | Payload::DeployRejected(_),
         ) => {
             let (status_queued, chat) = deployment_effects(tx, config, event, &rev, &links).await?;
             queued |= status_queued;
@@ -363,6 +372,12 @@ async fn deployment_effects(
             environment: d.environment.clone(),
             reason: step.reason.clone(),
             kept: d.previous_digest.clone(),
+        }),
+        // Once per deployment: the event is handled once, and a repeat
+        // finds the state recorded (`deployment` said false above).
+        Some(Payload::DeployAwaitingApproval(_)) => Some(ChatEvent::AwaitingApproval {
+            environment: d.environment.clone(),
+            digest: d.digest.clone(),
         }),
         _ => None,
     };
@@ -479,6 +494,24 @@ impl DeployStep {
                 DeploymentState::RolledBack,
                 p.reason.as_str(),
                 (StatusState::Failed, "Deployment failed"),
+            ),
+            Payload::DeployAwaitingApproval(p) => (
+                &p.deployment,
+                DeploymentState::AwaitingApproval,
+                "",
+                (StatusState::Pending, "Awaiting approval to deploy"),
+            ),
+            Payload::DeployApproved(p) => (
+                &p.deployment,
+                DeploymentState::Waiting,
+                "",
+                (StatusState::Pending, "Approved; queued"),
+            ),
+            Payload::DeployRejected(p) => (
+                &p.deployment,
+                DeploymentState::Rejected,
+                p.reason.as_str(),
+                (StatusState::Canceled, "Rejected"),
             ),
             _ => return None,
         };
