@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 /// How long a finished pipeline is still watched for deployments that follow it.
 const SETTLE: Duration = Duration::from_secs(3);
 
+mod config;
 mod demo;
 mod lint;
 mod secrets;
@@ -124,6 +125,9 @@ enum Command {
     /// A stack's integration runs and releases.
     #[command(subcommand)]
     Stack(stacks::StackCommand),
+    /// An environment's configuration, versioned: set, unset, show, history, diff.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// A project's secrets for its test steps: set (value on stdin), unset, list; a new key.
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
@@ -356,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stacks => stacks::list(&cli).await?,
         Command::Stack(command) => stacks::run(&cli, command.clone()).await?,
         Command::Secrets(command) => secrets::run(&cli, command.clone()).await?,
+        Command::Config(command) => config::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
         Command::Approve { environment } => decide(&cli, environment, None).await?,

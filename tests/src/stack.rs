@@ -182,6 +182,23 @@ pub struct Seen {
     pub traceparent: Option<String>,
 }
 
+impl Seen {
+    /// The deployment a `deploy.*` event is about.
+    pub fn deployment(&self) -> Option<gantry_proto::v1::Deployment> {
+        use gantry_proto::v1::event::Payload;
+        match &self.event.payload {
+            Some(Payload::DeployStarted(e)) => e.deployment.clone(),
+            Some(Payload::DeploySucceeded(e)) => e.deployment.clone(),
+            Some(Payload::DeployFailed(e)) => e.deployment.clone(),
+            Some(Payload::DeployRolledBack(e)) => e.deployment.clone(),
+            Some(Payload::DeployAwaitingApproval(e)) => e.deployment.clone(),
+            Some(Payload::DeployApproved(e)) => e.deployment.clone(),
+            Some(Payload::DeployRejected(e)) => e.deployment.clone(),
+            _ => None,
+        }
+    }
+}
+
 pub struct Stack {
     dir: tempfile::TempDir,
     pub database_url: String,

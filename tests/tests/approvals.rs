@@ -16,17 +16,7 @@ use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions};
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn deployment(s: &Seen) -> gantry_proto::v1::Deployment {
-    let d = match &s.event.payload {
-        Some(Payload::DeployStarted(e)) => e.deployment.clone(),
-        Some(Payload::DeploySucceeded(e)) => e.deployment.clone(),
-        Some(Payload::DeployFailed(e)) => e.deployment.clone(),
-        Some(Payload::DeployRolledBack(e)) => e.deployment.clone(),
-        Some(Payload::DeployAwaitingApproval(e)) => e.deployment.clone(),
-        Some(Payload::DeployApproved(e)) => e.deployment.clone(),
-        Some(Payload::DeployRejected(e)) => e.deployment.clone(),
-        _ => None,
-    };
-    d.unwrap_or_default()
+    s.deployment().unwrap_or_default()
 }
 
 /// The first `key` event of `pipeline` in `environment`.

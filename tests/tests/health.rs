@@ -91,7 +91,11 @@ async fn every_service_reports_liveness_readiness_and_grpc_health() {
         let own: &[&str] = match service {
             "webhook-ingest" => &["gantry.v1.Ingest"],
             "builder" => &["gantry.v1.Builds", "gantry.v1.Secrets"],
-            "deployer" => &["gantry.v1.Deployments", "gantry.v1.Stacks"],
+            "deployer" => &[
+                "gantry.v1.Deployments",
+                "gantry.v1.Stacks",
+                "gantry.v1.EnvironmentConfig",
+            ],
             "notifier" => &["gantry.v1.Pipelines"],
             _ => &[],
         };

@@ -72,13 +72,7 @@ async fn deploy_end(stack: &Stack, environment: &str, nth: usize, expected: &str
 }
 
 fn deployment_of(s: &Seen) -> gantry_proto::v1::Deployment {
-    let d = match &s.event.payload {
-        Some(Payload::DeploySucceeded(e)) => e.deployment.clone(),
-        Some(Payload::DeployFailed(e)) => e.deployment.clone(),
-        Some(Payload::DeployRolledBack(e)) => e.deployment.clone(),
-        _ => None,
-    };
-    d.unwrap_or_default()
+    s.deployment().unwrap_or_default()
 }
 
 fn reason(s: &Seen) -> String {

@@ -111,15 +111,17 @@ pub enum SecretKind {
     Forge,
     /// Chat webhook URLs (notifier).
     Chat,
-    /// Projects' secrets for their test steps, and the key that seals
-    /// those stored in the database (builder).
+    /// Projects' secrets for their test steps (builder).
     Step,
     /// Credentials of deploy targets: Rancher API keys (deployer).
     Target,
+    /// The key that seals secrets stored in the database: projects' (builder)
+    /// and environments' configuration (deployer).
+    Seal,
 }
 
 impl SecretKind {
-    pub const ALL: [SecretKind; 7] = [
+    pub const ALL: [SecretKind; 8] = [
         SecretKind::Webhook,
         SecretKind::Clone,
         SecretKind::Registry,
@@ -127,6 +129,7 @@ impl SecretKind {
         SecretKind::Chat,
         SecretKind::Step,
         SecretKind::Target,
+        SecretKind::Seal,
     ];
 }
 
@@ -789,9 +792,10 @@ pub struct GantryConfig {
     pub tokens: Vec<ApiToken>,
     /// Whether the notifier's pages answer without a `read` token.
     pub public_pages: bool,
-    /// The key that seals the project secrets stored in the database (set
-    /// with `gantry secrets set`); only in services that resolve
-    /// [`SecretKind::Step`] (the builder).
+    /// The key that seals the secrets stored in the database (projects'
+    /// with `gantry secrets set`, environments' configuration with `gantry
+    /// config set --secret`); only in services that resolve
+    /// [`SecretKind::Seal`] (the builder and the deployer).
     pub secrets_key: Option<gantry_seal::SealKey>,
 }
 
@@ -1368,7 +1372,7 @@ impl GantryConfig {
         }
         let secrets_key = raw.secrets_key.and_then(|sp| {
             let at = At::of(&sp, "secrets_key");
-            let text = cx.secret(SecretKind::Step, &sp.value, at, "secrets_key")?;
+            let text = cx.secret(SecretKind::Seal, &sp.value, at, "secrets_key")?;
             gantry_seal::SealKey::from_text(text.expose())
                 .map_err(|e| cx.located(at, e))
                 .ok()

@@ -159,7 +159,7 @@ impl Handler for RequestHandler {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry, Step]);
+    gantry_runtime::service_identity!("builder", (8081, 9091), [Clone, Registry, Step, Seal]);
 
     async fn start(
         s: Settings,

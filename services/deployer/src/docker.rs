@@ -71,8 +71,14 @@ impl DockerTarget {
         gantry_docker::remove_containers(&self.docker, &label, keep).await;
     }
 
-    /// Creates the new version's container; returns its id.
-    pub async fn create(&self, env: &Environment, row: &Row) -> anyhow::Result<String> {
+    /// Creates the new version's container with the environment variables
+    /// `vars`; returns its id.
+    pub async fn create(
+        &self,
+        env: &Environment,
+        row: &Row,
+        vars: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<String> {
         let rev = row.revision();
         let short = &row.id.simple().to_string()[..12];
         let name = format!("gantry-{}-{}", env.name, short);
@@ -85,7 +91,7 @@ impl DockerTarget {
             (labels::DEPLOYMENT.to_owned(), row.id.to_string()),
             (labels::DIGEST.to_owned(), row.digest.clone()),
         ]);
-        let mut vars: Vec<String> = env.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut vars: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
         vars.push(format!("GANTRY_ENVIRONMENT={}", env.name));
         vars.push(format!("GANTRY_COMMIT={}", rev.commit_sha));
         let body = ContainerCreateBody {
@@ -255,6 +261,7 @@ impl Target for DockerTarget {
         &self,
         env: &Environment,
         row: &Row,
+        vars: &std::collections::BTreeMap<String, String>,
         registry: &Registry,
         live: Option<&Live>,
     ) -> Result<Running, Failure> {
@@ -262,7 +269,10 @@ impl Target for DockerTarget {
             .retry("pull the image", || self.pull(row, registry))
             .await
             .map_err(|g| Failure::Refused(g.error.context(format!("{} pulls failed", g.tries))))?;
-        let id = self.create(env, row).await.map_err(Failure::Refused)?;
+        let id = self
+            .create(env, row, vars)
+            .await
+            .map_err(Failure::Refused)?;
         let started = match self.start(&id).await {
             Ok(()) => self.wait_healthy(env, &id).await,
             Err(e) => Err(e),

@@ -47,6 +47,7 @@ impl From<Row> for DeploymentInfo {
             finished_at: r.finished_at.map(timestamp),
             decided_by: r.decided_by.unwrap_or_default(),
             decided_at: r.decided_at.map(timestamp),
+            config_version: r.config_version.unwrap_or_default().max(0) as u32,
         }
     }
 }
@@ -125,13 +126,14 @@ impl DeploymentsService {
         image: &Image,
         trigger: Trigger,
         block: Option<&str>,
+        config: queue::ConfigPick,
     ) -> Result<Response<DeployResponse>, Status> {
         let write = async {
             let mut tx = self.pool.begin().await?;
             if let Some(digest) = block {
                 queue::block(&mut tx, &env.name, digest, "rolled back on request").await?;
             }
-            let row = queue::enqueue(&mut tx, env, image, trigger).await?;
+            let row = queue::enqueue(&mut tx, env, image, trigger, config).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         };
@@ -232,7 +234,14 @@ impl Deployments for DeploymentsService {
             ))
             .into());
         };
-        self.queue(env, &image.into(), Trigger::Manual, None).await
+        self.queue(
+            env,
+            &image.into(),
+            Trigger::Manual,
+            None,
+            queue::ConfigPick::Current,
+        )
+        .await
     }
 
     async fn rollback(
@@ -249,10 +258,22 @@ impl Deployments for DeploymentsService {
                 ApiError::FailedPrecondition(format!("nothing runs in {} yet", env.name)).into(),
             );
         };
+        let live_config: Option<i32> = sqlx::query_scalar!(
+            "SELECT config_version FROM deployments WHERE id = $1",
+            live.deployment_id
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ApiError::store)?;
+        // The version before is the last other image — or the same image
+        // with another configuration.
         let previous = crate::queue::deployment_rows!(
-            "WHERE environment = $1 AND state = 'succeeded' AND digest <> $2 ORDER BY finished_at DESC LIMIT 1",
+            "WHERE environment = $1 AND state = 'succeeded'
+               AND (digest <> $2 OR config_version IS DISTINCT FROM $3)
+             ORDER BY finished_at DESC LIMIT 1",
             env.name,
             live.digest,
+            live_config,
         )
         .fetch_optional(&self.pool)
         .await
@@ -264,6 +285,8 @@ impl Deployments for DeploymentsService {
             ))
             .into());
         };
+        // The image and the configuration it ran with go back together.
+        let config = queue::ConfigPick::Version(previous.config_version);
         let image = Image {
             revision: previous.revision(),
             pipeline_id: previous.pipeline_id,
@@ -271,7 +294,10 @@ impl Deployments for DeploymentsService {
             repository: previous.repository,
             digest: previous.digest,
         };
-        self.queue(env, &image, Trigger::Rollback, Some(&live.digest))
+        // The image going away is not deployed there again automatically
+        // (unless it is the one coming back, with its old configuration).
+        let block = (image.digest != live.digest).then_some(live.digest.as_str());
+        self.queue(env, &image, Trigger::Rollback, block, config)
             .await
     }
 

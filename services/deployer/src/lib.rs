@@ -24,6 +24,7 @@
 //! `blocked`, `stacks`, `stack_runs`, `stack_releases`, plus the outbox and
 //! `processed_events`.
 
+pub mod config;
 pub mod docker;
 pub mod edge;
 pub mod grpc;
@@ -291,7 +292,14 @@ impl Events {
                             "not deployed: this image (or its commit) failed in the environment before");
                         continue;
                     }
-                    queue::enqueue(&mut tx, env, &image, Trigger::Auto).await?;
+                    queue::enqueue(
+                        &mut tx,
+                        env,
+                        &image,
+                        Trigger::Auto,
+                        queue::ConfigPick::Current,
+                    )
+                    .await?;
                     queued += 1;
                 }
             }
@@ -322,7 +330,7 @@ fn outcome(written: anyhow::Result<()>) -> Outcome {
 pub struct Service;
 
 impl gantry_runtime::Service for Service {
-    gantry_runtime::service_identity!("deployer", (8083, 9093), [Registry, Target]);
+    gantry_runtime::service_identity!("deployer", (8083, 9093), [Registry, Target, Seal]);
 
     async fn start(
         s: Settings,
@@ -396,6 +404,11 @@ impl gantry_runtime::Service for Service {
             config: config.clone(),
             wake: stack_wake.clone(),
         };
+        let env_config = config::ConfigService {
+            pool: pool.clone(),
+            config: config.clone(),
+            wake: wake.clone(),
+        };
         let grpc = grpc::DeploymentsService { pool, config, wake };
         Ok(Parts {
             grpc: gantry_runtime::Grpc::one(
@@ -405,6 +418,12 @@ impl gantry_runtime::Service for Service {
             .and(
                 gantry_proto::v1::stacks_server::StacksServer::new(stacks),
                 gantry_proto::v1::stacks_server::SERVICE_NAME,
+            )
+            .and(
+                gantry_proto::v1::environment_config_server::EnvironmentConfigServer::new(
+                    env_config,
+                ),
+                gantry_proto::v1::environment_config_server::SERVICE_NAME,
             ),
             readiness: Readiness::new().check("docker", move || {
                 let docker = docker.clone();

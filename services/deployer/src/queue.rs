@@ -45,6 +45,17 @@ pub enum Trigger {
     Rollback,
     /// It succeeded in the environment this one is promoted from.
     Promotion,
+    /// The environment's configuration changed: what runs, with the new one.
+    Config,
+}
+
+/// Which configuration version a queued deployment applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigPick {
+    /// The environment's current one (its newest that did not fail).
+    Current,
+    /// This one (a rollback's: the one that ran with the image; a change's).
+    Version(Option<i32>),
 }
 
 impl Trigger {
@@ -54,6 +65,7 @@ impl Trigger {
             Trigger::Manual => "manual",
             Trigger::Rollback => "rollback",
             Trigger::Promotion => "promotion",
+            Trigger::Config => "config",
         }
     }
 }
@@ -68,7 +80,7 @@ macro_rules! deployment_rows {
             r#"SELECT id, environment, project, pipeline_id, repository, digest, revision, trigger,
                       state AS "state: gantry_states::DeploymentState", reason, previous_digest,
                       container_id, traceparent, attempt, created_at, finished_at,
-                      decided_by, decided_at
+                      decided_by, decided_at, config_version
                FROM deployments "# + $rest
             $(, $arg)*
         )
@@ -98,6 +110,8 @@ pub struct Row {
     /// Who approved or rejected it, and when.
     pub decided_by: Option<String>,
     pub decided_at: Option<DateTime<Utc>>,
+    /// The environment's configuration version it applies.
+    pub config_version: Option<i32>,
 }
 
 impl Row {
@@ -207,6 +221,7 @@ pub async fn enqueue(
     env: &gantry_config::Environment,
     image: &Image,
     trigger: Trigger,
+    config: ConfigPick,
 ) -> sqlx::Result<Row> {
     let environment = env.name.as_str();
     let awaiting = env.approval.is_some() && trigger != Trigger::Rollback;
@@ -234,13 +249,18 @@ pub async fn enqueue(
     if superseded > 0 {
         tracing::info!(environment, superseded, "waiting deployments superseded");
     }
+    let config_version = match config {
+        ConfigPick::Version(v) => v,
+        ConfigPick::Current => crate::config::current(tx, environment).await?,
+    };
     let row = sqlx::query_as!(
         Row,
-        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent, state)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent, state, config_version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          RETURNING id, environment, project, pipeline_id, repository, digest, revision, trigger,
                    state AS "state: DeploymentState", reason, previous_digest, container_id,
-                   traceparent, attempt, created_at, finished_at, decided_by, decided_at"#,
+                   traceparent, attempt, created_at, finished_at, decided_by, decided_at,
+                   config_version"#,
         Uuid::now_v7(),
         environment,
         image.project,
@@ -251,6 +271,7 @@ pub async fn enqueue(
         trigger.as_str(),
         gantry_telemetry::current_traceparent(),
         state as DeploymentState,
+        config_version,
     )
     .fetch_one(&mut **tx)
     .await?;
@@ -458,7 +479,14 @@ pub async fn succeed(
             tracing::info!(environment = %next.name, "not promoted: this image failed there before");
             continue;
         }
-        enqueue(&mut tx, next, &image, Trigger::Promotion).await?;
+        enqueue(
+            &mut tx,
+            next,
+            &image,
+            Trigger::Promotion,
+            ConfigPick::Current,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(())
@@ -501,7 +529,18 @@ pub async fn fail(
         "deployment {} is no longer ours",
         row.id
     );
-    if block_digest {
+    if row.trigger == Trigger::Config.as_str() {
+        // The configuration failed, not the image: later deployments skip
+        // that version; the image stays free.
+        sqlx::query!(
+            "UPDATE env_config_versions SET failed = $3 WHERE environment = $1 AND version = $2",
+            row.environment,
+            row.config_version,
+            reason,
+        )
+        .execute(&mut *tx)
+        .await?;
+    } else if block_digest {
         block(&mut tx, &row.environment, &row.digest, reason).await?;
     }
     let failed = row.event(Payload::DeployFailed(DeployFailed {

@@ -19,6 +19,7 @@
 //! Rancher's refusals (401, a 422 with its `code` and `message`) become
 //! deployment failures that say what to fix; nothing changed on Rancher.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gantry_config::{Environment, Registry};
@@ -234,19 +235,24 @@ impl RancherTarget {
 }
 
 /// The upgrade's `inServiceStrategy`: the service's launch configuration
-/// with only the image (and the environment's `env`) changed.
-pub fn strategy(service: &Value, env: &Environment, row: &Row) -> Value {
+/// with only the image (and the environment variables `vars`) changed.
+pub fn strategy(
+    service: &Value,
+    env: &Environment,
+    row: &Row,
+    vars: &BTreeMap<String, String>,
+) -> Value {
     let r = env.rancher.as_ref();
     let mut launch = service["launchConfig"].clone();
     if !launch.is_object() {
         launch = json!({});
     }
     launch["imageUuid"] = json!(format!("docker:{}", row.reference()));
-    if !env.env.is_empty() {
+    if !vars.is_empty() {
         if !launch["environment"].is_object() {
             launch["environment"] = json!({});
         }
-        for (k, v) in &env.env {
+        for (k, v) in vars {
             launch["environment"][k] = json!(v);
         }
     }
@@ -273,6 +279,7 @@ impl Target for RancherTarget {
         &self,
         env: &Environment,
         row: &Row,
+        vars: &BTreeMap<String, String>,
         _registry: &Registry,
         _live: Option<&Live>,
     ) -> Result<Running, Failure> {
@@ -287,7 +294,7 @@ impl Target for RancherTarget {
                 r.service
             )));
         }
-        api.action(&path, "upgrade", &strategy(&service, env, row))
+        api.action(&path, "upgrade", &strategy(&service, env, row, vars))
             .await?;
         let upgraded = Self::wait(&api, &path, env.health.timeout, |s| {
             match (text(s, "state"), text(s, "healthState")) {

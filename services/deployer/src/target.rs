@@ -4,7 +4,7 @@
 //! the lease, events, the endpoint — so that adding a target is one module
 //! that implements [`Target`] and one line in [`Targets::new`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -42,13 +42,16 @@ pub trait Target: Send + Sync {
     /// Cleans what an earlier attempt of `row` left behind (keeping `live`).
     async fn prepare(&self, env: &Environment, row: &Row, live: Option<&Live>);
 
-    /// Rolls `row`'s image (by digest) out in `env` while the old version
-    /// (`live`, if Gantry knows one) keeps serving, until the new one is
-    /// healthy; on failure, what ran before runs again.
+    /// Rolls `row`'s image (by digest) out in `env` with the environment
+    /// variables `vars` (the environment's `env`, then its configuration
+    /// version's), while the old version (`live`, if Gantry knows one) keeps
+    /// serving, until the new one is healthy; on failure, what ran before
+    /// runs again.
     async fn roll_out(
         &self,
         env: &Environment,
         row: &Row,
+        vars: &BTreeMap<String, String>,
         registry: &Registry,
         live: Option<&Live>,
     ) -> Result<Running, Failure>;

@@ -199,7 +199,20 @@ impl Worker {
         target.prepare(&env, row, live.as_ref()).await;
         tracing::info!(target = %env.target, previous = ?live.as_ref().map(|l| &l.digest), "deploying");
         let registry = self.config.registry_for(&row.repository);
-        match target.roll_out(&env, row, &registry, live.as_ref()).await {
+        // The environment's `env`, then its configuration version's.
+        let mut vars = env.env.clone();
+        match crate::config::resolve(&self.pool, &self.config, &env.name, row.config_version).await
+        {
+            Ok(config) => vars.extend(config),
+            Err(why) => {
+                self.record_failure(row, &why, false, false).await;
+                return;
+            }
+        }
+        match target
+            .roll_out(&env, row, &vars, &registry, live.as_ref())
+            .await
+        {
             Ok(running) => {
                 let endpoint = env.endpoint.clone().unwrap_or_default();
                 let address = running.address.map(|a| a.to_string());
