@@ -13,8 +13,10 @@
 //!   `InvalidState` when the service is not `active`, or the 422 a test
 //!   asked for ([`FakeRancher::refuse_next_upgrade`]);
 //! - `?action=finishupgrade`: `upgraded` → `finishing-upgrade` → `active`;
-//! - `?action=rollback`: → `rolling-back` → `active` with the previous
-//!   launch configuration.
+//! - `?action=cancelupgrade`: `upgrading` → `canceling-upgrade` →
+//!   `canceled-upgrade`;
+//! - `?action=rollback` (from `upgraded` or `canceled-upgrade` only): →
+//!   `rolling-back` → `active` with the previous launch configuration.
 //!
 //! Every call needs Basic authentication with the access and secret key
 //! (401 otherwise, as Rancher answers).
@@ -53,6 +55,8 @@ struct Service {
     reads_left: u32,
     /// The next upgrade's containers fail Rancher's health checks.
     fail_next: bool,
+    /// The next upgrade never leaves `upgrading`.
+    stall_next: bool,
 }
 
 impl Service {
@@ -83,6 +87,7 @@ impl Service {
                 };
                 "upgraded"
             }
+            "canceling-upgrade" => "canceled-upgrade",
             "finishing-upgrade" => {
                 self.previous = None;
                 "active"
@@ -278,7 +283,11 @@ async fn action(
             }
             svc.state = "upgrading".into();
             svc.health = "initializing".into();
-            svc.reads_left = 1;
+            svc.reads_left = if std::mem::take(&mut svc.stall_next) {
+                u32::MAX
+            } else {
+                1
+            };
         }
         "finishupgrade" => {
             if svc.state != "upgraded" {
@@ -287,8 +296,16 @@ async fn action(
             svc.state = "finishing-upgrade".into();
             svc.reads_left = 1;
         }
+        "cancelupgrade" => {
+            if svc.state != "upgrading" {
+                return invalid(svc);
+            }
+            svc.state = "canceling-upgrade".into();
+            svc.reads_left = 1;
+        }
         "rollback" => {
-            if svc.state != "upgraded" && svc.state != "upgrading" {
+            // Cattle rolls back an upgraded or canceled upgrade only.
+            if svc.state != "upgraded" && svc.state != "canceled-upgrade" {
                 return invalid(svc);
             }
             svc.state = "rolling-back".into();
@@ -335,6 +352,7 @@ impl FakeRancher {
                     previous: None,
                     reads_left: 0,
                     fail_next: false,
+                    stall_next: false,
                 },
             );
         }
@@ -381,6 +399,14 @@ impl FakeRancher {
         let mut s = self.inner.lock().expect("rancher lock");
         if let Some(svc) = s.services.values_mut().next() {
             svc.fail_next = true;
+        }
+    }
+
+    /// The next upgrade stays `upgrading` until it is canceled.
+    pub fn stall_next_upgrade(&self) {
+        let mut s = self.inner.lock().expect("rancher lock");
+        if let Some(svc) = s.services.values_mut().next() {
+            svc.stall_next = true;
         }
     }
 

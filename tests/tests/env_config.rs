@@ -128,6 +128,26 @@ async fn configuration_versions_are_deployed_rolled_back_and_kept_secret() {
     );
     assert!(!show.contains(API_KEY), "{show}");
 
+    // A secret stays secret, and a change that changes nothing is refused.
+    for (args, refusal) in [
+        (vec!["config", "set", name, "API_KEY=in-clear"], "is secret"),
+        (
+            vec!["config", "unset", name, "NOT_THERE"],
+            "nothing changes",
+        ),
+        (
+            vec!["config", "set", name, "GREETING=hello"],
+            "nothing changes",
+        ),
+    ] {
+        let refused = stack.cli(&args);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(refusal),
+            "{args:?}: {stderr}"
+        );
+    }
+
     // v3 breaks the service: rolled back to v2's image and configuration.
     out(&stack.cli(&["config", "set", name, "PORT=9999"]));
     let back = nth_end(&stack, name, 3, "deploy.rolled_back").await;

@@ -90,7 +90,7 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     let project = ProjectSpec::new("web", &repo.url());
     let env = |name: &str, rules: &str, secret: &str| {
         format!(
-            "  - name: {name}\n    project: web\n    target: rancher\n    rules: {rules}\n    health: {{timeout_secs: 30}}\n    rancher:\n      url: {}\n      project: 1a5\n      stack: shop\n      service: hello\n      access_key: {}\n      secret_key: {{value: '{secret}'}}\n      batch_size: 2\n      interval_millis: 500\n",
+            "  - name: {name}\n    project: web\n    target: rancher\n    rules: {rules}\n    health: {{timeout_secs: 5}}\n    rancher:\n      url: {}\n      project: 1a5\n      stack: shop\n      service: hello\n      access_key: {}\n      secret_key: {{value: '{secret}'}}\n      batch_size: 2\n      interval_millis: 500\n",
             rancher.url, rancher.access_key
         )
     };
@@ -164,11 +164,30 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
         "the old image runs"
     );
 
+    // An upgrade that never settles: canceled (Cattle rolls back only an
+    // upgraded or canceled upgrade), then rolled back.
+    rancher.stall_next_upgrade();
+    let c3 = repo.commit_file("index.html", "hello v3\n", "v3");
+    stack.push(&project, "refs/heads/main", &c3).await;
+    let end = deploy_end(&stack, "production", 2, "deploy.rolled_back").await;
+    assert!(reason(&end).contains("within 5s"), "{end:?}");
+    let actions: Vec<String> = rancher
+        .calls()
+        .iter()
+        .filter_map(|c| c.uri.split("?action=").nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        actions[4..],
+        ["upgrade", "cancelupgrade", "rollback"],
+        "{actions:?}"
+    );
+    assert_eq!(rancher.service()["launchConfig"]["imageUuid"], image);
+
     // 3. Rancher refuses the upgrade (422): a failure naming its code.
     rancher.refuse_next_upgrade("InvalidReference", "Image docker:… not found");
     let deploy = stack.cli(&["deploy", "production", &c1]);
     assert!(deploy.status.success(), "{deploy:?}");
-    let end = deploy_end(&stack, "production", 2, "deploy.failed").await;
+    let end = deploy_end(&stack, "production", 3, "deploy.failed").await;
     assert!(
         reason(&end).contains("422 InvalidReference: Image docker:… not found"),
         "{end:?}"
@@ -179,7 +198,7 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     let before = rancher.calls().len();
     let deploy = stack.cli(&["deploy", "production", &c1]);
     assert!(deploy.status.success(), "{deploy:?}");
-    let end = deploy_end(&stack, "production", 3, "deploy.failed").await;
+    let end = deploy_end(&stack, "production", 4, "deploy.failed").await;
     assert!(reason(&end).contains("is upgrading, not active"), "{end:?}");
     assert!(
         rancher.calls()[before..].iter().all(|c| c.method == "GET"),
@@ -192,4 +211,20 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     assert!(deploy.status.success(), "{deploy:?}");
     let end = deploy_end(&stack, "wrong-key", 0, "deploy.failed").await;
     assert!(reason(&end).contains("refused the API key"), "{end:?}");
+
+    // 6. The environment's configuration reaches the launch configuration;
+    // a key unset is removed, the service's own ones stay.
+    let set = stack.cli(&["config", "set", "production", "FEATURE=on"]);
+    assert!(set.status.success(), "{set:?}");
+    deploy_end(&stack, "production", 5, "deploy.succeeded").await;
+    let environment = rancher.service()["launchConfig"]["environment"].clone();
+    assert_eq!(environment["FEATURE"], "on", "{environment}");
+    assert_eq!(environment["DATABASE_URL"], "postgres://db/hello");
+    let unset = stack.cli(&["config", "unset", "production", "FEATURE"]);
+    assert!(unset.status.success(), "{unset:?}");
+    deploy_end(&stack, "production", 6, "deploy.succeeded").await;
+    let environment = rancher.service()["launchConfig"]["environment"].clone();
+    assert!(environment.get("FEATURE").is_none(), "{environment}");
+    assert_eq!(environment["DATABASE_URL"], "postgres://db/hello");
+    assert_eq!(rancher.service()["launchConfig"]["imageUuid"], image);
 }

@@ -49,6 +49,25 @@ pub async fn current(
     .await
 }
 
+/// Marks `version` of `environment` failed (its rollout failed, it was
+/// rejected, or rolled back on request): later deployments skip it.
+pub async fn mark_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    environment: &str,
+    version: Option<i32>,
+    why: &str,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE env_config_versions SET failed = $3 WHERE environment = $1 AND version = $2",
+        environment,
+        version,
+        why,
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// One version as stored.
 struct Stored {
     version: i32,
@@ -257,6 +276,32 @@ impl EnvironmentConfig for ConfigService {
                 change.push(format!("-{key}"));
             }
         }
+        if let Some(key) = req
+            .set
+            .keys()
+            .find(|k| !req.secret && secrets.contains_key(*k))
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "{key} is secret: set it with --secret, or unset it first"
+            ))
+            .into());
+        }
+        // Nothing was unset, and every value set is the one there already.
+        let unchanged = change.is_empty()
+            && req.set.iter().all(|(k, v)| {
+                if req.secret {
+                    secrets.get(k) == Some(v)
+                } else {
+                    plain.get(k) == Some(v)
+                }
+            });
+        if unchanged {
+            return Err(ApiError::FailedPrecondition(format!(
+                "nothing changes: version {} already says so",
+                base_version.unwrap_or(0)
+            ))
+            .into());
+        }
         for (key, value) in &req.set {
             if req.secret {
                 plain.remove(key);
@@ -306,14 +351,49 @@ impl EnvironmentConfig for ConfigService {
         .fetch_one(&mut *tx)
         .await
         .map_err(ApiError::store)?;
-        // What runs there now runs again with the new version.
-        let live = crate::queue::deployment_rows!(
-            "WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)",
+        // A deployment not yet running takes the new version; else what runs
+        // (or is being rolled out) runs again with it.
+        let waiting = crate::queue::deployment_rows!(
+            "WHERE environment = $1 AND state IN ('waiting', 'awaiting_approval')
+             ORDER BY created_at DESC LIMIT 1",
             env.name
         )
         .fetch_optional(&mut *tx)
         .await
         .map_err(ApiError::store)?;
+        if let Some(mut waiting) = waiting {
+            sqlx::query!(
+                "UPDATE deployments SET config_version = $2 WHERE id = $1",
+                waiting.id,
+                version
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(ApiError::store)?;
+            waiting.config_version = Some(version);
+            tx.commit().await.map_err(ApiError::store)?;
+            tracing::info!(environment = %env.name, version, by = %who, change = %stored.change, "configuration changed");
+            let mut info = stored.info(&env.name, stored.entries());
+            info.deployment = Some(waiting.into());
+            return Ok(Response::new(info));
+        }
+        let running = crate::queue::deployment_rows!(
+            "WHERE environment = $1 AND state = 'running' LIMIT 1",
+            env.name
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ApiError::store)?;
+        let live = match running {
+            Some(r) => Some(r),
+            None => crate::queue::deployment_rows!(
+                "WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)",
+                env.name
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ApiError::store)?,
+        };
         let deployment = match live {
             Some(live) => {
                 let image = Image {

@@ -286,7 +286,8 @@ impl Deployments for DeploymentsService {
             .into());
         };
         // The image and the configuration it ran with go back together.
-        let config = queue::ConfigPick::Version(previous.config_version);
+        let previous_config = previous.config_version;
+        let config = queue::ConfigPick::Version(previous_config);
         let image = Image {
             revision: previous.revision(),
             pipeline_id: previous.pipeline_id,
@@ -295,8 +296,16 @@ impl Deployments for DeploymentsService {
             digest: previous.digest,
         };
         // The image going away is not deployed there again automatically
-        // (unless it is the one coming back, with its old configuration).
+        // (unless it is the one coming back, with its old configuration),
+        // nor is the configuration going away.
         let block = (image.digest != live.digest).then_some(live.digest.as_str());
+        if live_config.is_some() && live_config != previous_config {
+            let mut tx = self.pool.begin().await.map_err(ApiError::store)?;
+            crate::config::mark_failed(&mut tx, &env.name, live_config, "rolled back on request")
+                .await
+                .map_err(ApiError::store)?;
+            tx.commit().await.map_err(ApiError::store)?;
+        }
         self.queue(env, &image, Trigger::Rollback, block, config)
             .await
     }

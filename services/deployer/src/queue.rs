@@ -338,6 +338,10 @@ pub async fn decide(
         }),
     };
     gantry_bus::enqueue_traced(&mut tx, &row.event(payload), row.traceparent.as_deref()).await?;
+    if decision == Decision::Reject && row.trigger == Trigger::Config.as_str() {
+        // A rejected configuration is not given to later deployments either.
+        crate::config::mark_failed(&mut tx, &row.environment, row.config_version, reason).await?;
+    }
     tx.commit().await?;
     Ok(Some(row))
 }
@@ -474,7 +478,21 @@ pub async fn succeed(
         digest: row.digest.clone(),
         revision: row.revision(),
     };
-    for next in promote_to {
+    // What an environment took by a rollback or a configuration change is
+    // not news for the environments promoted from it.
+    let promotes = [Trigger::Auto, Trigger::Manual, Trigger::Promotion]
+        .iter()
+        .any(|t| t.as_str() == row.trigger);
+    for next in promote_to.iter().filter(|_| promotes) {
+        let runs_there: Option<String> = sqlx::query_scalar!(
+            "SELECT d.digest FROM live l JOIN deployments d ON d.id = l.deployment_id WHERE l.environment = $1",
+            next.name,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if runs_there.as_deref() == Some(row.digest.as_str()) {
+            continue;
+        }
         if is_blocked(&mut tx, &next.name, &image).await? {
             tracing::info!(environment = %next.name, "not promoted: this image failed there before");
             continue;
@@ -531,15 +549,12 @@ pub async fn fail(
     );
     if row.trigger == Trigger::Config.as_str() {
         // The configuration failed, not the image: later deployments skip
-        // that version; the image stays free.
-        sqlx::query!(
-            "UPDATE env_config_versions SET failed = $3 WHERE environment = $1 AND version = $2",
-            row.environment,
-            row.config_version,
-            reason,
-        )
-        .execute(&mut *tx)
-        .await?;
+        // that version (only when the new version itself failed: a registry
+        // or a target that was away says nothing of it); the image stays free.
+        if block_digest {
+            crate::config::mark_failed(&mut tx, &row.environment, row.config_version, reason)
+                .await?;
+        }
     } else if block_digest {
         block(&mut tx, &row.environment, &row.digest, reason).await?;
     }

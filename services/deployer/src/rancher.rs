@@ -13,11 +13,16 @@
 //! 3. poll until the service is `upgraded` and `healthy` (Rancher's own
 //!    health checks) within the environment's timeout, then
 //!    `action=finishupgrade` and wait for `active`;
-//! 4. on `unhealthy`, an error state or the timeout: `action=rollback`,
-//!    wait for `active` — the old image runs again — and report a rollback.
+//! 4. on `unhealthy`, an error state, the timeout, or a Rancher that stops
+//!    answering once the upgrade began: `action=rollback` (after
+//!    `cancelupgrade` when it is still `upgrading`), wait for `active` — the
+//!    old image runs again — and report a rollback.
 //!
-//! Rancher's refusals (401, a 422 with its `code` and `message`) become
-//! deployment failures that say what to fix; nothing changed on Rancher.
+//! Rancher's refusals before the upgrade began (401, a 422 with its `code`
+//! and `message`, a service not `active`) become deployment failures that
+//! say what to fix; nothing changed on Rancher. The variables Gantry sets
+//! are named in a launch configuration label, so that one it no longer
+//! sets (unset, rolled back) is removed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,6 +39,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(500);
 /// How long finishing or rolling back an upgrade may take.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The launch configuration's label naming the variables Gantry sets.
+const MANAGED_ENV: &str = "io.gantry.environment-keys";
 
 pub struct RancherTarget {
     http: reqwest::Client,
@@ -208,8 +215,23 @@ impl RancherTarget {
         done: impl Fn(&Value) -> Option<bool>,
     ) -> Result<Result<Value, String>, Failure> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut errors = 0;
         loop {
-            let service = api.get(path).await?;
+            // A read that fails now and then (a proxy, a restart of Rancher's
+            // server) is read again; three in a row end the wait.
+            let service = match api.get(path).await {
+                Ok(s) => {
+                    errors = 0;
+                    s
+                }
+                Err(f) if errors < 2 && tokio::time::Instant::now() < deadline => {
+                    errors += 1;
+                    tracing::warn!(error = %failure_text(&f), "reading the Rancher service failed; reading again");
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+                Err(f) => return Err(f),
+            };
             match done(&service) {
                 Some(true) => return Ok(Ok(service)),
                 Some(false) => {
@@ -248,13 +270,31 @@ pub fn strategy(
         launch = json!({});
     }
     launch["imageUuid"] = json!(format!("docker:{}", row.reference()));
-    if !vars.is_empty() {
-        if !launch["environment"].is_object() {
-            launch["environment"] = json!({});
+    // The variables Gantry set last time (named in a label) that it does
+    // not set now are removed: an unset key or a rollback takes them away.
+    if !launch["environment"].is_object() {
+        launch["environment"] = json!({});
+    }
+    let managed = launch["labels"][MANAGED_ENV]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for gone in managed
+        .split(',')
+        .filter(|k| !k.is_empty() && !vars.contains_key(*k))
+    {
+        if let Some(env) = launch["environment"].as_object_mut() {
+            env.remove(gone);
         }
-        for (k, v) in vars {
-            launch["environment"][k] = json!(v);
+    }
+    for (k, v) in vars {
+        launch["environment"][k] = json!(v);
+    }
+    if !vars.is_empty() || !managed.is_empty() {
+        if !launch["labels"].is_object() {
+            launch["labels"] = json!({});
         }
+        launch["labels"][MANAGED_ENV] = json!(vars.keys().cloned().collect::<Vec<_>>().join(","));
     }
     let mut strategy = json!({
         "launchConfig": launch,
@@ -296,6 +336,8 @@ impl Target for RancherTarget {
         }
         api.action(&path, "upgrade", &strategy(&service, env, row, vars))
             .await?;
+        // From here on Rancher is changing the service: whatever goes wrong
+        // is the upgrade's, and it is rolled back.
         let upgraded = Self::wait(&api, &path, env.health.timeout, |s| {
             match (text(s, "state"), text(s, "healthState")) {
                 ("upgraded", "healthy") => Some(true),
@@ -303,42 +345,97 @@ impl Target for RancherTarget {
                 _ => None,
             }
         })
-        .await?;
-        match upgraded {
-            Ok(_) => {
-                api.action(&path, "finishupgrade", &json!({})).await?;
-                let finished = Self::wait(&api, &path, SETTLE_TIMEOUT, |s| {
-                    (text(s, "state") == "active").then_some(true)
-                })
-                .await?;
-                finished.map_err(|why| {
-                    Failure::Refused(anyhow::anyhow!("finishing the upgrade: {why}"))
-                })?;
-                Ok(Running {
-                    id: path.trim_start_matches("/services/").to_owned(),
-                    address: None,
-                })
-            }
-            Err(why) => {
-                api.action(&path, "rollback", &json!({})).await?;
-                let back = Self::wait(&api, &path, SETTLE_TIMEOUT, |s| {
-                    (text(s, "state") == "active").then_some(true)
-                })
-                .await?;
-                let error = match back {
-                    Ok(_) => anyhow::anyhow!("{why}; Rancher rolled the service back"),
-                    Err(stuck) => anyhow::anyhow!("{why}; rolling back did not end: {stuck}"),
-                };
-                Err(Failure::Failed {
-                    error,
-                    rolled_back: true,
-                })
-            }
-        }
+        .await
+        .unwrap_or_else(|f| {
+            Err(format!(
+                "Rancher could not be followed: {}",
+                failure_text(&f)
+            ))
+        });
+        let why = match upgraded {
+            Ok(_) => match Self::finish(&api, &path).await {
+                Ok(()) => {
+                    return Ok(Running {
+                        id: path.trim_start_matches("/services/").to_owned(),
+                        address: None,
+                    });
+                }
+                Err(why) => why,
+            },
+            Err(why) => why,
+        };
+        let error = match Self::roll_back(&api, &path).await {
+            Ok(()) => anyhow::anyhow!("{why}; Rancher rolled the service back"),
+            Err(stuck) => anyhow::anyhow!(
+                "{why}; rolling back did not end ({stuck}): see the service in Rancher"
+            ),
+        };
+        Err(Failure::Failed {
+            error,
+            rolled_back: true,
+        })
     }
 
     async fn retire(&self, _env: &Environment, _old: &Live) {
         // `finishupgrade` removed the old containers.
+    }
+}
+
+impl RancherTarget {
+    /// Finishes a healthy upgrade (the call tried three times): the old
+    /// containers go. The new ones already serve, so a service slow to turn
+    /// `active` afterwards is still a success.
+    async fn finish(api: &Api<'_>, path: &str) -> Result<(), String> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match api.action(path, "finishupgrade", &json!({})).await {
+                Ok(_) => {
+                    if let Ok(Err(why)) = Self::wait(api, path, SETTLE_TIMEOUT, |s| {
+                        (text(s, "state") == "active").then_some(true)
+                    })
+                    .await
+                    {
+                        tracing::warn!(why, "the finished upgrade is not active yet");
+                    }
+                    return Ok(());
+                }
+                Err(f) => last = failure_text(&f),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Err(format!("finishing the upgrade failed: {last}"))
+    }
+
+    /// Rolls an upgrade back: one still `upgrading` is canceled first (Cattle
+    /// rolls back only an upgraded or canceled upgrade); waits for `active`.
+    async fn roll_back(api: &Api<'_>, path: &str) -> Result<(), String> {
+        let service = api.get(path).await.map_err(|f| failure_text(&f))?;
+        if text(&service, "state") == "upgrading" {
+            api.action(path, "cancelupgrade", &json!({}))
+                .await
+                .map_err(|f| failure_text(&f))?;
+            Self::wait(api, path, SETTLE_TIMEOUT, |s| {
+                matches!(text(s, "state"), "canceled-upgrade" | "upgraded").then_some(true)
+            })
+            .await
+            .map_err(|f| failure_text(&f))??;
+        }
+        api.action(path, "rollback", &json!({}))
+            .await
+            .map_err(|f| failure_text(&f))?;
+        Self::wait(api, path, SETTLE_TIMEOUT, |s| {
+            (text(s, "state") == "active").then_some(true)
+        })
+        .await
+        .map_err(|f| failure_text(&f))?
+        .map(drop)
+    }
+}
+
+fn failure_text(f: &Failure) -> String {
+    match f {
+        Failure::Refused(e) => format!("{e:#}"),
+        Failure::Failed { error, .. } => format!("{error:#}"),
     }
 }
 
