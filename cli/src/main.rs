@@ -112,13 +112,22 @@ enum Command {
     /// Takes an environment back to the version before the current one.
     Rollback { environment: String },
     /// Approves the deployment awaiting approval in an environment.
-    Approve { environment: String },
+    Approve {
+        environment: String,
+        /// Only this deployment (as `gantry envs --json` shows it): refused
+        /// if a newer one awaits now.
+        #[arg(long)]
+        deployment: Option<String>,
+    },
     /// Rejects the deployment awaiting approval in an environment.
     Reject {
         environment: String,
         /// Why, for the record and the team.
         #[arg(long)]
         reason: Option<String>,
+        /// Only this deployment.
+        #[arg(long)]
+        deployment: Option<String>,
     },
     /// Stacks with their members, last run and latest release.
     Stacks,
@@ -363,11 +372,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(command) => config::run(&cli, command.clone()).await?,
         Command::Deploy { environment, image } => deploy(&cli, environment, image).await?,
         Command::Rollback { environment } => rollback(&cli, environment).await?,
-        Command::Approve { environment } => decide(&cli, environment, None).await?,
+        Command::Approve {
+            environment,
+            deployment,
+        } => decide(&cli, environment, deployment, None).await?,
         Command::Reject {
             environment,
             reason,
-        } => decide(&cli, environment, Some(reason.unwrap_or_default())).await?,
+            deployment,
+        } => {
+            let reason = Some(reason.unwrap_or_default());
+            decide(&cli, environment, deployment, reason).await?
+        }
         // Answered in `main`: it needs no service and has its own exit codes.
         Command::Lint { .. } => {}
     }
@@ -571,15 +587,29 @@ async fn rollback(cli: &Cli, environment: String) -> anyhow::Result<()> {
 }
 
 /// `gantry approve` and `gantry reject`.
-async fn decide(cli: &Cli, environment: String, reject: Option<String>) -> anyhow::Result<()> {
+async fn decide(
+    cli: &Cli,
+    environment: String,
+    deployment: Option<String>,
+    reject: Option<String>,
+) -> anyhow::Result<()> {
     let mut client = DeploymentsClient::new(channel(cli, &cli.deployer).await?);
+    let deployment_id = deployment.unwrap_or_default();
     let d = match reject {
-        None => client.approve(ApproveRequest { environment }).await?,
+        None => {
+            client
+                .approve(ApproveRequest {
+                    environment,
+                    deployment_id,
+                })
+                .await?
+        }
         Some(reason) => {
             client
                 .reject(RejectRequest {
                     environment,
                     reason,
+                    deployment_id,
                 })
                 .await?
         }

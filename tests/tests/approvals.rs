@@ -119,7 +119,28 @@ async fn production_waits_for_approval_and_runs_exactly_what_staging_ran() {
         !denied.status.success() && err.contains("may not decide"),
         "{err}"
     );
-    let approved = stack.cli(&["--token", tokens::DEPLOY, "approve", prod]);
+    // Approving another deployment than the one awaiting is refused.
+    let stale = stack.cli(&[
+        "--token",
+        tokens::DEPLOY,
+        "approve",
+        prod,
+        "--deployment",
+        "01a22691-0000-7000-8000-000000000000",
+    ]);
+    let (_, err) = text(&stale);
+    assert!(
+        !stale.status.success() && err.contains("is not the one awaiting approval"),
+        "{err}"
+    );
+    let approved = stack.cli(&[
+        "--token",
+        tokens::DEPLOY,
+        "approve",
+        prod,
+        "--deployment",
+        &w.deployment_id,
+    ]);
     let (out, err) = text(&approved);
     assert!(approved.status.success(), "{err}");
     assert!(out.contains("approved by deployer"), "{out}");

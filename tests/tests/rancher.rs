@@ -115,6 +115,7 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
         unreachable!()
     };
     let digest = ok.deployment.clone().unwrap_or_default().digest;
+    assert_eq!(ok.deployment.clone().unwrap_or_default().target, "rancher");
     let calls = rancher.calls();
     let upgrades: Vec<_> = calls
         .iter()

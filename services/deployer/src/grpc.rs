@@ -86,11 +86,18 @@ impl DeploymentsService {
     async fn decide(
         &self,
         environment: &str,
+        deployment_id: &str,
         decision: queue::Decision,
         who: &str,
         reason: &str,
     ) -> Result<Response<DeployResponse>, Status> {
         let env = self.environment(environment)?;
+        let expected = match deployment_id.trim() {
+            "" => None,
+            id => Some(id.parse::<uuid::Uuid>().map_err(|_| {
+                ApiError::InvalidArgument(format!("deployment_id {id:?} is not a deployment id"))
+            })?),
+        };
         let Some(approval) = &env.approval else {
             return Err(ApiError::FailedPrecondition(format!(
                 "{} does not require approval: its deployments do not wait",
@@ -105,11 +112,15 @@ impl DeploymentsService {
                 approval.by.join(", ")
             )));
         }
-        let row = queue::decide(&self.pool, &env.name, decision, who, reason)
+        let row = queue::decide(&self.pool, &env.name, expected, decision, who, reason)
             .await
             .map_err(ApiError::store)?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("no deployment awaits approval in {}", env.name))
+            .ok_or_else(|| match expected {
+                Some(id) => ApiError::FailedPrecondition(format!(
+                    "deployment {id} is not the one awaiting approval in {} (superseded or decided): look again with `gantry envs`",
+                    env.name
+                )),
+                None => ApiError::NotFound(format!("no deployment awaits approval in {}", env.name)),
             })?;
         if decision == queue::Decision::Approve {
             self.wake.notify_one();
@@ -316,8 +327,14 @@ impl Deployments for DeploymentsService {
     ) -> Result<Response<DeployResponse>, Status> {
         let who = gantry_runtime::auth::Caller::name_of(&request);
         let req = request.into_inner();
-        self.decide(&req.environment, queue::Decision::Approve, &who, "")
-            .await
+        self.decide(
+            &req.environment,
+            &req.deployment_id,
+            queue::Decision::Approve,
+            &who,
+            "",
+        )
+        .await
     }
 
     async fn reject(
@@ -331,8 +348,14 @@ impl Deployments for DeploymentsService {
         } else {
             format!("rejected by {who}: {}", req.reason.trim())
         };
-        self.decide(&req.environment, queue::Decision::Reject, &who, &reason)
-            .await
+        self.decide(
+            &req.environment,
+            &req.deployment_id,
+            queue::Decision::Reject,
+            &who,
+            &reason,
+        )
+        .await
     }
 
     async fn list_deployments(

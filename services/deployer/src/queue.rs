@@ -80,7 +80,7 @@ macro_rules! deployment_rows {
             r#"SELECT id, environment, project, pipeline_id, repository, digest, revision, trigger,
                       state AS "state: gantry_states::DeploymentState", reason, previous_digest,
                       container_id, traceparent, attempt, created_at, finished_at,
-                      decided_by, decided_at, config_version
+                      decided_by, decided_at, config_version, target
                FROM deployments "# + $rest
             $(, $arg)*
         )
@@ -112,6 +112,8 @@ pub struct Row {
     pub decided_at: Option<DateTime<Utc>>,
     /// The environment's configuration version it applies.
     pub config_version: Option<i32>,
+    /// The environment's target when it was queued (`docker`, `rancher`).
+    pub target: String,
 }
 
 impl Row {
@@ -124,7 +126,7 @@ impl Row {
         Deployment {
             deployment_id: self.id.to_string(),
             environment: self.environment.clone(),
-            target: "docker".to_owned(),
+            target: self.target.clone(),
             repository: self.repository.clone(),
             digest: self.digest.clone(),
             trigger: self.trigger.clone(),
@@ -255,12 +257,12 @@ pub async fn enqueue(
     };
     let row = sqlx::query_as!(
         Row,
-        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent, state, config_version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        r#"INSERT INTO deployments (id, environment, project, pipeline_id, repository, digest, revision, trigger, traceparent, state, config_version, target)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          RETURNING id, environment, project, pipeline_id, repository, digest, revision, trigger,
                    state AS "state: DeploymentState", reason, previous_digest, container_id,
                    traceparent, attempt, created_at, finished_at, decided_by, decided_at,
-                   config_version"#,
+                   config_version, target"#,
         Uuid::now_v7(),
         environment,
         image.project,
@@ -272,6 +274,7 @@ pub async fn enqueue(
         gantry_telemetry::current_traceparent(),
         state as DeploymentState,
         config_version,
+        env.target,
     )
     .fetch_one(&mut **tx)
     .await?;
@@ -292,11 +295,12 @@ pub enum Decision {
 }
 
 /// Approves (it is queued: `waiting`) or rejects the deployment awaiting
-/// approval in `environment`, recording `by` and when; `None` when none
-/// awaits.
+/// approval in `environment` — only if it is `expected`, when given —,
+/// recording `by` and when; `None` when none (or not that one) awaits.
 pub async fn decide(
     pool: &PgPool,
     environment: &str,
+    expected: Option<Uuid>,
     decision: Decision,
     by: &str,
     reason: &str,
@@ -312,11 +316,13 @@ pub async fn decide(
                 finished_at = CASE WHEN $2 = 'rejected' THEN now() ELSE finished_at END
          WHERE id = (SELECT id FROM deployments WHERE environment = $1 AND state = 'awaiting_approval'
                      ORDER BY created_at DESC LIMIT 1 FOR UPDATE)
+           AND ($5::uuid IS NULL OR id = $5)
          RETURNING id",
         environment,
         state as DeploymentState,
         by,
         reason,
+        expected,
     )
     .fetch_optional(&mut *tx)
     .await?;
