@@ -27,7 +27,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use crate::queue::{self, ConfigPick, Image, Trigger};
+use crate::queue::{self, ConfigPick, Trigger};
 
 /// What masks a secret value wherever one is shown.
 const MASK: &str = "[MASKED]";
@@ -175,6 +175,64 @@ pub async fn resolve(
     let mut values = stored.plain();
     values.extend(stored.secrets(config, environment)?);
     Ok(values)
+}
+
+/// Where a new configuration `version` of `env` goes: the deployment not
+/// yet running, if there is one (it never applied the old version); else
+/// what runs, or is being rolled out, is queued again with it. `None` when
+/// nothing was deployed there yet.
+async fn redeploy(
+    tx: &mut Transaction<'_, Postgres>,
+    env: &gantry_config::Environment,
+    version: i32,
+) -> sqlx::Result<Option<queue::Row>> {
+    let waiting = crate::queue::deployment_rows!(
+        "WHERE environment = $1 AND state IN ('waiting', 'awaiting_approval')
+         ORDER BY created_at DESC LIMIT 1",
+        env.name
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(mut waiting) = waiting {
+        sqlx::query!(
+            "UPDATE deployments SET config_version = $2 WHERE id = $1",
+            waiting.id,
+            version
+        )
+        .execute(&mut **tx)
+        .await?;
+        waiting.config_version = Some(version);
+        return Ok(Some(waiting));
+    }
+    let running = crate::queue::deployment_rows!(
+        "WHERE environment = $1 AND state = 'running' LIMIT 1",
+        env.name
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    let current = match running {
+        Some(r) => Some(r),
+        None => {
+            crate::queue::deployment_rows!(
+                "WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)",
+                env.name
+            )
+            .fetch_optional(&mut **tx)
+            .await?
+        }
+    };
+    let Some(current) = current else {
+        return Ok(None);
+    };
+    let row = queue::enqueue(
+        tx,
+        env,
+        &current.image(),
+        Trigger::Config,
+        ConfigPick::Version(Some(version)),
+    )
+    .await?;
+    Ok(Some(row))
 }
 
 /// `gantry.v1.EnvironmentConfig`.
@@ -351,71 +409,10 @@ impl EnvironmentConfig for ConfigService {
         .fetch_one(&mut *tx)
         .await
         .map_err(ApiError::store)?;
-        // A deployment not yet running takes the new version; else what runs
-        // (or is being rolled out) runs again with it.
-        let waiting = crate::queue::deployment_rows!(
-            "WHERE environment = $1 AND state IN ('waiting', 'awaiting_approval')
-             ORDER BY created_at DESC LIMIT 1",
-            env.name
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(ApiError::store)?;
-        if let Some(mut waiting) = waiting {
-            sqlx::query!(
-                "UPDATE deployments SET config_version = $2 WHERE id = $1",
-                waiting.id,
-                version
-            )
-            .execute(&mut *tx)
+        let deployment = redeploy(&mut tx, env, version)
             .await
-            .map_err(ApiError::store)?;
-            waiting.config_version = Some(version);
-            tx.commit().await.map_err(ApiError::store)?;
-            tracing::info!(environment = %env.name, version, by = %who, change = %stored.change, "configuration changed");
-            let mut info = stored.info(&env.name, stored.entries());
-            info.deployment = Some(waiting.into());
-            return Ok(Response::new(info));
-        }
-        let running = crate::queue::deployment_rows!(
-            "WHERE environment = $1 AND state = 'running' LIMIT 1",
-            env.name
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(ApiError::store)?;
-        let live = match running {
-            Some(r) => Some(r),
-            None => crate::queue::deployment_rows!(
-                "WHERE id = (SELECT deployment_id FROM live WHERE environment = $1)",
-                env.name
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ApiError::store)?,
-        };
-        let deployment = match live {
-            Some(live) => {
-                let image = Image {
-                    revision: live.revision(),
-                    pipeline_id: live.pipeline_id,
-                    project: live.project,
-                    repository: live.repository,
-                    digest: live.digest,
-                };
-                let row = queue::enqueue(
-                    &mut tx,
-                    env,
-                    &image,
-                    Trigger::Config,
-                    ConfigPick::Version(Some(version)),
-                )
-                .await
-                .map_err(ApiError::store)?;
-                Some(row.into())
-            }
-            None => None,
-        };
+            .map_err(ApiError::store)?
+            .map(Into::into);
         tx.commit().await.map_err(ApiError::store)?;
         self.wake.notify_one();
         tracing::info!(environment = %env.name, version, by = %who, change = %stored.change, "configuration changed");

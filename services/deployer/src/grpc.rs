@@ -299,13 +299,7 @@ impl Deployments for DeploymentsService {
         // The image and the configuration it ran with go back together.
         let previous_config = previous.config_version;
         let config = queue::ConfigPick::Version(previous_config);
-        let image = Image {
-            revision: previous.revision(),
-            pipeline_id: previous.pipeline_id,
-            project: previous.project,
-            repository: previous.repository,
-            digest: previous.digest,
-        };
+        let image = previous.image();
         // The image going away is not deployed there again automatically
         // (unless it is the one coming back, with its old configuration),
         // nor is the configuration going away.

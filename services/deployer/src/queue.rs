@@ -121,6 +121,18 @@ impl Row {
         Revision::decode(self.revision.as_slice()).unwrap_or_default()
     }
 
+    /// The image it deploys, to queue it again (elsewhere, or with another
+    /// configuration).
+    pub fn image(&self) -> Image {
+        Image {
+            pipeline_id: self.pipeline_id.clone(),
+            project: self.project.clone(),
+            repository: self.repository.clone(),
+            digest: self.digest.clone(),
+            revision: self.revision(),
+        }
+    }
+
     /// The `Deployment` message of deploy events.
     pub fn message(&self) -> Deployment {
         Deployment {
@@ -477,13 +489,7 @@ pub async fn succeed(
         endpoint: endpoint.to_owned(),
     }));
     gantry_bus::enqueue_traced(&mut tx, &event, row.traceparent.as_deref()).await?;
-    let image = Image {
-        pipeline_id: row.pipeline_id.clone(),
-        project: row.project.clone(),
-        repository: row.repository.clone(),
-        digest: row.digest.clone(),
-        revision: row.revision(),
-    };
+    let image = row.image();
     // What an environment took by a rollback or a configuration change is
     // not news for the environments promoted from it.
     let promotes = [Trigger::Auto, Trigger::Manual, Trigger::Promotion]

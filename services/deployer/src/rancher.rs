@@ -138,6 +138,12 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_default()
 }
 
+/// What [`RancherTarget::wait`] waits for at the end of an upgrade or a
+/// rollback: the service `active` again.
+fn active(service: &Value) -> Option<bool> {
+    (text(service, "state") == "active").then_some(true)
+}
+
 impl RancherTarget {
     pub fn new() -> anyhow::Result<Self> {
         Ok(Self {
@@ -390,11 +396,7 @@ impl RancherTarget {
         for _ in 0..3 {
             match api.action(path, "finishupgrade", &json!({})).await {
                 Ok(_) => {
-                    if let Ok(Err(why)) = Self::wait(api, path, SETTLE_TIMEOUT, |s| {
-                        (text(s, "state") == "active").then_some(true)
-                    })
-                    .await
-                    {
+                    if let Ok(Err(why)) = Self::wait(api, path, SETTLE_TIMEOUT, active).await {
                         tracing::warn!(why, "the finished upgrade is not active yet");
                     }
                     return Ok(());
@@ -423,12 +425,10 @@ impl RancherTarget {
         api.action(path, "rollback", &json!({}))
             .await
             .map_err(|f| failure_text(&f))?;
-        Self::wait(api, path, SETTLE_TIMEOUT, |s| {
-            (text(s, "state") == "active").then_some(true)
-        })
-        .await
-        .map_err(|f| failure_text(&f))?
-        .map(drop)
+        Self::wait(api, path, SETTLE_TIMEOUT, active)
+            .await
+            .map_err(|f| failure_text(&f))?
+            .map(drop)
     }
 }
 

@@ -313,6 +313,15 @@ pub struct GitlabMrProject {
     pub git_ssh_url: Option<String>,
 }
 
+/// The clone URLs the forge names for a fork's head (none for a merge
+/// request inside the project).
+fn fork_urls(from_fork: bool, urls: [&Option<String>; 2]) -> Vec<String> {
+    if !from_fork {
+        return Vec::new();
+    }
+    urls.into_iter().flatten().cloned().collect()
+}
+
 /// A merge request's revision, common to every forge.
 fn merge_request_revision(
     source: &str,
@@ -377,15 +386,7 @@ impl GitlabMergeRequest {
         rev.author_name = last_commit.author.name.clone();
         rev.author_email = last_commit.author.email.clone().unwrap_or_default();
         rev.commit_message = last_commit.message.clone();
-        let forks = if from_fork {
-            [&source.git_http_url, &source.git_ssh_url]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let forks = fork_urls(from_fork, [&source.git_http_url, &source.git_ssh_url]);
         Ok(PushOutcome::Build(Box::new(rev), forks))
     }
 }
@@ -478,15 +479,7 @@ impl PullRequestEvent {
             rev.author_name = who.display_name();
             rev.author_email = who.email.clone().unwrap_or_default();
         }
-        let forks = if from_fork {
-            [&head.clone_url, &head.ssh_url]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let forks = fork_urls(from_fork, [&head.clone_url, &head.ssh_url]);
         Ok(PushOutcome::Build(Box::new(rev), forks))
     }
 }
