@@ -20,9 +20,12 @@
 //!   ([`stack_deploy`], Docker side in [`stack_target`]). gRPC `Stacks`
 //!   ([`stacks_grpc`]).
 //!
+//! - Environments' configuration, versioned ([`config`], gRPC
+//!   `EnvironmentConfig`).
+//!
 //! Schema `deployer`: `images`, `environments`, `deployments`, `live`,
-//! `blocked`, `stacks`, `stack_runs`, `stack_releases`, plus the outbox and
-//! `processed_events`.
+//! `blocked`, `env_config_versions`, `stacks`, `stack_runs`,
+//! `stack_releases`, plus the outbox and `processed_events`.
 
 pub mod config;
 pub mod docker;

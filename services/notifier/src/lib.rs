@@ -11,7 +11,8 @@
 //! - gRPC `Pipelines` ([`grpc`]) and the pages links point at ([`http`]).
 //!
 //! Schema `notifier`: `timeline`, `pipelines`, `pipeline_deployments`,
-//! `ref_state`, `environment_state`, `outbound`, `processed_events`.
+//! `ref_state`, `environment_state`, `outbound`, `merge_request_comments`,
+//! `processed_events`.
 
 pub mod grpc;
 pub mod http;
