@@ -13,6 +13,7 @@ pub mod auth_registry;
 pub mod docker;
 pub mod forge;
 pub mod git_http;
+pub mod kubernetes;
 pub mod rancher;
 pub mod recorder;
 pub mod repo;

@@ -197,6 +197,16 @@ impl Seen {
             _ => None,
         }
     }
+
+    /// The reason a `deploy.failed` or `deploy.rolled_back` gives.
+    pub fn reason(&self) -> String {
+        use gantry_proto::v1::event::Payload;
+        match &self.event.payload {
+            Some(Payload::DeployFailed(e)) => e.reason.clone(),
+            Some(Payload::DeployRolledBack(e)) => e.reason.clone(),
+            _ => String::new(),
+        }
+    }
 }
 
 pub struct Stack {
@@ -319,6 +329,44 @@ fn rabbitmqctl(args: &[&str]) {
 }
 
 impl Stack {
+    /// The `expected` end event (`deploy.succeeded`, `.failed`,
+    /// `.rolled_back`: a rollback also says `failed` first) of the `nth`
+    /// deployment (from 0) to `environment`, in the order their ends were
+    /// seen; waits up to 3 minutes for it.
+    pub async fn deploy_end(&self, environment: &str, nth: usize, expected: &str) -> Seen {
+        let ends = ["deploy.succeeded", "deploy.failed", "deploy.rolled_back"];
+        let of = |s: &Seen| s.deployment().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let seen: Vec<Seen> = self
+                .events()
+                .into_iter()
+                .filter(|s| ends.contains(&s.routing_key.as_str()))
+                .filter(|s| of(s).environment == environment)
+                .collect();
+            let mut ids: Vec<String> = Vec::new();
+            for s in &seen {
+                let id = of(s).deployment_id;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            if let Some(id) = ids.get(nth)
+                && let Some(s) = seen
+                    .iter()
+                    .find(|s| of(s).deployment_id == *id && s.routing_key == expected)
+            {
+                return s.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {expected} for deployment #{nth} in {environment}: {seen:#?}\n{}",
+                self.log_tail("deployer")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Creates the database, vhost and configuration and starts every service.
     pub async fn start(options: StackOptions) -> Self {
         let stack = Self::prepare(options).await;

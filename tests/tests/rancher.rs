@@ -6,15 +6,11 @@
 //! upgrade (422 with Rancher's code) are failures that say so, and a
 //! service someone else is upgrading is left alone.
 
-use std::time::Duration;
-
 use gantry_proto::v1::event::Payload;
 use gantry_tests::rancher::FakeRancher;
-use gantry_tests::stack::{ProjectSpec, Seen};
+use gantry_tests::stack::ProjectSpec;
 use gantry_tests::{SampleRepo, Stack, StackOptions};
 use serde_json::json;
-
-const TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The launch configuration the service has before Gantry touches it.
 fn launch_config() -> serde_json::Value {
@@ -33,54 +29,6 @@ fn launch_config() -> serde_json::Value {
         "networkMode": "managed",
         "tty": false
     })
-}
-
-/// The `expected` end event (`deploy.succeeded`, `.failed`, `.rolled_back`:
-/// a rollback also says `failed` first) of the `nth` deployment (from 0) to
-/// `environment`, in the order their ends were seen.
-async fn deploy_end(stack: &Stack, environment: &str, nth: usize, expected: &str) -> Seen {
-    let ends = ["deploy.succeeded", "deploy.failed", "deploy.rolled_back"];
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let seen: Vec<Seen> = stack
-            .events()
-            .into_iter()
-            .filter(|s| ends.contains(&s.routing_key.as_str()))
-            .filter(|s| deployment_of(s).environment == environment)
-            .collect();
-        let mut ids: Vec<String> = Vec::new();
-        for s in &seen {
-            let id = deployment_of(s).deployment_id;
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-        if let Some(id) = ids.get(nth)
-            && let Some(s) = seen
-                .iter()
-                .find(|s| deployment_of(s).deployment_id == *id && s.routing_key == expected)
-        {
-            return s.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {expected} for deployment #{nth} in {environment}: {seen:#?}\n{}",
-            stack.log_tail("deployer")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn deployment_of(s: &Seen) -> gantry_proto::v1::Deployment {
-    s.deployment().unwrap_or_default()
-}
-
-fn reason(s: &Seen) -> String {
-    match &s.event.payload {
-        Some(Payload::DeployFailed(e)) => e.reason.clone(),
-        Some(Payload::DeployRolledBack(e)) => e.reason.clone(),
-        _ => String::new(),
-    }
 }
 
 #[tokio::test]
@@ -109,7 +57,7 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     // 1. A healthy upgrade: upgrade, wait, finish.
     let c1 = repo.head();
     let p1 = stack.push(&project, "refs/heads/main", &c1).await;
-    let end = deploy_end(&stack, "production", 0, "deploy.succeeded").await;
+    let end = stack.deploy_end("production", 0, "deploy.succeeded").await;
     assert_eq!(end.event.pipeline_id, p1);
     let Some(Payload::DeploySucceeded(ok)) = &end.event.payload else {
         unreachable!()
@@ -150,9 +98,11 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     rancher.fail_next_upgrade();
     let c2 = repo.commit_file("index.html", "hello v2\n", "v2");
     stack.push(&project, "refs/heads/main", &c2).await;
-    let end = deploy_end(&stack, "production", 1, "deploy.rolled_back").await;
-    assert!(reason(&end).contains("unhealthy"), "{end:?}");
-    assert!(reason(&end).contains("rolled the service back"), "{end:?}");
+    let end = stack
+        .deploy_end("production", 1, "deploy.rolled_back")
+        .await;
+    assert!(end.reason().contains("unhealthy"), "{end:?}");
+    assert!(end.reason().contains("rolled the service back"), "{end:?}");
     let actions: Vec<String> = rancher
         .calls()
         .iter()
@@ -170,8 +120,10 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     rancher.stall_next_upgrade();
     let c3 = repo.commit_file("index.html", "hello v3\n", "v3");
     stack.push(&project, "refs/heads/main", &c3).await;
-    let end = deploy_end(&stack, "production", 2, "deploy.rolled_back").await;
-    assert!(reason(&end).contains("within 5s"), "{end:?}");
+    let end = stack
+        .deploy_end("production", 2, "deploy.rolled_back")
+        .await;
+    assert!(end.reason().contains("within 5s"), "{end:?}");
     let actions: Vec<String> = rancher
         .calls()
         .iter()
@@ -188,9 +140,10 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     rancher.refuse_next_upgrade("InvalidReference", "Image docker:… not found");
     let deploy = stack.cli(&["deploy", "production", &c1]);
     assert!(deploy.status.success(), "{deploy:?}");
-    let end = deploy_end(&stack, "production", 3, "deploy.failed").await;
+    let end = stack.deploy_end("production", 3, "deploy.failed").await;
     assert!(
-        reason(&end).contains("422 InvalidReference: Image docker:… not found"),
+        end.reason()
+            .contains("422 InvalidReference: Image docker:… not found"),
         "{end:?}"
     );
 
@@ -199,8 +152,8 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     let before = rancher.calls().len();
     let deploy = stack.cli(&["deploy", "production", &c1]);
     assert!(deploy.status.success(), "{deploy:?}");
-    let end = deploy_end(&stack, "production", 4, "deploy.failed").await;
-    assert!(reason(&end).contains("is upgrading, not active"), "{end:?}");
+    let end = stack.deploy_end("production", 4, "deploy.failed").await;
+    assert!(end.reason().contains("is upgrading, not active"), "{end:?}");
     assert!(
         rancher.calls()[before..].iter().all(|c| c.method == "GET"),
         "nothing changed on Rancher"
@@ -210,20 +163,20 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     // 5. A wrong API key: 401, said plainly.
     let deploy = stack.cli(&["deploy", "wrong-key", &c1]);
     assert!(deploy.status.success(), "{deploy:?}");
-    let end = deploy_end(&stack, "wrong-key", 0, "deploy.failed").await;
-    assert!(reason(&end).contains("refused the API key"), "{end:?}");
+    let end = stack.deploy_end("wrong-key", 0, "deploy.failed").await;
+    assert!(end.reason().contains("refused the API key"), "{end:?}");
 
     // 6. The environment's configuration reaches the launch configuration;
     // a key unset is removed, the service's own ones stay.
     let set = stack.cli(&["config", "set", "production", "FEATURE=on"]);
     assert!(set.status.success(), "{set:?}");
-    deploy_end(&stack, "production", 5, "deploy.succeeded").await;
+    stack.deploy_end("production", 5, "deploy.succeeded").await;
     let environment = rancher.service()["launchConfig"]["environment"].clone();
     assert_eq!(environment["FEATURE"], "on", "{environment}");
     assert_eq!(environment["DATABASE_URL"], "postgres://db/hello");
     let unset = stack.cli(&["config", "unset", "production", "FEATURE"]);
     assert!(unset.status.success(), "{unset:?}");
-    deploy_end(&stack, "production", 6, "deploy.succeeded").await;
+    stack.deploy_end("production", 6, "deploy.succeeded").await;
     let environment = rancher.service()["launchConfig"]["environment"].clone();
     assert!(environment.get("FEATURE").is_none(), "{environment}");
     assert_eq!(environment["DATABASE_URL"], "postgres://db/hello");

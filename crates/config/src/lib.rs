@@ -232,6 +232,9 @@ struct RawEnvironment {
     /// Of a `rancher` environment: where its service is.
     #[serde(default)]
     rancher: Option<RawRancher>,
+    /// Of a `kubernetes` environment: its Deployment and credentials.
+    #[serde(default)]
+    kubernetes: Option<RawKubernetes>,
     /// `required`, or `{by: [token names]}`.
     #[serde(default)]
     approval: Option<RawApproval>,
@@ -266,6 +269,26 @@ struct RawRancher {
     batch_size: Option<u32>,
     #[serde(default)]
     interval_millis: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    namespace: Option<String>,
+    deployment: String,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    kubeconfig: Option<String>,
+    #[serde(default)]
+    context: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    token: Option<SecretSource>,
+    #[serde(default)]
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -682,6 +705,40 @@ pub struct Rancher {
     pub interval_millis: u64,
 }
 
+/// A Deployment on Kubernetes whose container an environment sets.
+#[derive(Debug, Clone)]
+pub struct Kubernetes {
+    /// `None`: the kubeconfig context's namespace, the pod's in a cluster,
+    /// else `default`.
+    pub namespace: Option<String>,
+    pub deployment: String,
+    /// The container (by name) that runs the project's image; `None`: the
+    /// Deployment's only container.
+    pub container: Option<String>,
+    pub credentials: KubeCredentials,
+}
+
+/// How the deployer reaches a Kubernetes API server.
+#[derive(Debug, Clone)]
+pub enum KubeCredentials {
+    /// The service account of the pod the deployer runs in.
+    InCluster,
+    /// A kubeconfig file, and a context of it (its current one if `None`).
+    Kubeconfig {
+        path: String,
+        context: Option<String>,
+    },
+    /// An API server URL (a cluster's, or Rancher 2's proxy
+    /// `https://rancher.example.com/k8s/clusters/<id>`) and a bearer token
+    /// (only in services that resolve [`SecretKind::Target`]), with the CA
+    /// bundle that signed the server's certificate when it is not a public one.
+    Token {
+        url: String,
+        token: Option<Secret>,
+        ca_file: Option<String>,
+    },
+}
+
 /// Who must approve an environment's deployments before they run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Approval {
@@ -702,11 +759,14 @@ impl Approval {
 pub struct Environment {
     pub name: String,
     pub project: String,
-    /// `docker` (a local engine, or a remote one through `DOCKER_HOST`), or
-    /// `rancher` (a Rancher 1.6 service, see [`Environment::rancher`]).
+    /// `docker` (a local engine, or a remote one through `DOCKER_HOST`),
+    /// `rancher` (a Rancher 1.6 service, see [`Environment::rancher`]) or
+    /// `kubernetes` (a Deployment, see [`Environment::kubernetes`]).
     pub target: String,
     /// Of a `rancher` environment: the service it upgrades.
     pub rancher: Option<Rancher>,
+    /// Of a `kubernetes` environment: the Deployment it sets.
+    pub kubernetes: Option<Kubernetes>,
     /// Deployments wait for a person's approval (all but rollbacks).
     pub approval: Option<Approval>,
     /// The environment whose successful deployments this one receives,
@@ -1120,56 +1180,47 @@ impl Check<'_> {
                     "`merge_request: false` matches nothing: leave the rule out (merge requests deploy only where `merge_request: true` says)".into(),
                 );
             }
-            let rancher = match (e.target.as_str(), e.rancher) {
-                ("docker", None) => None,
-                ("docker", Some(_)) => {
-                    self.located(at, "rancher settings need `target: rancher`".into());
-                    None
+            let orchestrated = e.target != "docker";
+            if orchestrated && stack {
+                self.located(at, "a stack's environment deploys with docker".into());
+            }
+            if orchestrated && (e.endpoint.is_some() || e.port.is_some() || e.health.http.is_some())
+            {
+                self.located(
+                    at,
+                    format!("a {} environment has no endpoint, port or health.http: the orchestrator balances and health-checks what runs", e.target),
+                );
+            }
+            for (given, target) in [
+                (e.rancher.is_some(), "rancher"),
+                (e.kubernetes.is_some(), "kubernetes"),
+            ] {
+                if given && e.target != target {
+                    self.located(at, format!("{target} settings need `target: {target}`"));
                 }
-                ("rancher", None) => {
-                    self.located(
+            }
+            let (mut rancher, mut kubernetes) = (None, None);
+            match e.target.as_str() {
+                "docker" => {}
+                "rancher" => match e.rancher {
+                    None => self.located(
                         at,
                         "target rancher needs `rancher: {url, project, stack, service, access_key, secret_key}`".into(),
-                    );
-                    None
-                }
-                ("rancher", Some(r)) => {
-                    if stack {
-                        self.located(at, "a stack's environment deploys with docker".into());
-                    }
-                    if e.endpoint.is_some() || e.port.is_some() || e.health.http.is_some() {
-                        self.located(
-                            at,
-                            "a rancher environment has no endpoint, port or health.http: Rancher balances and health-checks its service".into(),
-                        );
-                    }
-                    if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-                        self.located(at, "rancher.url must be http(s)://".into());
-                    }
-                    if r.batch_size == Some(0) {
-                        self.located(at, "rancher.batch_size must be at least 1".into());
-                    }
-                    let secret_key =
-                        self.secret(SecretKind::Target, &r.secret_key, at, "rancher.secret_key");
-                    Some(Rancher {
-                        url: r.url.trim_end_matches('/').to_owned(),
-                        project: r.project,
-                        stack: r.stack,
-                        service: r.service,
-                        access_key: r.access_key,
-                        secret_key,
-                        batch_size: r.batch_size.unwrap_or(1),
-                        interval_millis: r.interval_millis.unwrap_or(2000),
-                    })
-                }
-                (other, _) => {
-                    self.located(
+                    ),
+                    Some(r) => rancher = self.rancher(r, at),
+                },
+                "kubernetes" => match e.kubernetes {
+                    None => self.located(
                         at,
-                        format!("target {other:?} is not supported (docker, rancher)"),
-                    );
-                    None
-                }
-            };
+                        "target kubernetes needs `kubernetes: {deployment, namespace, …}`".into(),
+                    ),
+                    Some(k) => kubernetes = self.kubernetes(k, at),
+                },
+                other => self.located(
+                    at,
+                    format!("target {other:?} is not supported (docker, rancher, kubernetes)"),
+                ),
+            }
             if let Some(endpoint) = &e.endpoint {
                 if endpoint.parse::<std::net::SocketAddr>().is_err() {
                     self.located(at, format!("endpoint {endpoint:?} must be ip:port"));
@@ -1250,6 +1301,7 @@ impl Check<'_> {
                 project: e.project,
                 target: e.target,
                 rancher,
+                kubernetes,
                 approval,
                 promote_from: e.promote_from,
                 rules: e.rules,
@@ -1271,6 +1323,103 @@ impl Check<'_> {
             });
         }
         environments
+    }
+
+    fn rancher(&mut self, r: RawRancher, at: At<'_>) -> Option<Rancher> {
+        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+            self.located(at, "rancher.url must be http(s)://".into());
+        }
+        if r.batch_size == Some(0) {
+            self.located(at, "rancher.batch_size must be at least 1".into());
+        }
+        let secret_key = self.secret(SecretKind::Target, &r.secret_key, at, "rancher.secret_key");
+        Some(Rancher {
+            url: r.url.trim_end_matches('/').to_owned(),
+            project: r.project,
+            stack: r.stack,
+            service: r.service,
+            access_key: r.access_key,
+            secret_key,
+            batch_size: r.batch_size.unwrap_or(1),
+            interval_millis: r.interval_millis.unwrap_or(2000),
+        })
+    }
+
+    fn kubernetes(&mut self, k: RawKubernetes, at: At<'_>) -> Option<Kubernetes> {
+        // Names as Kubernetes has them (RFC 1123 labels and subdomains).
+        let dns = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && !s.starts_with(['-', '.'])
+                && !s.ends_with(['-', '.'])
+        };
+        let namespace = k.namespace;
+        for (field, value) in [
+            ("namespace", namespace.as_ref()),
+            ("deployment", Some(&k.deployment)),
+            ("container", k.container.as_ref()),
+        ] {
+            if let Some(v) = value
+                && !dns(v)
+            {
+                self.located(
+                    at,
+                    format!("kubernetes.{field} {v:?} is not a Kubernetes name (lowercase letters, digits, '-', '.')"),
+                );
+            }
+        }
+        let credentials = match (k.kubeconfig, k.url, k.token) {
+            (None, None, None) => {
+                if k.context.is_some() || k.ca_file.is_some() {
+                    self.located(
+                        at,
+                        "kubernetes.context goes with kubeconfig, ca_file with url".into(),
+                    );
+                }
+                KubeCredentials::InCluster
+            }
+            (Some(path), None, None) => {
+                if k.ca_file.is_some() {
+                    self.located(
+                        at,
+                        "kubernetes.ca_file goes with url (a kubeconfig names its own)".into(),
+                    );
+                }
+                KubeCredentials::Kubeconfig {
+                    path,
+                    context: k.context,
+                }
+            }
+            (None, Some(url), Some(token)) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    self.located(at, "kubernetes.url must be http(s)://".into());
+                }
+                if k.context.is_some() {
+                    self.located(at, "kubernetes.context goes with kubeconfig".into());
+                }
+                let token = self.secret(SecretKind::Target, &token, at, "kubernetes.token");
+                KubeCredentials::Token {
+                    url: url.trim_end_matches('/').to_owned(),
+                    token,
+                    ca_file: k.ca_file,
+                }
+            }
+            _ => {
+                self.located(
+                    at,
+                    "kubernetes credentials: give `kubeconfig` (and `context`), or `url` and `token`, or neither (the pod's service account)".into(),
+                );
+                return None;
+            }
+        };
+        Some(Kubernetes {
+            namespace,
+            deployment: k.deployment,
+            container: k.container,
+            credentials,
+        })
     }
 
     fn forge(&mut self, name: &str, raw: Option<Spanned<RawForge>>) -> Option<Forge> {
@@ -1568,7 +1717,27 @@ mod tests {
                 &format!("{rancher}    endpoint: 127.0.0.1:1\n    port: 80\n") as &str,
                 "no endpoint, port",
             ),
-            ("    target: nomad\n", "not supported (docker, rancher)"),
+            (
+                "    target: nomad\n",
+                "not supported (docker, rancher, kubernetes)",
+            ),
+            ("    target: kubernetes\n", "target kubernetes needs"),
+            (
+                "    target: kubernetes\n    kubernetes: {deployment: Hello}\n",
+                "not a Kubernetes name",
+            ),
+            (
+                "    target: kubernetes\n    kubernetes: {deployment: hello, url: 'https://k8s'}\n",
+                "give `kubeconfig` (and `context`), or `url` and `token`",
+            ),
+            (
+                "    target: kubernetes\n    kubernetes: {deployment: hello, kubeconfig: /k, url: 'https://k8s', token: {value: t}}\n",
+                "give `kubeconfig` (and `context`), or `url` and `token`",
+            ),
+            (
+                "    kubernetes: {deployment: hello}\n",
+                "need `target: kubernetes`",
+            ),
             (
                 "    rancher: {url: x, project: p, stack: s, service: a, access_key: K, secret_key: {value: s}}\n",
                 "need `target: rancher`",
@@ -1581,6 +1750,39 @@ mod tests {
             .expect_err(problem);
             assert!(err.to_string().contains(problem), "{err}");
         }
+        let kube = |settings: &str| {
+            GantryConfig::parse(
+                "g.yml",
+                &format!("{base}environments:\n  - name: prod\n    project: a\n    target: kubernetes\n    kubernetes: {settings}\n"),
+            )
+            .expect("valid")
+            .environment("prod")
+            .and_then(|e| e.kubernetes.clone())
+            .expect("kubernetes")
+        };
+        let k = kube("{deployment: hello}");
+        assert_eq!((k.namespace, k.container), (None, None));
+        assert!(matches!(k.credentials, KubeCredentials::InCluster));
+        let k = kube(
+            "{namespace: shop, deployment: hello, container: web, kubeconfig: /etc/k, context: prod}",
+        );
+        assert!(
+            matches!(k.credentials, KubeCredentials::Kubeconfig { ref path, context: Some(ref c) } if path == "/etc/k" && c == "prod")
+        );
+        let k = kube(
+            "{deployment: hello, url: 'https://rancher.example.com/k8s/clusters/c-1/', token: {value: t0k}}",
+        );
+        let KubeCredentials::Token {
+            url,
+            token,
+            ca_file,
+        } = k.credentials
+        else {
+            panic!("token credentials")
+        };
+        assert_eq!(url, "https://rancher.example.com/k8s/clusters/c-1");
+        assert_eq!(token.as_ref().map(Secret::expose), Some("t0k"));
+        assert_eq!(ca_file, None);
         let tokens = "tokens:\n  - {name: ops, sha256: 4c1e0f1b6a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f, scopes: [deploy]}\n  - {name: ci, sha256: 5c1e0f1b6a2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f, scopes: [trigger]}\n";
         let promoted = GantryConfig::parse(
             "g.yml",

@@ -6,7 +6,8 @@
 //!   failed there before.
 //! - The deployment loop ([`worker`]) runs one deployment per environment at
 //!   a time through the environment's target ([`target`]: [`docker`], a
-//!   Docker engine; [`rancher`], a Rancher 1.6 service upgraded in place):
+//!   Docker engine; [`rancher`], a Rancher 1.6 service upgraded in place;
+//!   [`kubernetes`], a Deployment whose container image is set):
 //!   start-first, health check, take over or roll back, with `deploy.*`
 //!   events.
 //! - Environments with an `endpoint` are served by [`edge`], which forwards
@@ -31,6 +32,7 @@ pub mod config;
 pub mod docker;
 pub mod edge;
 pub mod grpc;
+pub mod kubernetes;
 pub mod queue;
 pub mod rancher;
 pub mod stack_deploy;

@@ -232,7 +232,7 @@ impl RancherTarget {
                 }
                 Err(f) if errors < 2 && tokio::time::Instant::now() < deadline => {
                     errors += 1;
-                    tracing::warn!(error = %failure_text(&f), "reading the Rancher service failed; reading again");
+                    tracing::warn!(error = %f.text(), "reading the Rancher service failed; reading again");
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
@@ -319,8 +319,6 @@ pub fn strategy(
 
 #[tonic::async_trait]
 impl Target for RancherTarget {
-    async fn prepare(&self, _env: &Environment, _row: &Row, _live: Option<&Live>) {}
-
     async fn roll_out(
         &self,
         env: &Environment,
@@ -352,12 +350,7 @@ impl Target for RancherTarget {
             }
         })
         .await
-        .unwrap_or_else(|f| {
-            Err(format!(
-                "Rancher could not be followed: {}",
-                failure_text(&f)
-            ))
-        });
+        .unwrap_or_else(|f| Err(format!("Rancher could not be followed: {}", f.text())));
         let why = match upgraded {
             Ok(_) => match Self::finish(&api, &path).await {
                 Ok(()) => {
@@ -381,10 +374,6 @@ impl Target for RancherTarget {
             rolled_back: true,
         })
     }
-
-    async fn retire(&self, _env: &Environment, _old: &Live) {
-        // `finishupgrade` removed the old containers.
-    }
 }
 
 impl RancherTarget {
@@ -401,7 +390,7 @@ impl RancherTarget {
                     }
                     return Ok(());
                 }
-                Err(f) => last = failure_text(&f),
+                Err(f) => last = f.text(),
             }
             tokio::time::sleep(POLL).await;
         }
@@ -411,36 +400,23 @@ impl RancherTarget {
     /// Rolls an upgrade back: one still `upgrading` is canceled first (Cattle
     /// rolls back only an upgraded or canceled upgrade); waits for `active`.
     async fn roll_back(api: &Api<'_>, path: &str) -> Result<(), String> {
-        let service = api.get(path).await.map_err(|f| failure_text(&f))?;
+        let service = api.get(path).await.map_err(|f| f.text())?;
         if text(&service, "state") == "upgrading" {
             api.action(path, "cancelupgrade", &json!({}))
                 .await
-                .map_err(|f| failure_text(&f))?;
+                .map_err(|f| f.text())?;
             Self::wait(api, path, SETTLE_TIMEOUT, |s| {
                 matches!(text(s, "state"), "canceled-upgrade" | "upgraded").then_some(true)
             })
             .await
-            .map_err(|f| failure_text(&f))??;
+            .map_err(|f| f.text())??;
         }
         api.action(path, "rollback", &json!({}))
             .await
-            .map_err(|f| failure_text(&f))?;
+            .map_err(|f| f.text())?;
         Self::wait(api, path, SETTLE_TIMEOUT, active)
             .await
-            .map_err(|f| failure_text(&f))?
+            .map_err(|f| f.text())?
             .map(drop)
-    }
-}
-
-fn failure_text(f: &Failure) -> String {
-    match f {
-        Failure::Refused(e) => format!("{e:#}"),
-        Failure::Failed { error, .. } => format!("{error:#}"),
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Refused(e)
     }
 }

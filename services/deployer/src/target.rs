@@ -1,5 +1,5 @@
 //! Where an environment's versions run: one [`Target`] per kind
-//! (`docker`, `rancher`), behind one trait. The worker keeps everything
+//! (`docker`, `rancher`, `kubernetes`), behind one trait. The worker keeps everything
 //! else — queueing, the one-deployment-per-environment lock, supersession,
 //! the lease, events, the endpoint — so that adding a target is one module
 //! that implements [`Target`] and one line in [`Targets::new`].
@@ -36,11 +36,29 @@ pub enum Failure {
     },
 }
 
+impl Failure {
+    /// What went wrong, with its causes.
+    pub fn text(&self) -> String {
+        match self {
+            Failure::Refused(e) => format!("{e:#}"),
+            Failure::Failed { error, .. } => format!("{error:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Refused(e)
+    }
+}
+
 /// A kind of place where versions run.
 #[tonic::async_trait]
 pub trait Target: Send + Sync {
     /// Cleans what an earlier attempt of `row` left behind (keeping `live`).
-    async fn prepare(&self, env: &Environment, row: &Row, live: Option<&Live>);
+    /// Nothing by default: an orchestrator's next rollout takes over from
+    /// where an interrupted one stopped.
+    async fn prepare(&self, _env: &Environment, _row: &Row, _live: Option<&Live>) {}
 
     /// Rolls `row`'s image (by digest) out in `env` with the environment
     /// variables `vars` (the environment's `env`, then its configuration
@@ -57,8 +75,9 @@ pub trait Target: Send + Sync {
     ) -> Result<Running, Failure>;
 
     /// Once the new version took over and the endpoint switched: retires
-    /// the old one.
-    async fn retire(&self, env: &Environment, old: &Live);
+    /// the old one. Nothing by default: an orchestrator's rollout already
+    /// retired it.
+    async fn retire(&self, _env: &Environment, _old: &Live) {}
 }
 
 /// The targets by the name environments give (`target:`).
@@ -70,6 +89,7 @@ impl Targets {
         let mut targets: HashMap<&'static str, Arc<dyn Target>> = HashMap::new();
         targets.insert("docker", Arc::new(docker));
         targets.insert("rancher", Arc::new(crate::rancher::RancherTarget::new()?));
+        targets.insert("kubernetes", Arc::new(crate::kubernetes::KubernetesTarget));
         Ok(Self(targets))
     }
 
