@@ -4,13 +4,21 @@
 //! the image (sidekicks included); an unhealthy one ends with `rollback`,
 //! the old image still the service's; a refused API key (401) and a refused
 //! upgrade (422 with Rancher's code) are failures that say so, and a
-//! service someone else is upgrading is left alone.
+//! service someone else is upgrading is left alone. A stack's releases
+//! create the Rancher stack from the release's compose file and the stack
+//! repository's rancher-compose file, then upgrade it (finished when
+//! healthy, rolled back when not).
 
+use std::time::Duration;
+
+use gantry_proto::v1::GetStackRequest;
 use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::stacks_client::StacksClient;
 use gantry_tests::rancher::FakeRancher;
 use gantry_tests::stack::ProjectSpec;
-use gantry_tests::{SampleRepo, Stack, StackOptions};
-use serde_json::json;
+use gantry_tests::stack_sample::{api_repo, release, stack_repo, web_repo};
+use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
+use serde_json::{Value, json};
 
 /// The launch configuration the service has before Gantry touches it.
 fn launch_config() -> serde_json::Value {
@@ -181,4 +189,160 @@ async fn rancher_services_are_upgraded_finished_or_rolled_back() {
     assert!(environment.get("FEATURE").is_none(), "{environment}");
     assert_eq!(environment["DATABASE_URL"], "postgres://db/hello");
     assert_eq!(rancher.service()["launchConfig"]["imageUuid"], image);
+}
+
+/// The stack repository's rancher-compose file, with `web`'s scale.
+fn rancher_compose(scale: u32) -> String {
+    format!(
+        "version: '2'\nservices:\n  web:\n    scale: {scale}\n    health_check:\n      port: 8080\n      request_line: GET /index.html HTTP/1.0\n      interval: 2000\n      response_timeout: 2000\n      healthy_threshold: 2\n      unhealthy_threshold: 3\n    upgrade_strategy: {{start_first: true}}\n"
+    )
+}
+
+fn yaml(v: &Value) -> Value {
+    serde_saphyr::from_str(v.as_str().unwrap_or_default()).expect("YAML")
+}
+
+#[tokio::test]
+async fn rancher_stacks_are_created_upgraded_and_rolled_back() {
+    const TIMEOUT: Duration = Duration::from_secs(240);
+    let rancher = FakeRancher::start("other", "other", launch_config()).await;
+    let tests_image = format!(
+        "gantry-e2e/stack-tests:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    docker::build_busybox_image(&tests_image);
+    let (api, web) = (api_repo(), web_repo());
+    let shop = stack_repo(&tests_image);
+    shop.commit_file("rancher-compose.yml", &rancher_compose(2), "scale 2");
+    let api_spec = ProjectSpec::new("api", &api.url());
+    let web_spec = ProjectSpec::new("web", &web.url());
+    let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
+    let stack = Stack::start(StackOptions {
+        projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
+        lease_secs: 10,
+        config_extra: format!(
+            "environments:\n  - name: shop-production\n    project: shop\n    target: rancher\n    rules: [{{branch: main}}]\n    health: {{timeout_secs: 10}}\n    rancher:\n      url: {}\n      project: 1a5\n      stack: shop-production\n      access_key: {}\n      secret_key: {{value: '{}'}}\n",
+            rancher.url, rancher.access_key, rancher.secret_key
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (_, api_v1) = release(&stack, &api_spec, &api, "api v1\n").await;
+    let (_, web_v1) = release(&stack, &web_spec, &web, "web v1\n").await;
+
+    // 1. Release 1: the Rancher stack is created from it.
+    let p1 = stack
+        .push(&shop_spec, "refs/heads/main", &shop.head())
+        .await;
+    let end = stack
+        .wait_event(&p1, "stack.deploy_succeeded", TIMEOUT)
+        .await;
+    let Some(Payload::StackDeploySucceeded(d1)) = end.event.payload else {
+        unreachable!()
+    };
+    let mut changed = d1.changed.clone();
+    changed.sort();
+    assert_eq!(changed, ["api", "web"]);
+    let calls = rancher.calls();
+    let created = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.uri == "/v2-beta/projects/1a5/stacks")
+        .expect("the stack is created");
+    assert_eq!(created.body["name"], "shop-production");
+    assert_eq!(created.body["startOnCreate"], true);
+    let compose = yaml(&created.body["dockerCompose"]);
+    assert_eq!(compose["version"], "2");
+    let services = compose["services"].as_object().expect("services");
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        ["api", "web"],
+        "no test service: {compose}"
+    );
+    assert_eq!(
+        services["api"]["image"],
+        format!("{}@{api_v1}", api_spec.image())
+    );
+    assert_eq!(
+        services["web"]["image"],
+        format!("{}@{web_v1}", web_spec.image())
+    );
+    assert_eq!(services["web"]["depends_on"], json!(["api"]));
+    assert_eq!(services["web"]["labels"]["io.gantry.stack-release"], "1");
+    for gone in ["networks", "healthcheck", "init", "ports"] {
+        assert!(services["web"].get(gone).is_none(), "{gone}: {compose}");
+    }
+    assert_eq!(
+        yaml(&created.body["rancherCompose"])["services"]["web"]["scale"],
+        2
+    );
+    let live = rancher.stack("shop-production").expect("created");
+    assert_eq!(
+        (live["state"].as_str(), live["healthState"].as_str()),
+        (Some("active"), Some("healthy"))
+    );
+
+    // 2. Release 2 (the stack repository scales web): an upgrade, finished.
+    shop.commit_file("rancher-compose.yml", &rancher_compose(3), "scale 3");
+    let p2 = stack
+        .push(&shop_spec, "refs/heads/main", &shop.head())
+        .await;
+    let end = stack
+        .wait_event(&p2, "stack.deploy_succeeded", TIMEOUT)
+        .await;
+    let Some(Payload::StackDeploySucceeded(d2)) = end.event.payload else {
+        unreachable!()
+    };
+    assert!(d2.changed.is_empty(), "no image changed: {:?}", d2.changed);
+    let id = live["id"].as_str().unwrap_or_default().to_owned();
+    let actions = |rancher: &FakeRancher| -> Vec<String> {
+        rancher
+            .calls()
+            .iter()
+            .filter(|c| {
+                c.uri
+                    .starts_with(&format!("/v2-beta/projects/1a5/stacks/{id}?action="))
+            })
+            .filter_map(|c| c.uri.split("?action=").nth(1).map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(actions(&rancher), ["upgrade", "finishupgrade"]);
+    let live = rancher.stack("shop-production").expect("stack");
+    assert_eq!(yaml(&live["rancherCompose"])["services"]["web"]["scale"], 3);
+    assert_eq!(
+        yaml(&live["dockerCompose"])["services"]["web"]["labels"]["io.gantry.stack-release"],
+        "2"
+    );
+
+    // 3. Release 3 turns the stack unhealthy: rolled back to release 2.
+    rancher.fail_next_stack();
+    shop.commit_file("rancher-compose.yml", &rancher_compose(4), "scale 4");
+    let p3 = stack
+        .push(&shop_spec, "refs/heads/main", &shop.head())
+        .await;
+    let end = stack
+        .wait_event(&p3, "stack.deploy_rolled_back", TIMEOUT)
+        .await;
+    let Some(Payload::StackDeployRolledBack(d3)) = end.event.payload else {
+        unreachable!()
+    };
+    assert!(d3.reason.contains("unhealthy"), "{d3:?}");
+    assert!(
+        d3.reason.contains("Rancher rolled the stack back"),
+        "{d3:?}"
+    );
+    assert_eq!(
+        actions(&rancher),
+        ["upgrade", "finishupgrade", "upgrade", "rollback"]
+    );
+    let live = rancher.stack("shop-production").expect("stack");
+    assert_eq!(yaml(&live["rancherCompose"])["services"]["web"]["scale"], 3);
+    let info = StacksClient::new(stack.grpc("deployer").await)
+        .get(GetStackRequest {
+            stack: "shop".into(),
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert_eq!(info.environments.first().map(|e| e.release), Some(2));
+    docker::remove_image(&tests_image);
 }

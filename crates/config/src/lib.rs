@@ -262,7 +262,8 @@ struct RawRancher {
     url: String,
     project: String,
     stack: String,
-    service: String,
+    #[serde(default)]
+    service: Option<String>,
     access_key: String,
     secret_key: SecretSource,
     #[serde(default)]
@@ -693,9 +694,10 @@ pub struct Rancher {
     pub url: String,
     /// The Rancher environment's (API: project's) id, e.g. `1a5`.
     pub project: String,
-    /// The stack and the service in it, by name.
+    /// The stack and the service in it, by name; a stack's environment
+    /// names the Rancher stack only (its services are the release's).
     pub stack: String,
-    pub service: String,
+    pub service: Option<String>,
     /// The API key: access key (its name) and secret key; the secret only
     /// in services that resolve [`SecretKind::Target`] (the deployer).
     pub access_key: String,
@@ -1181,8 +1183,11 @@ impl Check<'_> {
                 );
             }
             let orchestrated = e.target != "docker";
-            if orchestrated && stack {
-                self.located(at, "a stack's environment deploys with docker".into());
+            if stack && e.target == "kubernetes" {
+                self.located(
+                    at,
+                    "a stack's environment deploys with docker or rancher".into(),
+                );
             }
             if orchestrated && (e.endpoint.is_some() || e.port.is_some() || e.health.http.is_some())
             {
@@ -1207,7 +1212,7 @@ impl Check<'_> {
                         at,
                         "target rancher needs `rancher: {url, project, stack, service, access_key, secret_key}`".into(),
                     ),
-                    Some(r) => rancher = self.rancher(r, at),
+                    Some(r) => rancher = self.rancher(r, stack, at),
                 },
                 "kubernetes" => match e.kubernetes {
                     None => self.located(
@@ -1325,7 +1330,15 @@ impl Check<'_> {
         environments
     }
 
-    fn rancher(&mut self, r: RawRancher, at: At<'_>) -> Option<Rancher> {
+    fn rancher(&mut self, r: RawRancher, stack: bool, at: At<'_>) -> Option<Rancher> {
+        match (stack, &r.service) {
+            (true, Some(_)) => self.located(
+                at,
+                "a stack's rancher environment names the Rancher stack only: its services are the release's".into(),
+            ),
+            (false, None) => self.located(at, "rancher.service: which service of the Rancher stack to upgrade".into()),
+            _ => {}
+        }
         if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
             self.located(at, "rancher.url must be http(s)://".into());
         }
@@ -1714,6 +1727,10 @@ mod tests {
         for (extra, problem) in [
             ("    target: rancher\n", "target rancher needs"),
             (
+                "    target: rancher\n    rancher: {url: 'https://r', project: p, stack: s, access_key: K, secret_key: {value: s}}\n",
+                "rancher.service: which service",
+            ),
+            (
                 &format!("{rancher}    endpoint: 127.0.0.1:1\n    port: 80\n") as &str,
                 "no endpoint, port",
             ),
@@ -1916,5 +1933,27 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }
+        let rancher = |service: &str| {
+            format!(
+                "{base}    follows: [api]\nenvironments:\n  - name: prod\n    project: shop\n    target: rancher\n    rancher: {{url: 'https://r', project: 1a5, stack: shop{service}, access_key: K, secret_key: {{value: s}}}}\n"
+            )
+        };
+        let ok = GantryConfig::parse("g.yml", &rancher("")).expect("a stack on Rancher");
+        let r = ok.environment("prod").and_then(|e| e.rancher.clone());
+        assert_eq!(r.map(|r| (r.stack, r.service)), Some(("shop".into(), None)));
+        let err = GantryConfig::parse("g.yml", &rancher(", service: web")).expect_err("a service");
+        assert!(
+            err.to_string().contains("names the Rancher stack only"),
+            "{err}"
+        );
+        let err = GantryConfig::parse(
+            "g.yml",
+            &format!("{base}    follows: [api]\nenvironments:\n  - name: prod\n    project: shop\n    target: kubernetes\n    kubernetes: {{deployment: shop}}\n"),
+        )
+        .expect_err("kubernetes");
+        assert!(
+            err.to_string().contains("deploys with docker or rancher"),
+            "{err}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! ```yaml
 //! stack:
 //!   compose: docker-compose.yml   # default
+//!   rancher_compose: rancher-compose.yml  # default, read when present
 //!   members:                      # compose service -> Gantry project it follows
 //!     web: hello-web
 //!     api: hello-api
@@ -27,6 +28,8 @@ use crate::{FILE, check_version, inside_repo, seconds};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default compose file of a stack repository.
 pub const DEFAULT_COMPOSE: &str = "docker-compose.yml";
+/// Default rancher-compose file of a stack repository (read when present).
+pub const DEFAULT_RANCHER_COMPOSE: &str = "rancher-compose.yml";
 /// Most services a stack may have.
 pub const MAX_SERVICES: usize = 30;
 
@@ -44,6 +47,8 @@ struct RawStack {
     #[serde(default)]
     compose: Option<Spanned<String>>,
     #[serde(default)]
+    rancher_compose: Option<Spanned<String>>,
+    #[serde(default)]
     members: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     tests: Vec<Spanned<String>>,
@@ -56,6 +61,11 @@ struct RawStack {
 pub struct StackFile {
     /// Relative to the repository root.
     pub compose: String,
+    /// The rancher-compose file (relative to the repository root), for
+    /// Rancher environments: scale, health checks, upgrade strategy.
+    pub rancher_compose: String,
+    /// Whether `.gantry.yml` names it (then it must exist).
+    pub rancher_compose_named: bool,
     /// Compose service → project, with where each was written (line, column).
     pub members: BTreeMap<String, (String, (u64, u64))>,
     /// The integration-test services, in order, with where each was written.
@@ -87,20 +97,21 @@ impl StackFile {
             "`stack.tests` is missing: name the compose service(s) whose exit code decides the run",
         );
         let stack = raw.stack.value;
-        let compose = match stack.compose {
-            Some(c) if !inside_repo(&c.value) => {
-                return Err(error_at(
-                    FILE,
-                    &c,
-                    format!(
-                        "{:?} must be a relative path inside the repository",
-                        c.value
-                    ),
-                ));
-            }
-            Some(c) => c.value,
-            None => DEFAULT_COMPOSE.to_owned(),
+        let path = |named: Option<Spanned<String>>, default: &str| match named {
+            Some(c) if !inside_repo(&c.value) => Err(error_at(
+                FILE,
+                &c,
+                format!(
+                    "{:?} must be a relative path inside the repository",
+                    c.value
+                ),
+            )),
+            Some(c) => Ok(c.value),
+            None => Ok(default.to_owned()),
         };
+        let rancher_compose_named = stack.rancher_compose.is_some();
+        let compose = path(stack.compose, DEFAULT_COMPOSE)?;
+        let rancher_compose = path(stack.rancher_compose, DEFAULT_RANCHER_COMPOSE)?;
         if stack.tests.is_empty() {
             return Err(stack_at);
         }
@@ -128,6 +139,8 @@ impl StackFile {
         let timeout = seconds(stack.timeout.as_ref(), "timeout", DEFAULT_TIMEOUT)?;
         Ok(Self {
             compose,
+            rancher_compose,
+            rancher_compose_named,
             members: stack
                 .members
                 .iter()

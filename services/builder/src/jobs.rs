@@ -345,6 +345,8 @@ pub struct StackVerdict {
     pub services: Vec<StackService>,
     /// The run's compose file (JSON).
     pub compose: String,
+    /// The stack's rancher-compose file (JSON), or empty.
+    pub rancher_compose: String,
 }
 
 /// How a job ended: a build's verdict or a stack run's.
@@ -369,6 +371,7 @@ impl End {
                 failure: Some((step.to_owned(), 0, reason)),
                 services: Vec::new(),
                 compose: String::new(),
+                rancher_compose: String::new(),
             }),
         }
     }
@@ -465,6 +468,7 @@ async fn finish_stack(
         failure,
         services,
         compose,
+        rancher_compose,
     } = verdict;
     let (state, payload) = match &failure {
         None => (
@@ -475,6 +479,7 @@ async fn finish_stack(
                 stack_commit,
                 services,
                 compose,
+                rancher_compose,
             }),
         ),
         Some((step, exit_code, reason)) => (

@@ -6,6 +6,7 @@
 //! # .gantry.yml of the stack repository
 //! stack:
 //!   compose: docker-compose.yml   # default
+//!   rancher_compose: rancher-compose.yml  # default, read when present
 //!   members:                      # compose service -> Gantry project it follows
 //!     web: hello-web
 //!     api: hello-api
@@ -152,6 +153,9 @@ pub struct Plan {
     pub tests: Vec<String>,
     /// Things of the team's file the run ignores, for the log.
     pub notes: Vec<String>,
+    /// The stack's rancher-compose file (JSON), when it has one: what a
+    /// Rancher environment gets with the release.
+    pub rancher_compose: Option<Value>,
 }
 
 /// Names of compose services and volumes: a letter or digit, then letters,
@@ -540,7 +544,44 @@ pub fn plan(
         up,
         tests,
         notes,
+        rancher_compose: None,
     })
+}
+
+/// A rancher-compose file (version 2: `services` by name), as JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRancherCompose {
+    #[serde(default)]
+    version: Option<Value>,
+    #[serde(default)]
+    services: BTreeMap<String, Spanned<serde_json::Map<String, Value>>>,
+}
+
+/// Reads the stack's rancher-compose file (`file`, for errors): each of its
+/// services must be one the release deploys (not a test service). Its
+/// settings are Rancher's own (scale, health checks, upgrade strategy) and
+/// are kept as written.
+pub fn rancher_compose(file: &str, text: &str, plan: &Plan) -> Result<Value, LocatedError> {
+    let raw: RawRancherCompose = yaml::from_str(file, text)?;
+    let mut services = serde_json::Map::new();
+    for (name, settings) in raw.services {
+        if !plan.services.iter().any(|s| s.service == name && !s.test) {
+            return Err(error_at(
+                file,
+                &settings,
+                format!(
+                    "service {name:?} is not one the stack deploys (a service of {} that is not a test)",
+                    FILE
+                ),
+            ));
+        }
+        services.insert(name, Value::Object(settings.value));
+    }
+    Ok(json!({
+        "version": raw.version.unwrap_or_else(|| json!("2")),
+        "services": services,
+    }))
 }
 
 #[cfg(test)]
@@ -592,6 +633,36 @@ mod tests {
             escaped(&map_strings(&v, &interpolate))["command"][2],
             "echo $$HOME"
         );
+    }
+
+    #[test]
+    fn a_rancher_compose_file_names_deployed_services_only() {
+        let p = plan_of(STACK, COMPOSE).expect("valid");
+        let ok = rancher_compose(
+            "rancher-compose.yml",
+            "version: '2'\nservices:\n  web:\n    scale: 3\n    upgrade_strategy: {start_first: true}\n",
+            &p,
+        )
+        .expect("valid");
+        assert_eq!(ok["services"]["web"]["scale"], 3);
+        assert_eq!(
+            ok["services"]["web"]["upgrade_strategy"]["start_first"],
+            true
+        );
+        let err = rancher_compose(
+            "rancher-compose.yml",
+            "version: '2'\nservices:\n  tests:\n    scale: 1\n",
+            &p,
+        )
+        .expect_err("a test service");
+        assert!(
+            err.to_string()
+                .starts_with("rancher-compose.yml:4:5: service \"tests\" is not one"),
+            "{err}"
+        );
+        let err = rancher_compose("rancher-compose.yml", "web:\n  scale: 2\n", &p)
+            .expect_err("version 1");
+        assert!(err.to_string().contains("web"), "{err}");
     }
 
     #[test]

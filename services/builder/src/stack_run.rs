@@ -83,6 +83,7 @@ pub async fn run(
         failure: None,
         services: Vec::new(),
         compose: String::new(),
+        rancher_compose: String::new(),
     };
     if let Err((step, code, reason)) = attempt(w, build, run, project, log, &mut verdict).await {
         log.system(&step, &reason).await;
@@ -132,6 +133,11 @@ async fn attempt(
     let (file, plan) = prepare(w, build, run, project, &repo, &verdict.stack_commit).await?;
     verdict.services = plan.services.clone();
     verdict.compose = plan.compose.to_string();
+    verdict.rancher_compose = plan
+        .rancher_compose
+        .as_ref()
+        .map(serde_json::Value::to_string)
+        .unwrap_or_default();
     for note in &plan.notes {
         log.system("config", note).await;
     }
@@ -278,6 +284,32 @@ async fn prepare(
         },
     )
     .map_err(|e| failure("config", e.to_string()))?;
+    let mut plan = plan;
+    let (root, rel) = (repo.to_owned(), file.rancher_compose.clone());
+    let rancher_text = tokio::task::spawn_blocking(move || {
+        context::read_text_file(&root, &rel, "the rancher-compose file")
+    })
+    .await
+    .unwrap_or_else(|e| Err(context::Refused(format!("{e}"))))
+    .map_err(|refused| failure("config", refused.to_string()))?;
+    match rancher_text {
+        Some(text) => {
+            plan.rancher_compose = Some(
+                stack_file::rancher_compose(&file.rancher_compose, &text, &plan)
+                    .map_err(|e| failure("config", e.to_string()))?,
+            );
+        }
+        None if file.rancher_compose_named => {
+            return Err(failure(
+                "config",
+                format!(
+                    "{}:1:1: not found at commit {commit} (named by {FILE})",
+                    file.rancher_compose
+                ),
+            ));
+        }
+        None => {}
+    }
     Ok((file, plan))
 }
 

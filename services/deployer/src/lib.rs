@@ -35,6 +35,7 @@ pub mod grpc;
 pub mod kubernetes;
 pub mod queue;
 pub mod rancher;
+pub mod rancher_stack;
 pub mod stack_deploy;
 pub mod stack_target;
 pub mod stacks;
@@ -116,6 +117,7 @@ impl Handler for Events {
                         failure: None,
                         services: &passed.services,
                         compose: &passed.compose,
+                        rancher_compose: &passed.rancher_compose,
                     },
                 )
                 .await
@@ -133,6 +135,7 @@ impl Handler for Events {
                         failure: Some((&failed.step, &failed.reason)),
                         services: &failed.services,
                         compose: "",
+                        rancher_compose: "",
                     },
                 )
                 .await
@@ -383,6 +386,7 @@ impl gantry_runtime::Service for Service {
         let stack_worker = Arc::new(stack_deploy::StackWorker {
             pool: pool.clone(),
             target: Arc::new(docker::DockerTarget::new(docker.clone())?),
+            rancher: rancher::client()?,
             config: config.clone(),
             backends: backends.clone(),
             owner: format!("deployer-{}", uuid::Uuid::new_v4().simple()),

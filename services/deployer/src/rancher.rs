@@ -47,7 +47,7 @@ pub struct RancherTarget {
 }
 
 /// One environment's Rancher API, authenticated.
-struct Api<'a> {
+pub(crate) struct Api<'a> {
     http: &'a reqwest::Client,
     base: String,
     access_key: &'a str,
@@ -55,7 +55,7 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -110,54 +110,63 @@ impl Api<'_> {
         Err(Failure::Refused(anyhow::anyhow!(why)))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, Failure> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, Failure> {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    async fn action(&self, service: &str, action: &str, body: &Value) -> Result<Value, Failure> {
+    /// `POST {path}?action={action}` (a service's or a stack's).
+    pub(crate) async fn action(
+        &self,
+        path: &str,
+        action: &str,
+        body: &Value,
+    ) -> Result<Value, Failure> {
         self.call(
             reqwest::Method::POST,
-            &format!("{service}?action={action}"),
+            &format!("{path}?action={action}"),
             Some(body),
         )
         .await
     }
 
+    /// The first of a collection, if any.
+    pub(crate) async fn first(&self, path: &str) -> Result<Option<Value>, Failure> {
+        let list = self.get(path).await?;
+        Ok(list["data"].as_array().and_then(|d| d.first()).cloned())
+    }
+
     /// The first of a collection, or why there is none.
     async fn find(&self, path: &str, what: &str) -> Result<Value, Failure> {
-        let list = self.get(path).await?;
-        list["data"]
-            .as_array()
-            .and_then(|d| d.first())
-            .cloned()
+        self.first(path)
+            .await?
             .ok_or_else(|| Failure::Refused(anyhow::anyhow!("Rancher has no {what}")))
     }
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+pub(crate) fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_default()
 }
 
-/// What [`RancherTarget::wait`] waits for at the end of an upgrade or a
-/// rollback: the service `active` again.
-fn active(service: &Value) -> Option<bool> {
+/// What [`wait`] waits for at the end of an upgrade or a rollback: the
+/// service (or stack) `active` again.
+pub(crate) fn active(service: &Value) -> Option<bool> {
     (text(service, "state") == "active").then_some(true)
 }
 
-impl RancherTarget {
-    pub fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(CALL_TIMEOUT)
-                .user_agent(concat!("gantry-deployer/", env!("CARGO_PKG_VERSION")))
-                .build()?,
-        })
-    }
+/// The HTTP client of Rancher calls.
+pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(CALL_TIMEOUT)
+        .user_agent(concat!("gantry-deployer/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
 
-    fn api<'a>(
-        &'a self,
-        env: &'a Environment,
-    ) -> Result<(Api<'a>, &'a gantry_config::Rancher), Failure> {
+/// The Rancher API of `env` (its `rancher` settings), authenticated.
+pub(crate) fn api<'a>(
+    http: &'a reqwest::Client,
+    env: &'a Environment,
+) -> Result<(Api<'a>, &'a gantry_config::Rancher), Failure> {
+    {
         let r = env.rancher.as_ref().ok_or_else(|| {
             Failure::Refused(anyhow::anyhow!(
                 "environment {} has no rancher settings",
@@ -172,7 +181,7 @@ impl RancherTarget {
         })?;
         Ok((
             Api {
-                http: &self.http,
+                http,
                 base: format!(
                     "{}/v2-beta/projects/{}",
                     r.url,
@@ -184,9 +193,16 @@ impl RancherTarget {
             r,
         ))
     }
+}
+
+impl RancherTarget {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self { http: client()? })
+    }
 
     /// The service's path (`/services/{id}`), found by stack and name.
     async fn service_path(api: &Api<'_>, r: &gantry_config::Rancher) -> Result<String, Failure> {
+        let name = r.service.as_deref().unwrap_or_default();
         let stack = api
             .find(
                 &format!(
@@ -200,10 +216,10 @@ impl RancherTarget {
             .find(
                 &format!(
                     "/services?name={}&stackId={}",
-                    gantry_config::git::percent_encode(&r.service),
+                    gantry_config::git::percent_encode(name),
                     gantry_config::git::percent_encode(text(&stack, "id"))
                 ),
-                &format!("service {:?} in stack {:?}", r.service, r.stack),
+                &format!("service {name:?} in stack {:?}", r.stack),
             )
             .await?;
         Ok(format!(
@@ -214,7 +230,7 @@ impl RancherTarget {
 
     /// Reads the service until `done` says it is there (Ok(true)) or failed
     /// (Ok(false)), or `timeout` runs out (Err with what was last seen).
-    async fn wait(
+    pub(crate) async fn wait(
         api: &Api<'_>,
         path: &str,
         timeout: Duration,
@@ -242,7 +258,7 @@ impl RancherTarget {
                 Some(true) => return Ok(Ok(service)),
                 Some(false) => {
                     return Ok(Err(format!(
-                        "the service is {} and {}",
+                        "it is {} and {}",
                         text(&service, "state"),
                         text(&service, "healthState")
                     )));
@@ -251,7 +267,7 @@ impl RancherTarget {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Err(format!(
-                    "not upgraded and healthy within {}s (the service is {} and {})",
+                    "not upgraded and healthy within {}s (it is {} and {})",
                     timeout.as_secs(),
                     text(&service, "state"),
                     text(&service, "healthState")
@@ -327,7 +343,7 @@ impl Target for RancherTarget {
         _registry: &Registry,
         _live: Option<&Live>,
     ) -> Result<Running, Failure> {
-        let (api, r) = self.api(env)?;
+        let (api, r) = api(&self.http, env)?;
         let path = Self::service_path(&api, r).await?;
         let service = api.get(&path).await?;
         let state = text(&service, "state");
@@ -335,52 +351,68 @@ impl Target for RancherTarget {
             return Err(Failure::Refused(anyhow::anyhow!(
                 "the Rancher service {}/{} is {state}, not active: finish or roll back that upgrade in Rancher first",
                 r.stack,
-                r.service
+                r.service.as_deref().unwrap_or_default()
             )));
         }
         api.action(&path, "upgrade", &strategy(&service, env, row, vars))
             .await?;
-        // From here on Rancher is changing the service: whatever goes wrong
-        // is the upgrade's, and it is rolled back.
-        let upgraded = Self::wait(&api, &path, env.health.timeout, |s| {
-            match (text(s, "state"), text(s, "healthState")) {
-                ("upgraded", "healthy") => Some(true),
-                (_, "unhealthy") | ("error", _) => Some(false),
-                _ => None,
-            }
-        })
-        .await
-        .unwrap_or_else(|f| Err(format!("Rancher could not be followed: {}", f.text())));
-        let why = match upgraded {
-            Ok(_) => match Self::finish(&api, &path).await {
-                Ok(()) => {
-                    return Ok(Running {
-                        id: path.trim_start_matches("/services/").to_owned(),
-                        address: None,
-                    });
-                }
-                Err(why) => why,
-            },
-            Err(why) => why,
-        };
-        let error = match Self::roll_back(&api, &path).await {
-            Ok(()) => anyhow::anyhow!("{why}; Rancher rolled the service back"),
-            Err(stuck) => anyhow::anyhow!(
-                "{why}; rolling back did not end ({stuck}): see the service in Rancher"
-            ),
-        };
-        Err(Failure::Failed {
-            error,
-            rolled_back: true,
+        follow_upgrade(&api, &path, env.health.timeout, "service").await?;
+        Ok(Running {
+            id: path.trim_start_matches("/services/").to_owned(),
+            address: None,
         })
     }
+}
+
+/// Whether Rancher's `healthState` says healthy (`started-once`: a
+/// service that runs once and ended well).
+pub(crate) fn healthy(v: &Value) -> bool {
+    matches!(text(v, "healthState"), "healthy" | "started-once")
+}
+
+/// Follows an upgrade Rancher began on `path` (a service or a stack,
+/// `what`): once `upgraded` and healthy within `timeout`, finishes it;
+/// when unhealthy, in error, too slow, or no longer answering, rolls it
+/// back (a `Failure::Failed`, rolled back).
+pub(crate) async fn follow_upgrade(
+    api: &Api<'_>,
+    path: &str,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), Failure> {
+    let upgraded = RancherTarget::wait(api, path, timeout, |s| {
+        match (text(s, "state"), text(s, "healthState")) {
+            ("upgraded", _) if healthy(s) => Some(true),
+            (_, "unhealthy") | ("error", _) => Some(false),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|f| Err(format!("Rancher could not be followed: {}", f.text())));
+    let why = match upgraded {
+        Ok(_) => match RancherTarget::finish(api, path).await {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        },
+        Err(why) => why,
+    };
+    let error = match RancherTarget::roll_back(api, path).await {
+        Ok(()) => anyhow::anyhow!("{why}; Rancher rolled the {what} back"),
+        Err(stuck) => {
+            anyhow::anyhow!("{why}; rolling back did not end ({stuck}): see the {what} in Rancher")
+        }
+    };
+    Err(Failure::Failed {
+        error,
+        rolled_back: true,
+    })
 }
 
 impl RancherTarget {
     /// Finishes a healthy upgrade (the call tried three times): the old
     /// containers go. The new ones already serve, so a service slow to turn
     /// `active` afterwards is still a success.
-    async fn finish(api: &Api<'_>, path: &str) -> Result<(), String> {
+    pub(crate) async fn finish(api: &Api<'_>, path: &str) -> Result<(), String> {
         let mut last = String::new();
         for _ in 0..3 {
             match api.action(path, "finishupgrade", &json!({})).await {
@@ -399,7 +431,7 @@ impl RancherTarget {
 
     /// Rolls an upgrade back: one still `upgrading` is canceled first (Cattle
     /// rolls back only an upgraded or canceled upgrade); waits for `active`.
-    async fn roll_back(api: &Api<'_>, path: &str) -> Result<(), String> {
+    pub(crate) async fn roll_back(api: &Api<'_>, path: &str) -> Result<(), String> {
         let service = api.get(path).await.map_err(|f| f.text())?;
         if text(&service, "state") == "upgrading" {
             api.action(path, "cancelupgrade", &json!({}))

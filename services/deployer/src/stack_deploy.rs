@@ -1,4 +1,6 @@
-//! Deploying stack releases to a stack's environments (Docker target).
+//! Deploying stack releases to a stack's environments (Docker target; a
+//! Rancher environment's stack is Rancher's to change, see
+//! [`crate::rancher_stack`]).
 //!
 //! A release is queued for every environment of its stack whose rules take
 //! the stack's default branch (and by hand: `Stacks.Deploy`,
@@ -210,6 +212,8 @@ pub async fn live_release(
 pub struct StackWorker {
     pub pool: PgPool,
     pub target: Arc<DockerTarget>,
+    /// The HTTP client of Rancher environments.
+    pub rancher: reqwest::Client,
     pub config: Arc<GantryConfig>,
     pub backends: Backends,
     pub owner: String,
@@ -217,6 +221,13 @@ pub struct StackWorker {
     pub relay_wake: Arc<Notify>,
     pub concurrency: usize,
     pub lease: Duration,
+}
+
+/// A stored stack release.
+struct StoredRelease {
+    compose: serde_json::Value,
+    services: Vec<gantry_proto::v1::StackService>,
+    rancher_compose: String,
 }
 
 /// Why a deployment did not take: the reason, and whether the release
@@ -343,6 +354,12 @@ impl StackWorker {
                 .await;
             return;
         };
+        if env.target == "rancher" {
+            let mut rollout = Rollout::default();
+            let result = self.roll_out_rancher(row, &env, &mut rollout).await;
+            self.finish(row, &commit, result, &rollout).await;
+            return;
+        }
         let mut rollout = Rollout::default();
         let result = self.roll_out(row, &env, &stack, &mut rollout).await;
         if result.is_err() {
@@ -402,6 +419,77 @@ impl StackWorker {
         Ok(live)
     }
 
+    /// Release `number` of `stack`, as stored.
+    async fn release(&self, stack: &str, number: i64) -> Result<StoredRelease, Failed> {
+        let not_release = |reason: String| Failed {
+            reason,
+            release_fault: false,
+        };
+        let release = sqlx::query!(
+            "SELECT compose, services, rancher_compose FROM stack_releases
+             WHERE stack = $1 AND number = $2",
+            stack,
+            number,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| not_release(format!("cannot read the release: {e}")))?
+        .ok_or_else(|| not_release(format!("release {number} of {stack} does not exist")))?;
+        Ok(StoredRelease {
+            compose: serde_json::from_str(&release.compose)
+                .map_err(|e| not_release(format!("the release's compose file: {e}")))?,
+            services: StackServices::decode(release.services.as_slice())
+                .map_err(|e| not_release(format!("the release's services: {e}")))?
+                .services,
+            rancher_compose: release.rancher_compose,
+        })
+    }
+
+    /// Creates or upgrades the environment's Rancher stack with the
+    /// release ([`crate::rancher_stack`]); notes the services whose image
+    /// changed since the release that ran.
+    async fn roll_out_rancher(
+        &self,
+        row: &Row,
+        env: &Environment,
+        rollout: &mut Rollout,
+    ) -> Result<(), Failed> {
+        let release = self.release(&row.stack, row.release).await?;
+        let before = match row.previous_release {
+            Some(n) => self.release(&row.stack, n).await.ok(),
+            None => None,
+        };
+        rollout.replaced = release
+            .services
+            .iter()
+            .filter(|s| !s.test)
+            .filter(|s| {
+                before.as_ref().is_none_or(|b| {
+                    !b.services
+                        .iter()
+                        .any(|o| o.service == s.service && o.image == s.image)
+                })
+            })
+            .map(|s| s.service.clone())
+            .collect();
+        crate::rancher_stack::roll_out(
+            &self.rancher,
+            env,
+            &crate::rancher_stack::Release {
+                stack: &row.stack,
+                number: row.release,
+                compose: &release.compose,
+                services: &release.services,
+                rancher_compose: &release.rancher_compose,
+            },
+        )
+        .await
+        .map_err(|f| Failed {
+            reason: f.text(),
+            release_fault: matches!(f, crate::target::Failure::Failed { .. }),
+        })
+    }
+
     /// Rolls the release out into `rollout`: start-first, service by
     /// service; on a failure, the services switched so far go back.
     async fn roll_out(
@@ -416,25 +504,8 @@ impl StackWorker {
             reason,
             release_fault: false,
         };
-        let release = sqlx::query!(
-            "SELECT compose, services FROM stack_releases WHERE stack = $1 AND number = $2",
-            row.stack,
-            row.release,
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| not_release(format!("cannot read the release: {e}")))?
-        .ok_or_else(|| {
-            not_release(format!(
-                "release {} of {} does not exist",
-                row.release, row.stack
-            ))
-        })?;
-        let compose: serde_json::Value = serde_json::from_str(&release.compose)
-            .map_err(|e| not_release(format!("the release's compose file: {e}")))?;
-        let services = StackServices::decode(release.services.as_slice())
-            .map_err(|e| not_release(format!("the release's services: {e}")))?
-            .services;
+        let release = self.release(&row.stack, row.release).await?;
+        let (compose, services) = (release.compose, release.services);
         let specs = stack_target::services_of(&compose, &services);
         if let Some(s) = specs.iter().find(|s| !s.def.is_object()) {
             return Err(not_release(format!(
@@ -615,7 +686,12 @@ impl StackWorker {
         rollout: &Rollout,
     ) -> bool {
         let address = rollout.address.map(|a| a.to_string());
-        let changed: Vec<String> = rollout.switched.iter().map(|(s, _, _)| s.clone()).collect();
+        let changed: Vec<String> = rollout
+            .switched
+            .iter()
+            .map(|(s, _, _)| s.clone())
+            .chain(rollout.replaced.iter().cloned())
+            .collect();
         let write = || async {
             let mut tx = self.pool.begin().await?;
             let (state, reason) = match &result {
@@ -759,6 +835,8 @@ struct Rollout {
     retire: Vec<String>,
     /// Where the environment's service answers.
     address: Option<SocketAddr>,
+    /// Services an orchestrator replaced (Rancher), by name.
+    replaced: Vec<String>,
 }
 
 /// The environment as one service sees it: the endpoint's port and HTTP

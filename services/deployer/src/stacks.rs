@@ -246,6 +246,8 @@ pub struct RunEnd<'a> {
     pub services: &'a [StackService],
     /// The run's compose file (JSON), for a release.
     pub compose: &'a str,
+    /// The stack's rancher-compose file (JSON), or empty.
+    pub rancher_compose: &'a str,
 }
 
 /// `stack.run_passed` / `stack.run_failed`: records the end, learns the
@@ -315,14 +317,15 @@ pub async fn record_end(
     let mut release = None;
     if end.failure.is_none() && of_default {
         let number = sqlx::query_scalar!(
-            "INSERT INTO stack_releases (stack, number, run_id, stack_commit, services, compose)
-             SELECT $1, COALESCE(MAX(number), 0) + 1, $2, $3, $4, $5 FROM stack_releases WHERE stack = $1
+            "INSERT INTO stack_releases (stack, number, run_id, stack_commit, services, compose, rancher_compose)
+             SELECT $1, COALESCE(MAX(number), 0) + 1, $2, $3, $4, $5, $6 FROM stack_releases WHERE stack = $1
              RETURNING number",
             stack.name,
             id,
             end.stack_commit,
             services,
             end.compose,
+            end.rancher_compose,
         )
         .fetch_one(&mut **tx)
         .await?;
