@@ -21,8 +21,10 @@
 //! the reads after it show the rollout's progress — observed, one replica
 //! updated with a surge, then all updated and available, or (after
 //! [`FakeKubernetes::fail_next_rollout`]) the `Progressing` condition's
-//! `ProgressDeadlineExceeded`. Every call needs `Authorization: Bearer
-//! <token>` (401 `Status` otherwise).
+//! `ProgressDeadlineExceeded` ([`FakeKubernetes::stall_next_rollout`]: it
+//! stays under way). Every write makes a new `resourceVersion`; a strategic
+//! merge patch naming an older one is 409 `Conflict`. Every call needs
+//! `Authorization: Bearer <token>` (401 `Status` otherwise).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,6 +60,10 @@ struct Inner {
     rollout_fails: bool,
     /// The next rollout will.
     fail_next: bool,
+    /// The rollout under way never completes (nor fails).
+    rollout_stalls: bool,
+    /// The next rollout will.
+    stall_next: bool,
 }
 
 #[derive(Clone)]
@@ -265,6 +271,14 @@ impl Inner {
         self.deployment["metadata"]["annotations"][REVISION] = json!(revision.to_string());
         self.rollout_step = 2;
         self.rollout_fails = std::mem::take(&mut self.fail_next);
+        self.rollout_stalls = std::mem::take(&mut self.stall_next);
+    }
+
+    /// Every write makes a new resourceVersion.
+    fn bump(&mut self) {
+        let rv = &mut self.deployment["metadata"]["resourceVersion"];
+        let next = rv.as_str().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+        *rv = json!(next.to_string());
     }
 
     /// A read moves the rollout under way on.
@@ -273,6 +287,7 @@ impl Inner {
         let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
         match self.rollout_step {
             0 => return,
+            1 if self.rollout_stalls => return,
             2 => {
                 d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
                 d["status"]["replicas"] = json!(replicas + 1);
@@ -302,6 +317,7 @@ impl Inner {
             }
         }
         self.rollout_step -= 1;
+        self.bump();
     }
 }
 
@@ -382,7 +398,21 @@ async fn deployment_call(
     };
     let mut changed = s.deployment.clone();
     match content_type {
-        "application/strategic-merge-patch+json" => strategic_merge(&mut changed, &patch),
+        "application/strategic-merge-patch+json" => {
+            let wanted = &patch["metadata"]["resourceVersion"];
+            if !wanted.is_null() && *wanted != s.deployment["metadata"]["resourceVersion"] {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on deployments.apps {name:?}: the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                );
+            }
+            strategic_merge(&mut changed, &patch);
+            changed["metadata"]["resourceVersion"] =
+                s.deployment["metadata"]["resourceVersion"].clone();
+        }
         "application/json-patch+json" => {
             if let Err(e) = json_patch(&mut changed, &patch) {
                 return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e);
@@ -406,9 +436,13 @@ async fn deployment_call(
         );
     }
     let template_changed = changed["spec"]["template"] != s.deployment["spec"]["template"];
+    let any_change = changed != s.deployment;
     s.deployment = changed;
     if template_changed {
         s.new_revision();
+    }
+    if any_change {
+        s.bump();
     }
     axum::Json(s.deployment.clone()).into_response()
 }
@@ -526,6 +560,26 @@ impl FakeKubernetes {
     /// The next rollout ends in `ProgressDeadlineExceeded`.
     pub fn fail_next_rollout(&self) {
         self.inner.lock().expect("kubernetes lock").fail_next = true;
+    }
+
+    /// The next rollout never completes (until someone changes the
+    /// Deployment again).
+    pub fn stall_next_rollout(&self) {
+        self.inner.lock().expect("kubernetes lock").stall_next = true;
+    }
+
+    /// Another client (a person's `kubectl set image`) sets `container`'s
+    /// image: a new revision, rolled out.
+    pub fn set_image(&self, container: &str, image: &str) {
+        let mut s = self.inner.lock().expect("kubernetes lock");
+        if let Some(c) = s.deployment["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .and_then(|cs| cs.iter_mut().find(|c| c["name"] == container))
+        {
+            c["image"] = json!(image);
+        }
+        s.new_revision();
+        s.bump();
     }
 
     /// A kubeconfig (YAML) for this server, its context named `context`.

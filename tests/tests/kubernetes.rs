@@ -6,7 +6,9 @@
 //! the previous ReplicaSet's template; refused credentials (401) and a
 //! missing Deployment (404) are failures that say so; the environment's
 //! configuration becomes the container's `env`; a kubeconfig's context is
-//! used with its user and namespace.
+//! used with its user and namespace; a change someone else makes during the
+//! rollout is left alone, and a Deployment still rolling out or stuck is
+//! not touched.
 
 use gantry_tests::kubernetes::FakeKubernetes;
 use gantry_tests::stack::ProjectSpec;
@@ -171,8 +173,13 @@ async fn kubernetes_deployments_are_patched_followed_and_undone() {
         .find(|c| c.method == "PATCH")
         .expect("an undo patch");
     assert_eq!(undo.content_type, "application/json-patch+json");
-    assert_eq!(undo.body[0]["op"], "replace");
-    assert_eq!(undo.body[0]["path"], "/spec/template");
+    assert_eq!(
+        (&undo.body[0]["op"], &undo.body[0]["path"]),
+        (&json!("test"), &json!("/metadata/generation")),
+        "only if nobody changed it since"
+    );
+    assert_eq!(undo.body[1]["op"], "replace");
+    assert_eq!(undo.body[1]["path"], "/spec/template");
     let now = k8s.deployment();
     assert_eq!(
         now["spec"]["template"], expected,
@@ -228,4 +235,39 @@ async fn kubernetes_deployments_are_patched_followed_and_undone() {
     stack
         .deploy_end("from-kubeconfig", 0, "deploy.succeeded")
         .await;
+
+    // 6. Someone sets another image while Gantry's rollout is under way:
+    // theirs is left alone, not undone.
+    k8s.stall_next_rollout();
+    let patches = |k8s: &FakeKubernetes| k8s.calls().iter().filter(|c| c.method == "PATCH").count();
+    let before = patches(&k8s);
+    let c3 = repo.commit_file("index.html", "hello v3\n", "v3");
+    stack.push(&project, "refs/heads/main", &c3).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(180);
+    while patches(&k8s) == before {
+        assert!(tokio::time::Instant::now() < deadline, "no rollout of v3");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let hotfix = "registry.example.com/team/hello:hotfix";
+    k8s.set_image("hello", hotfix);
+    let end = stack.deploy_end("production", 4, "deploy.failed").await;
+    assert!(end.reason().contains("changed by someone else"), "{end:?}");
+    let now = k8s.deployment();
+    assert_eq!(
+        now["spec"]["template"]["spec"]["containers"][0]["image"],
+        hotfix
+    );
+    assert_eq!(patches(&k8s), before + 1, "nothing undone");
+
+    // 7. A Deployment that is not settled is not touched.
+    k8s.fail_next_rollout();
+    k8s.set_image("hello", "registry.example.com/team/hello:broken");
+    let deploy = stack.cli(&["deploy", "production", &c1]);
+    assert!(deploy.status.success(), "{deploy:?}");
+    let end = stack.deploy_end("production", 5, "deploy.failed").await;
+    assert!(
+        end.reason().contains("still rolling out") || end.reason().contains("is stuck"),
+        "{end:?}"
+    );
+    assert_eq!(patches(&k8s), before + 1, "nothing changed");
 }

@@ -1323,7 +1323,13 @@ impl Check<'_> {
                 service: e.service,
                 health: HealthCheck {
                     http: e.health.http,
-                    timeout: std::time::Duration::from_secs(e.health.timeout_secs.unwrap_or(60)),
+                    // An orchestrator's rollout replaces replicas batch by
+                    // batch (Kubernetes' own progress deadline is 600 s).
+                    timeout: std::time::Duration::from_secs(
+                        e.health
+                            .timeout_secs
+                            .unwrap_or(if orchestrated { 600 } else { 60 }),
+                    ),
                 },
             });
         }

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use gantry_config::yaml::{self, LocatedError, Spanned, error_at};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{FILE, check_version, inside_repo, seconds};
 
@@ -150,4 +151,23 @@ impl StackFile {
             timeout,
         })
     }
+}
+
+/// Every string of `v` (not the keys) through `f`.
+pub fn map_strings(v: &Value, f: &dyn Fn(&str) -> String) -> Value {
+    match v {
+        Value::String(s) => Value::String(f(s)),
+        Value::Array(items) => items.iter().map(|i| map_strings(i, f)).collect(),
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), map_strings(v, f)))
+            .collect(),
+        other => other.clone(),
+    }
+}
+
+/// A compose file as docker-compose (or Rancher) must be given it: every
+/// `$` escaped, so that it runs the literal values.
+pub fn escaped(compose: &Value) -> Value {
+    map_strings(compose, &|s| s.replace('$', "$$"))
 }

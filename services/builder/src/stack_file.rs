@@ -45,7 +45,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use gantry_pipeline::FILE;
-pub use gantry_pipeline::stack::{MAX_SERVICES, StackFile};
+pub use gantry_pipeline::stack::{MAX_SERVICES, StackFile, escaped, map_strings};
 
 /// One service of the team's compose file: the keys a run keeps, the keys
 /// it ignores, and nothing else.
@@ -239,25 +239,6 @@ pub fn interpolate(text: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// Every string of `v` (not the keys) through `f`.
-pub fn map_strings(v: &Value, f: &dyn Fn(&str) -> String) -> Value {
-    match v {
-        Value::String(s) => Value::String(f(s)),
-        Value::Array(items) => items.iter().map(|i| map_strings(i, f)).collect(),
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| (k.clone(), map_strings(v, f)))
-            .collect(),
-        other => other.clone(),
-    }
-}
-
-/// The plan's compose file as docker-compose must be given it: every `$`
-/// escaped, so that it runs the literal values.
-pub fn escaped(compose: &Value) -> Value {
-    map_strings(compose, &|s| s.replace('$', "$$"))
 }
 
 /// Checks a short-syntax volume: a declared named volume or an anonymous one,
@@ -558,10 +539,15 @@ struct RawRancherCompose {
     services: BTreeMap<String, Spanned<serde_json::Map<String, Value>>>,
 }
 
+/// Most containers a rancher-compose file may ask of a service.
+pub const MAX_RANCHER_SCALE: u64 = 100;
+
 /// Reads the stack's rancher-compose file (`file`, for errors): each of its
-/// services must be one the release deploys (not a test service). Its
-/// settings are Rancher's own (scale, health checks, upgrade strategy) and
-/// are kept as written.
+/// services must be one the release deploys (not a test service), and may
+/// only set what concerns itself — scale (at most [`MAX_RANCHER_SCALE`]),
+/// health check, upgrade strategy, `retain_ip`, `drain_timeout_ms` — never
+/// a load balancer's routes, certificates, metadata or drivers: the
+/// repository is not trusted with the rest of the Rancher environment.
 pub fn rancher_compose(file: &str, text: &str, plan: &Plan) -> Result<Value, LocatedError> {
     let raw: RawRancherCompose = yaml::from_str(file, text)?;
     let mut services = serde_json::Map::new();
@@ -575,6 +561,34 @@ pub fn rancher_compose(file: &str, text: &str, plan: &Plan) -> Result<Value, Loc
                     FILE
                 ),
             ));
+        }
+        for (key, value) in &settings.value {
+            let problem = match key.as_str() {
+                "scale" => value
+                    .as_u64()
+                    .is_none_or(|n| n > MAX_RANCHER_SCALE)
+                    .then(|| format!("`scale` is a number from 0 to {MAX_RANCHER_SCALE}")),
+                "health_check" | "upgrade_strategy" => {
+                    (!value.is_object()).then(|| format!("`{key}` is a mapping"))
+                }
+                "retain_ip" => {
+                    (!value.is_boolean()).then(|| "`retain_ip` is true or false".to_owned())
+                }
+                "drain_timeout_ms" => value
+                    .as_u64()
+                    .is_none()
+                    .then(|| "`drain_timeout_ms` is a number".to_owned()),
+                other => Some(format!(
+                    "`{other}` is not allowed (a service may set scale, health_check, upgrade_strategy, retain_ip, drain_timeout_ms)"
+                )),
+            };
+            if let Some(problem) = problem {
+                return Err(error_at(
+                    file,
+                    &settings,
+                    format!("service {name:?}: {problem}"),
+                ));
+            }
         }
         services.insert(name, Value::Object(settings.value));
     }
@@ -660,6 +674,27 @@ mod tests {
                 .starts_with("rancher-compose.yml:4:5: service \"tests\" is not one"),
             "{err}"
         );
+        for (settings, problem) in [
+            ("scale: 1000", "`scale` is a number from 0 to 100"),
+            (
+                "lb_config: {port_rules: [{target_port: 5432, service: other/db}]}",
+                "`lb_config` is not allowed",
+            ),
+            ("health_check: 8080", "`health_check` is a mapping"),
+        ] {
+            let err = rancher_compose(
+                "rancher-compose.yml",
+                &format!("version: '2'\nservices:\n  web:\n    {settings}\n"),
+                &p,
+            )
+            .expect_err(problem);
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "rancher-compose.yml:4:5: service \"web\": {problem}"
+                )),
+                "{err}"
+            );
+        }
         let err = rancher_compose("rancher-compose.yml", "web:\n  scale: 2\n", &p)
             .expect_err("version 1");
         assert!(err.to_string().contains("web"), "{err}");

@@ -4,20 +4,29 @@
 //! (also Rancher 2's proxy `https://rancher…/k8s/clusters/<id>`), or the
 //! service account of the pod the deployer runs in. A rollout:
 //!
-//! 1. read the Deployment; a paused one, or a container that is not there,
-//!    is refused (nothing changed);
+//! 1. read the Deployment; a paused one, one still rolling out or stuck
+//!    (unless it already has this image: an earlier attempt's rollout,
+//!    taken over), or a container that is not there, is refused (nothing
+//!    changed);
 //! 2. a strategic merge patch that sets only the container's `image` to
 //!    `<repository>@<digest>` (and its `env` entries, by name, to the
 //!    environment's variables — the keys Gantry sets are named in the pod
 //!    template annotation `gantry.io/environment-keys`, so one it no longer
-//!    sets is deleted) and the `kubernetes.io/change-cause` annotation;
+//!    sets is deleted) and the `kubernetes.io/change-cause` annotation,
+//!    naming the `resourceVersion` read (a change made meanwhile: 409);
 //! 3. wait by kubectl's rollout rule: the controller observed the new
 //!    generation, every replica is updated, no old replica is left, every
 //!    updated one is available — and fail on the `Progressing` condition's
-//!    `ProgressDeadlineExceeded`, or when the environment's timeout runs out;
+//!    `ProgressDeadlineExceeded`, or when the environment's timeout runs
+//!    out; a generation past Gantry's is someone else's change, left alone;
 //! 4. on failure undo as `kubectl rollout undo` does: the pod template of the
-//!    ReplicaSet of the revision that ran before (owned by this Deployment)
-//!    replaces the Deployment's, and that rollout is waited for in turn.
+//!    ReplicaSet of the revision that ran before (owned by this Deployment;
+//!    after a takeover, the highest revision below the current one)
+//!    replaces the Deployment's — a JSON patch that first tests the
+//!    generation is still Gantry's —, and that rollout is waited for in turn.
+//!
+//! Every call is bounded by [`CALL_TIMEOUT`] as a whole; a change whose
+//! answer is lost is looked for before it is called refused.
 //!
 //! The old pods are the Deployment controller's to retire; the image must be
 //! pullable by the cluster (its `imagePullSecrets`).
@@ -33,7 +42,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 
 use crate::queue::{Live, Row};
-use crate::target::{Failure, Running, Target};
+use crate::target::{Failure, Running, Target, clip};
 
 /// How long one API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -101,7 +110,7 @@ pub fn progress(d: &Deployment) -> Progress {
     } else if total > updated {
         Progress::Waiting(format!(
             "{} old replicas are pending termination",
-            total - updated
+            total.saturating_sub(updated)
         ))
     } else if available < updated {
         Progress::Waiting(format!(
@@ -163,30 +172,90 @@ pub fn image_patch(
     patch
 }
 
+/// Why a call did not succeed: whether the server answered (a refusal:
+/// nothing changed) or not (a change may or may not have been made), and
+/// what to tell a person.
+struct Said {
+    answered: bool,
+    text: String,
+}
+
 /// What Kubernetes said, for a person.
-fn said(e: kube::Error, what: &str) -> String {
+fn said(e: kube::Error, what: &str) -> Said {
     match e {
         kube::Error::Api(s) => {
-            let detail = [s.reason.as_str(), s.message.as_str()]
-                .into_iter()
-                .filter(|t| !t.is_empty())
-                .collect::<Vec<_>>()
-                .join(": ");
-            match s.code {
+            let detail = clip(
+                &[s.reason.as_str(), s.message.as_str()]
+                    .into_iter()
+                    .filter(|t| !t.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(": "),
+            );
+            let text = match s.code {
                 401 | 403 => format!(
                     "Kubernetes refused the credentials ({} {detail}) for {what}: check the environment's kubernetes credentials and the account's RBAC (get, patch deployments; list replicasets)",
                     s.code
                 ),
                 404 => format!("Kubernetes has no {what} (404)"),
+                409 => format!(
+                    "{what} was changed by someone else meanwhile (409 {detail}): nothing was changed"
+                ),
                 code => format!("Kubernetes refused {what} ({code} {detail})"),
+            };
+            Said {
+                answered: true,
+                text,
             }
         }
-        other => format!("Kubernetes cannot be reached ({what}): {other}"),
+        other => Said {
+            answered: false,
+            text: clip(&format!("Kubernetes cannot be reached ({what}): {other}")),
+        },
+    }
+}
+
+/// One API call, within [`CALL_TIMEOUT`] as a whole (a server that
+/// answers byte by byte cannot hold the deployment).
+async fn call<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Said> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(|e| said(e, what)),
+        Err(_) => Err(Said {
+            answered: false,
+            text: format!(
+                "Kubernetes did not answer within {}s ({what})",
+                CALL_TIMEOUT.as_secs()
+            ),
+        }),
     }
 }
 
 fn refused(why: String) -> Failure {
     Failure::Refused(anyhow::anyhow!(why))
+}
+
+/// The image of `container` in the Deployment's pod template.
+fn image_of<'d>(d: &'d Deployment, container: &str) -> Option<&'d str> {
+    d.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == container)?
+        .image
+        .as_deref()
+}
+
+/// How following a rollout ended, when it did not succeed.
+enum Unfinished {
+    /// It failed (deadline exceeded, too slow, not followed): undo it.
+    Failed(String),
+    /// Someone else changed the Deployment meanwhile: theirs now, left alone.
+    Changed(String),
 }
 
 impl<'a> Cluster<'a> {
@@ -252,17 +321,15 @@ impl<'a> Cluster<'a> {
         format!("Deployment {}/{}", self.namespace, self.k.deployment)
     }
 
-    async fn read(&self) -> Result<Deployment, String> {
-        self.deployments
-            .get(&self.k.deployment)
-            .await
-            .map_err(|e| said(e, &self.what()))
+    async fn read(&self) -> Result<Deployment, Said> {
+        call(&self.what(), self.deployments.get(&self.k.deployment)).await
     }
 
     /// Reads the Deployment until its rollout is done (Ok) or failed, or
-    /// `timeout` runs out (Err with what was last seen). A read that fails
+    /// `timeout` runs out, or someone else changes it (its generation goes
+    /// past `generation`, the one Gantry's change made). A read that fails
     /// now and then is read again; three in a row end the wait.
-    async fn wait(&self, timeout: Duration) -> Result<Deployment, String> {
+    async fn wait(&self, timeout: Duration, generation: i64) -> Result<Deployment, Unfinished> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut errors = 0;
         loop {
@@ -273,37 +340,52 @@ impl<'a> Cluster<'a> {
                 }
                 Err(why) if errors < 2 && tokio::time::Instant::now() < deadline => {
                     errors += 1;
-                    tracing::warn!(why, "reading the Deployment failed; reading again");
+                    tracing::warn!(
+                        why = why.text,
+                        "reading the Deployment failed; reading again"
+                    );
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
-                Err(why) => return Err(format!("the rollout could not be followed: {why}")),
+                Err(why) => {
+                    return Err(Unfinished::Failed(format!(
+                        "the rollout could not be followed: {}",
+                        why.text
+                    )));
+                }
             };
+            let now = d.metadata.generation.unwrap_or_default();
+            if now > generation {
+                return Err(Unfinished::Changed(format!(
+                    "{} was changed by someone else during the rollout (generation {generation} became {now}): left as it is",
+                    self.what()
+                )));
+            }
             match progress(&d) {
                 Progress::Done => return Ok(d),
-                Progress::Failed(why) => return Err(why),
+                Progress::Failed(why) => return Err(Unfinished::Failed(clip(&why))),
                 Progress::Waiting(why) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!(
+                    return Err(Unfinished::Failed(format!(
                         "not rolled out within {}s ({why})",
                         timeout.as_secs()
-                    ));
+                    )));
                 }
                 Progress::Waiting(_) => tokio::time::sleep(POLL).await,
             }
         }
     }
 
-    /// `kubectl rollout undo` to `to` (the revision before the failed one):
-    /// that ReplicaSet's pod template (without the controller's hash label)
-    /// replaces the Deployment's; waits for that rollout.
-    async fn undo(&self, to: Option<&str>) -> Result<String, String> {
-        let to = to.ok_or("the Deployment had no earlier revision to go back to")?;
-        let now = self.read().await?;
-        if revision(&now.metadata) == Some(to) {
-            return Err(format!(
-                "revision {to} is still the Deployment's: the change made no new one"
-            ));
-        }
+    /// `kubectl rollout undo`: the pod template of the ReplicaSet of
+    /// revision `to` (the one that ran before Gantry's change; `None`: the
+    /// highest revision below the current one, kubectl's rule), without the
+    /// controller's hash label, replaces the Deployment's — only if the
+    /// Deployment is still at `generation` (Gantry's change); waits for
+    /// that rollout. Returns the revision gone back to.
+    async fn undo(&self, to: Option<&str>, generation: i64) -> Result<String, String> {
+        let now = self.read().await.map_err(|s| s.text)?;
+        let current: u64 = revision(&now.metadata)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_default();
         let uid = now.metadata.uid.clone().unwrap_or_default();
         let selector = now
             .spec
@@ -317,12 +399,14 @@ impl<'a> Cluster<'a> {
                     .join(",")
             })
             .unwrap_or_default();
-        let sets = self
-            .replica_sets
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|e| said(e, &format!("the ReplicaSets of {}", self.what())))?;
-        let previous = sets
+        let sets = call(
+            &format!("the ReplicaSets of {}", self.what()),
+            self.replica_sets
+                .list(&ListParams::default().labels(&selector)),
+        )
+        .await
+        .map_err(|s| s.text)?;
+        let owned: Vec<ReplicaSet> = sets
             .items
             .into_iter()
             .filter(|rs| {
@@ -332,8 +416,29 @@ impl<'a> Cluster<'a> {
                     .flatten()
                     .any(|o| o.kind == "Deployment" && o.uid == uid)
             })
-            .find(|rs| revision(&rs.metadata) == Some(to))
-            .ok_or_else(|| format!("the ReplicaSet of revision {to} is gone"))?;
+            .collect();
+        let numbered = |rs: &ReplicaSet| -> u64 {
+            revision(&rs.metadata)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or_default()
+        };
+        let previous = match to {
+            Some(to) => owned
+                .into_iter()
+                .find(|rs| revision(&rs.metadata) == Some(to))
+                .ok_or_else(|| format!("the ReplicaSet of revision {to} is gone"))?,
+            None => owned
+                .into_iter()
+                .filter(|rs| numbered(rs) < current)
+                .max_by_key(numbered)
+                .ok_or("the Deployment has no earlier revision to go back to")?,
+        };
+        let back_to = numbered(&previous);
+        if back_to == current {
+            return Err(format!(
+                "revision {back_to} is still the Deployment's (the change made no new one): nothing to undo"
+            ));
+        }
         let mut template = serde_json::to_value(
             previous
                 .spec
@@ -345,21 +450,35 @@ impl<'a> Cluster<'a> {
             labels.remove(TEMPLATE_HASH);
         }
         let ops = json!([
+            { "op": "test", "path": "/metadata/generation", "value": generation },
             { "op": "replace", "path": "/spec/template", "value": template },
             { "op": "add", "path": "/metadata/annotations/kubernetes.io~1change-cause",
-              "value": format!("gantry: rolled back to revision {to}") },
+              "value": format!("gantry: rolled back to revision {back_to}") },
         ]);
         let patch = serde_json::from_value(ops).map_err(|e| e.to_string())?;
-        self.deployments
-            .patch(
+        let undone = call(
+            &format!("the rollback of {}", self.what()),
+            self.deployments.patch(
                 &self.k.deployment,
                 &PatchParams::default(),
                 &Patch::Json::<()>(patch),
-            )
+            ),
+        )
+        .await
+        .map_err(|s| {
+            if s.answered {
+                format!("{}; someone else may have changed it meanwhile", s.text)
+            } else {
+                s.text
+            }
+        })?;
+        let generation = undone.metadata.generation.unwrap_or_default();
+        self.wait(SETTLE_TIMEOUT, generation)
             .await
-            .map_err(|e| said(e, &format!("the rollback of {}", self.what())))?;
-        self.wait(SETTLE_TIMEOUT).await?;
-        Ok(to.to_owned())
+            .map_err(|u| match u {
+                Unfinished::Failed(why) | Unfinished::Changed(why) => why,
+            })?;
+        Ok(back_to.to_string())
     }
 }
 
@@ -375,7 +494,7 @@ impl Target for KubernetesTarget {
     ) -> Result<Running, Failure> {
         let cluster = Cluster::connect(env).await?;
         let what = cluster.what();
-        let before = cluster.read().await.map_err(refused)?;
+        let before = cluster.read().await.map_err(|s| refused(s.text))?;
         let spec = before.spec.as_ref();
         if spec.and_then(|s| s.paused).unwrap_or(false) {
             return Err(refused(format!(
@@ -399,20 +518,61 @@ impl Target for KubernetesTarget {
                 )));
             }
         };
-        let previous = revision(&before.metadata).map(str::to_owned);
-        let patch = image_patch(&before, &container, row, vars);
-        cluster
-            .deployments
-            .patch(
+        // The image already there: an earlier attempt of this deployment
+        // (a deployer that died while following it) patched it; the
+        // revision to go back to is then the one below (kubectl's rule).
+        // Else the Deployment must be settled, so that what it goes back
+        // to on failure is what ran.
+        let reference = row.reference();
+        let previous = if image_of(&before, &container) == Some(reference.as_str()) {
+            None
+        } else {
+            match progress(&before) {
+                Progress::Done => revision(&before.metadata).map(str::to_owned),
+                Progress::Waiting(w) => {
+                    return Err(refused(format!(
+                        "{what} is still rolling out ({w}): let it finish, or undo it, first"
+                    )));
+                }
+                Progress::Failed(w) => {
+                    return Err(refused(format!(
+                        "{what} is stuck ({}): undo it (kubectl rollout undo) first",
+                        clip(&w)
+                    )));
+                }
+            }
+        };
+        let mut patch = image_patch(&before, &container, row, vars);
+        // A change made by someone else since the read makes it a 409.
+        patch["metadata"]["resourceVersion"] = json!(before.metadata.resource_version);
+        let change = format!("the change of {what}");
+        let patched = match call(
+            &change,
+            cluster.deployments.patch(
                 &cluster.k.deployment,
                 &PatchParams::default(),
                 &Patch::Strategic(&patch),
-            )
-            .await
-            .map_err(|e| refused(said(e, &format!("the change of {what}"))))?;
+            ),
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(s) if s.answered => return Err(refused(s.text)),
+            Err(s) => {
+                // No answer: the change may have been made. Look.
+                let now = cluster.read().await.map_err(|_| refused(s.text.clone()))?;
+                let made = image_of(&now, &container) == Some(reference.as_str())
+                    && now.metadata.generation > before.metadata.generation;
+                if !made {
+                    return Err(refused(s.text));
+                }
+                now
+            }
+        };
         // From here on the cluster is rolling out: whatever goes wrong is
         // the rollout's, and it is undone.
-        let why = match cluster.wait(env.health.timeout).await {
+        let generation = patched.metadata.generation.unwrap_or_default();
+        let why = match cluster.wait(env.health.timeout, generation).await {
             Ok(d) => {
                 tracing::info!(
                     deployment = %what,
@@ -424,16 +584,22 @@ impl Target for KubernetesTarget {
                     address: None,
                 });
             }
-            Err(why) => why,
+            Err(Unfinished::Changed(why)) => {
+                return Err(Failure::Failed {
+                    error: anyhow::anyhow!(why),
+                    rolled_back: false,
+                });
+            }
+            Err(Unfinished::Failed(why)) => why,
         };
-        Err(match cluster.undo(previous.as_deref()).await {
+        Err(match cluster.undo(previous.as_deref(), generation).await {
             Ok(to) => Failure::Failed {
                 error: anyhow::anyhow!("{why}; Kubernetes rolled {what} back to revision {to}"),
                 rolled_back: true,
             },
             Err(stuck) => Failure::Failed {
                 error: anyhow::anyhow!(
-                    "{why}; rolling back failed ({stuck}): see kubectl rollout history"
+                    "{why}; not rolled back ({stuck}): see kubectl rollout history"
                 ),
                 rolled_back: false,
             },

@@ -31,7 +31,7 @@ use gantry_config::{Environment, Registry};
 use serde_json::{Value, json};
 
 use crate::queue::{Live, Row};
-use crate::target::{Failure, Running, Target};
+use crate::target::{Failure, Running, Target, clip};
 
 /// How long one API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -96,14 +96,14 @@ impl Api<'_> {
             401 | 403 => format!(
                 "Rancher refused the API key ({status}) for {what}: check the environment's rancher.access_key and rancher.secret_key"
             ),
-            422 => format!("Rancher refused {what} (422 {})", detail(&value)),
+            422 => format!("Rancher refused {what} (422 {})", clip(&detail(&value))),
             404 => format!("Rancher has no {path} (404)"),
             _ => format!(
                 "Rancher answered {status} to {what}: {}",
                 if value.is_null() {
                     text.chars().take(200).collect()
                 } else {
-                    detail(&value)
+                    clip(&detail(&value))
                 }
             ),
         };
@@ -396,15 +396,17 @@ pub(crate) async fn follow_upgrade(
         },
         Err(why) => why,
     };
-    let error = match RancherTarget::roll_back(api, path).await {
-        Ok(()) => anyhow::anyhow!("{why}; Rancher rolled the {what} back"),
-        Err(stuck) => {
-            anyhow::anyhow!("{why}; rolling back did not end ({stuck}): see the {what} in Rancher")
-        }
-    };
-    Err(Failure::Failed {
-        error,
-        rolled_back: true,
+    Err(match RancherTarget::roll_back(api, path).await {
+        Ok(()) => Failure::Failed {
+            error: anyhow::anyhow!("{why}; Rancher rolled the {what} back"),
+            rolled_back: true,
+        },
+        Err(stuck) => Failure::Failed {
+            error: anyhow::anyhow!(
+                "{why}; rolling back did not end ({stuck}): see the {what} in Rancher"
+            ),
+            rolled_back: false,
+        },
     })
 }
 

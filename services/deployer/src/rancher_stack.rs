@@ -12,8 +12,9 @@
 //! tested, members pinned to `repository@digest` — without what belongs to
 //! the run (its network, test services, Docker health checks: Rancher's are
 //! in rancher-compose) and only with keys of compose file version 2, which
-//! Rancher 1.6 reads; every service is labelled with the stack, release and
-//! service. The rancher-compose file is the stack repository's (scale,
+//! Rancher 1.6 reads, every `$` escaped (Rancher interpolates as
+//! docker-compose does; the values are literal); every service is labelled
+//! with the stack, release and service. The rancher-compose file is the stack repository's (scale,
 //! health checks, upgrade strategy), as the release carries it.
 
 use gantry_config::Environment;
@@ -99,7 +100,8 @@ pub fn docker_compose(release: &Release<'_>) -> Value {
     if !volumes.is_empty() {
         file["volumes"] = Value::Object(volumes);
     }
-    file
+    // Rancher reads `$VAR` as docker-compose does: the values are literal.
+    gantry_pipeline::stack::escaped(&file)
 }
 
 fn yaml(v: &Value) -> Result<String, Failure> {
@@ -203,7 +205,7 @@ mod tests {
                 "api": {
                     "image": "r/api@sha256:aa", "init": true, "cpus": 1.0, "pids_limit": 256,
                     "healthcheck": { "test": ["CMD", "true"] }, "mem_limit": "512m",
-                    "environment": { "MODE": "prod" }, "labels": { "io.gantry.stack-run": "x" },
+                    "environment": { "MODE": "prod", "PASSWORD": "pa$word" }, "labels": { "io.gantry.stack-run": "x" },
                     "networks": ["default"], "cap_drop": ["ALL"]
                 },
                 "web": {
@@ -242,7 +244,7 @@ mod tests {
                 "services": {
                     "api": {
                         "image": "r/api@sha256:aa", "mem_limit": "512m",
-                        "environment": { "MODE": "prod" }, "cap_drop": ["ALL"],
+                        "environment": { "MODE": "prod", "PASSWORD": "pa$$word" }, "cap_drop": ["ALL"],
                         "labels": { "io.gantry.stack": "shop", "io.gantry.stack-release": "7", "io.gantry.stack-service": "api" }
                     },
                     "web": {

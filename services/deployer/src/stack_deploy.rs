@@ -484,9 +484,18 @@ impl StackWorker {
             },
         )
         .await
-        .map_err(|f| Failed {
-            reason: f.text(),
-            release_fault: matches!(f, crate::target::Failure::Failed { .. }),
+        .map_err(|f| {
+            rollout.not_rolled_back = matches!(
+                f,
+                crate::target::Failure::Failed {
+                    rolled_back: false,
+                    ..
+                }
+            );
+            Failed {
+                reason: f.text(),
+                release_fault: matches!(f, crate::target::Failure::Failed { .. }),
+            }
         })
     }
 
@@ -696,7 +705,11 @@ impl StackWorker {
             let mut tx = self.pool.begin().await?;
             let (state, reason) = match &result {
                 Ok(()) => ("succeeded", None),
-                Err(f) if f.release_fault && row.previous_release.is_some() => {
+                Err(f)
+                    if f.release_fault
+                        && row.previous_release.is_some()
+                        && !rollout.not_rolled_back =>
+                {
                     ("rolled_back", Some(f.reason.as_str()))
                 }
                 Err(f) => ("failed", Some(f.reason.as_str())),
@@ -837,6 +850,9 @@ struct Rollout {
     address: Option<SocketAddr>,
     /// Services an orchestrator replaced (Rancher), by name.
     replaced: Vec<String>,
+    /// The release failed and the orchestrator could not go back to the
+    /// previous one (a new Rancher stack, a rollback that did not end).
+    not_rolled_back: bool,
 }
 
 /// The environment as one service sees it: the endpoint's port and HTTP

@@ -52,6 +52,17 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// At most this much of what a server says goes into a reason.
+const SAID_MAX: usize = 500;
+
+/// `text`, cut to [`SAID_MAX`] characters.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(SAID_MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// A kind of place where versions run.
 #[tonic::async_trait]
 pub trait Target: Send + Sync {
