@@ -25,7 +25,7 @@
 //!    replaces the Deployment's — a JSON patch that first tests the
 //!    generation is still Gantry's —, and that rollout is waited for in turn.
 //!
-//! Every call is bounded by [`CALL_TIMEOUT`] as a whole; a change whose
+//! Every call is bounded by `CALL_TIMEOUT` as a whole; a change whose
 //! answer is lost is looked for before it is called refused.
 //!
 //! The old pods are the Deployment controller's to retire; the image must be

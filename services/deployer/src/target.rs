@@ -55,7 +55,7 @@ impl From<anyhow::Error> for Failure {
 /// At most this much of what a server says goes into a reason.
 const SAID_MAX: usize = 500;
 
-/// `text`, cut to [`SAID_MAX`] characters.
+/// `text`, cut to `SAID_MAX` (500) characters.
 pub fn clip(text: &str) -> String {
     match text.char_indices().nth(SAID_MAX) {
         Some((at, _)) => format!("{}…", &text[..at]),
