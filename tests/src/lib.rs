@@ -14,6 +14,7 @@ pub mod docker;
 pub mod forge;
 pub mod git_http;
 pub mod kubernetes;
+pub mod metrics;
 pub mod rancher;
 pub mod recorder;
 pub mod repo;

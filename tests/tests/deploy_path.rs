@@ -13,6 +13,7 @@ use gantry_proto::v1::{
     GetPipelineRequest, ListDeploymentsRequest, ListEnvironmentsRequest, ListPipelinesRequest,
     RollbackRequest,
 };
+use gantry_tests::metrics;
 use gantry_tests::recorder::{Call, Recorder};
 use gantry_tests::stack::ProjectSpec;
 use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions, docker};
@@ -466,4 +467,86 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // 6. Every service's /metrics is Prometheus text, and what happened
+    // shows: webhook answers, builds and their stages, deployments by
+    // outcome, outgoing calls (the chat server failed twice), the queues.
+    let mut all = Vec::new();
+    for service in gantry_tests::stack::SERVICES {
+        let samples = metrics::scrape(&stack, service).await;
+        assert!(
+            samples.iter().any(|s| s.name == "gantry_outbox_pending"),
+            "{service}: no outbox gauge"
+        );
+        all.push((service, samples));
+    }
+    let of = |name: &str| &all.iter().find(|(s, _)| *s == name).expect("a service").1;
+    let hooks: f64 = of("webhook-ingest")
+        .iter()
+        .filter(|s| s.name == "gantry_http_requests_total")
+        .filter(|s| {
+            s.labels
+                .get("route")
+                .is_some_and(|r| r.starts_with("/hooks/"))
+        })
+        .filter(|s| s.labels.get("status").is_some_and(|c| c.starts_with('2')))
+        .map(|s| s.value)
+        .sum();
+    assert!(hooks >= 3.0, "webhook answers: {hooks}");
+    assert!(
+        metrics::total(
+            of("webhook-ingest"),
+            "gantry_http_request_duration_seconds_count",
+            &[]
+        ) >= 3.0
+    );
+    let builder = of("builder");
+    assert!(
+        metrics::total(
+            builder,
+            "gantry_builds_total",
+            &[("kind", "build"), ("outcome", "succeeded")]
+        ) >= 3.0
+    );
+    assert!(
+        metrics::total(
+            builder,
+            "gantry_build_stage_duration_seconds_count",
+            &[("stage", "build")]
+        ) >= 3.0
+    );
+    assert!(
+        builder.iter().any(|s| s.name == "gantry_queue_depth"
+            && s.labels.get("queue").is_some_and(|q| q == "builds"))
+    );
+    let deployer = of("deployer");
+    assert!(
+        metrics::total(
+            deployer,
+            "gantry_deployments_total",
+            &[("target", "docker"), ("outcome", "succeeded")]
+        ) >= 2.0
+    );
+    assert!(
+        metrics::total(
+            deployer,
+            "gantry_deployments_total",
+            &[("outcome", "rolled_back")]
+        ) >= 1.0
+    );
+    let notifier = of("notifier");
+    assert!(
+        metrics::total(
+            notifier,
+            "gantry_outbound_calls_total",
+            &[("destination", "chat"), ("result", "failed")]
+        ) >= 2.0
+    );
+    assert!(
+        metrics::total(
+            notifier,
+            "gantry_outbound_calls_total",
+            &[("result", "sent")]
+        ) >= 1.0
+    );
 }

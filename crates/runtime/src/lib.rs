@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod metrics;
 pub mod service;
 pub mod tls;
 
@@ -332,7 +333,8 @@ pub async fn serve_grpc(
     bounded_by_grace(server, shutdown).await
 }
 
-/// Serves a service's HTTP side (`extra` routes plus `/live` and `/ready`)
+/// Serves a service's HTTP side (`extra` routes plus `/live`, `/ready` and
+/// `/metrics`, every route's answers counted)
 /// and its gRPC side (`grpc` plus health and reflection) until `shutdown`.
 pub async fn serve(
     http: TcpListener,
@@ -343,7 +345,10 @@ pub async fn serve(
     guard: Guard,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let router = extra.merge(health_routes(readiness.clone()));
+    let router = extra
+        .merge(health_routes(readiness.clone()))
+        .merge(metrics::routes(guard.tokens.clone()))
+        .route_layer(axum::middleware::from_fn(metrics::track));
     let (h, g) = tokio::join!(
         serve_http(http, router, guard.tls.as_ref(), shutdown.clone()),
         serve_grpc(
@@ -393,6 +398,7 @@ impl Base {
                 "no API tokens are configured: every gRPC call but health is refused (see `tokens:` in the configuration)"
             );
         }
+        metrics::install();
         let pool = gantry_store::connect(&infra.database_url, schema, migrator).await?;
         Ok(Self {
             guard,
@@ -449,6 +455,12 @@ impl Base {
             link,
             shutdown.clone(),
         ));
+    }
+
+    /// Samples the outbox and `queues` for `/metrics` until `shutdown`.
+    pub fn sample(&mut self, queues: Vec<gantry_queue::Queue>, shutdown: &CancellationToken) {
+        self.tasks
+            .spawn(metrics::sample(self.pool.clone(), queues, shutdown.clone()));
     }
 
     /// Runs another long-lived task that stops on `shutdown`.

@@ -387,10 +387,37 @@ impl End {
 /// Records how a job ended with its event, unless this worker lost it
 /// meanwhile (then nothing is written: `false`).
 pub async fn finish(pool: &PgPool, build: &Claimed, end: End) -> anyhow::Result<bool> {
-    match end {
+    let (kind, outcome, steps) = match &end {
+        End::Build(Verdict::Succeeded { steps, .. }) => ("build", "succeeded", steps.clone()),
+        End::Build(Verdict::Failed { steps, .. }) => ("build", "failed", steps.clone()),
+        End::Build(Verdict::Skipped { steps, .. }) => ("build", "skipped", steps.clone()),
+        End::Stack(v) => (
+            "stack_run",
+            if v.failure.is_none() {
+                "passed"
+            } else {
+                "failed"
+            },
+            Vec::new(),
+        ),
+    };
+    let recorded = match end {
         End::Build(verdict) => finish_build(pool, build, verdict).await,
         End::Stack(verdict) => finish_stack(pool, build, verdict).await,
+    };
+    if let Ok(true) = recorded {
+        metrics::counter!("gantry_builds_total", "kind" => kind, "outcome" => outcome).increment(1);
+        for step in steps {
+            // The builder's own steps by name; a pipeline's test steps as one.
+            let stage = match step.name.as_str() {
+                s @ ("checkout" | "config" | "build" | "push") => s.to_owned(),
+                _ => "test".to_owned(),
+            };
+            metrics::histogram!("gantry_build_stage_duration_seconds", "stage" => stage)
+                .record(step.duration_ms as f64 / 1000.0);
+        }
     }
+    recorded
 }
 
 /// Records the verdict and emits `build.succeeded` or `build.failed`.

@@ -208,6 +208,7 @@ impl gantry_runtime::Service for Service {
             shutdown,
         );
         base.relay(shutdown);
+        base.sample(vec![jobs::BUILDS], shutdown);
         base.spawn(worker.run(shutdown.clone()));
         Ok(Parts {
             grpc: gantry_runtime::Grpc::one(

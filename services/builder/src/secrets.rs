@@ -36,13 +36,23 @@ pub async fn stored_for(
     config: &GantryConfig,
     project: &str,
 ) -> Result<Vec<StepSecret>, String> {
-    let rows = sqlx::query!(
-        "SELECT name, sealed, protected FROM project_secrets WHERE project = $1 ORDER BY name",
-        project,
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(|e| format!("cannot read the project's stored secrets: {e}"))?;
+    // A database that restarts now is waited for, as a build waits for it
+    // everywhere else: the build is not failed for it.
+    let rows = gantry_retry::Policy::InPlace
+        .retry("read the project's stored secrets", || {
+            sqlx::query!(
+                "SELECT name, sealed, protected FROM project_secrets WHERE project = $1 ORDER BY name",
+                project,
+            )
+            .fetch_all(pool)
+        })
+        .await
+        .map_err(|gave_up| {
+            format!(
+                "cannot read the project's stored secrets: {}",
+                gave_up.error
+            )
+        })?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }

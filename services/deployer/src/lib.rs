@@ -372,6 +372,10 @@ impl gantry_runtime::Service for Service {
             }
         }
         base.relay(shutdown);
+        base.sample(
+            vec![queue::DEPLOYMENTS, stack_deploy::STACK_DEPLOYMENTS],
+            shutdown,
+        );
         base.consume(
             gantry_bus::queues::DEPLOYER,
             8,

@@ -242,6 +242,7 @@ impl Worker {
                     self.backends.set(&env.name, running.address);
                 }
                 self.relay_wake.notify_one();
+                deployed(&env.target, "succeeded");
                 tracing::info!(id = %running.id, "deployed");
                 if let Some(old) = live.filter(|l| l.container_id != running.id) {
                     target.retire(&env, &old).await;
@@ -250,11 +251,16 @@ impl Worker {
             Err(Failure::Refused(e)) => {
                 let reason = format!("{e:#}");
                 tracing::warn!(reason, "deployment refused");
+                deployed(&env.target, "refused");
                 self.record_failure(row, &reason, false, false).await;
             }
             Err(Failure::Failed { error, rolled_back }) => {
                 let reason = format!("{error:#}");
                 tracing::warn!(reason, rolled_back, "deployment failed");
+                deployed(
+                    &env.target,
+                    if rolled_back { "rolled_back" } else { "failed" },
+                );
                 self.record_failure(row, &reason, rolled_back, true).await;
             }
         }
@@ -286,4 +292,10 @@ impl Worker {
             }
         }
     }
+}
+
+/// Counts a deployment's end (`gantry_deployments_total{target, outcome}`).
+fn deployed(target: &str, outcome: &'static str) {
+    metrics::counter!("gantry_deployments_total", "target" => target.to_owned(), "outcome" => outcome)
+        .increment(1);
 }

@@ -278,6 +278,7 @@ impl gantry_runtime::Service for Service {
             },
             shutdown,
         );
+        base.sample(vec![outbound::OUTBOUND], shutdown);
         base.spawn(outbound::send_loop(
             pool.clone(),
             config.clone(),

@@ -870,8 +870,17 @@ async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig,
         .map(drop),
     };
     let c = &call.claim;
+    // The kind of receiver (`gitlab`, `chat`…), not which one.
+    let destination = call
+        .destination
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let update = match &result {
         Ok(()) => {
+            metrics::counter!("gantry_outbound_calls_total", "destination" => destination, "result" => "sent")
+                .increment(1);
             let sql = format!(
                 "UPDATE outbound SET state = 'sent', sent_at = now(), owner = NULL,
                         lease_until = NULL
@@ -890,6 +899,12 @@ async fn deliver(pool: &PgPool, client: &reqwest::Client, config: &GantryConfig,
             let next = Policy::Outbound(MAX_ATTEMPTS as u32).delay_of_attempt(attempt as u32);
             let gave_up = next.is_none() || e.permanent;
             let pause = next.unwrap_or_default().as_secs_f64();
+            metrics::counter!(
+                "gantry_outbound_calls_total",
+                "destination" => destination,
+                "result" => if gave_up { "gave_up" } else { "failed" }
+            )
+            .increment(1);
             if gave_up {
                 tracing::error!(destination = call.destination, path = call.path, error = %e, attempt, "outgoing call given up");
             } else {

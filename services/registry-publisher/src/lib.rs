@@ -230,6 +230,7 @@ impl gantry_runtime::Service for Service {
             shutdown,
         );
         base.relay(shutdown);
+        base.sample(Vec::new(), shutdown);
         Ok(Parts {
             readiness: Readiness::new().check("registry", move || {
                 let (apis, probe) = (apis.clone(), probe.clone());

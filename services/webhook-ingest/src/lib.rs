@@ -66,6 +66,7 @@ impl gantry_runtime::Service for Service {
             relay_wake: base.relay_wake.clone(),
         });
         base.relay(shutdown);
+        base.sample(Vec::new(), shutdown);
         Ok(Parts {
             router: http::routes(state.clone(), s.body_limit),
             grpc: gantry_runtime::Grpc::one(
