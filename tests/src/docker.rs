@@ -67,6 +67,17 @@ pub fn ip(container: &str) -> String {
     ])
 }
 
+/// Kills a container as a person would (`docker kill`: its restart policy
+/// does not bring it back).
+pub fn kill(container: &str) {
+    docker(&["kill", container]);
+}
+
+/// Starts a stopped container again.
+pub fn start(container: &str) {
+    docker(&["start", container]);
+}
+
 /// Whether a container is running.
 pub fn running(container: &str) -> bool {
     docker(&["inspect", "-f", "{{.State.Running}}", container]) == "true"

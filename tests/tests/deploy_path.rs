@@ -550,3 +550,62 @@ async fn push_deploys_replaces_without_gap_rolls_back_and_reports_once() {
         ) >= 1.0
     );
 }
+
+/// A deployed container killed behind Gantry's back: `environment.unhealthy`
+/// and one chat message; started again: `environment.recovered`, one more.
+#[tokio::test]
+async fn a_deployed_container_that_dies_is_told_once_and_its_recovery_too() {
+    let recorder = Recorder::start().await;
+    let repo = SampleRepo::new();
+    let (stack, project, env) = start(&repo, &recorder, "/index.html").await;
+    let p1 = stack.push(&project, "refs/heads/main", &repo.head()).await;
+    stack.wait_event(&p1, "deploy.succeeded", TIMEOUT).await;
+    let container = single_container(&env).await;
+
+    docker::kill(&container);
+    let seen = stack
+        .wait_event(&p1, "environment.unhealthy", TIMEOUT)
+        .await;
+    let Some(Payload::EnvironmentUnhealthy(u)) = &seen.event.payload else {
+        panic!("expected environment.unhealthy, got {seen:?}");
+    };
+    assert_eq!(
+        u.deployment.clone().unwrap_or_default().environment,
+        env.name
+    );
+    assert!(u.reason.contains("exited"), "{u:?}");
+
+    docker::start(&container);
+    stack
+        .wait_event(&p1, "environment.recovered", TIMEOUT)
+        .await;
+    let said = |calls: &[Call], what: &str| {
+        calls
+            .iter()
+            .filter(|c| c.body["text"].as_str().is_some_and(|t| t.contains(what)))
+            .count()
+    };
+    let chat = recorder
+        .wait_for("/chat/slack", TIMEOUT, |c| said(c, "is healthy again") > 0)
+        .await;
+    assert_eq!(said(&chat, "is unhealthy"), 1, "{chat:#?}");
+    assert_eq!(said(&chat, "is healthy again"), 1, "{chat:#?}");
+    let hook = recorder
+        .wait_for("/chat/hook", TIMEOUT, |c| {
+            c.iter().any(|c| c.body["event"] == "environment.recovered")
+        })
+        .await;
+    assert_eq!(
+        hook.iter()
+            .filter(|c| c.body["event"] == "environment.unhealthy")
+            .count(),
+        1
+    );
+    let events: Vec<String> = stack
+        .events()
+        .into_iter()
+        .filter(|s| s.routing_key.starts_with("environment."))
+        .map(|s| s.routing_key)
+        .collect();
+    assert_eq!(events, ["environment.unhealthy", "environment.recovered"]);
+}

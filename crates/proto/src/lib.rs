@@ -30,6 +30,8 @@ pub mod routing {
     pub const DEPLOY_AWAITING_APPROVAL: &str = "deploy.awaiting_approval";
     pub const DEPLOY_APPROVED: &str = "deploy.approved";
     pub const DEPLOY_REJECTED: &str = "deploy.rejected";
+    pub const ENVIRONMENT_UNHEALTHY: &str = "environment.unhealthy";
+    pub const ENVIRONMENT_RECOVERED: &str = "environment.recovered";
     pub const STACK_RUN_REQUESTED: &str = "stack.run_requested";
     pub const STACK_RUN_STARTED: &str = "stack.run_started";
     pub const STACK_RUN_PASSED: &str = "stack.run_passed";
@@ -68,6 +70,8 @@ pub fn routing_key(payload: &Payload) -> &'static str {
         Payload::DeployAwaitingApproval(_) => routing::DEPLOY_AWAITING_APPROVAL,
         Payload::DeployApproved(_) => routing::DEPLOY_APPROVED,
         Payload::DeployRejected(_) => routing::DEPLOY_REJECTED,
+        Payload::EnvironmentUnhealthy(_) => routing::ENVIRONMENT_UNHEALTHY,
+        Payload::EnvironmentRecovered(_) => routing::ENVIRONMENT_RECOVERED,
     }
 }
 

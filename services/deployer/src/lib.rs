@@ -23,9 +23,11 @@
 //!
 //! - Environments' configuration, versioned ([`config`], gRPC
 //!   `EnvironmentConfig`).
+//! - What runs is watched after its deployment ([`watch`]):
+//!   `environment.unhealthy` and `environment.recovered`, once per change.
 //!
 //! Schema `deployer`: `images`, `environments`, `deployments`, `live`,
-//! `blocked`, `env_config_versions`, `stacks`, `stack_runs`,
+//! `blocked`, `env_config_versions`, `environment_health`, `stacks`, `stack_runs`,
 //! `stack_releases`, plus the outbox and `processed_events`.
 
 pub mod config;
@@ -41,6 +43,7 @@ pub mod stack_target;
 pub mod stacks;
 pub mod stacks_grpc;
 pub mod target;
+pub mod watch;
 pub mod worker;
 
 use std::sync::Arc;
@@ -387,6 +390,13 @@ impl gantry_runtime::Service for Service {
             },
             shutdown,
         );
+        base.spawn(watch::watch(
+            pool.clone(),
+            docker.clone(),
+            config.clone(),
+            base.relay_wake.clone(),
+            shutdown.clone(),
+        ));
         let stack_worker = Arc::new(stack_deploy::StackWorker {
             pool: pool.clone(),
             target: Arc::new(docker::DockerTarget::new(docker.clone())?),

@@ -127,6 +127,17 @@ pub fn summary(event: &Event) -> String {
             let d = r.deployment.clone().unwrap_or_default();
             format!("{} rejected for {}: {}", d.digest, d.environment, r.reason)
         }
+        Some(Payload::EnvironmentUnhealthy(u)) => {
+            let d = u.deployment.clone().unwrap_or_default();
+            format!(
+                "{} in {} is unhealthy: {}",
+                d.digest, d.environment, u.reason
+            )
+        }
+        Some(Payload::EnvironmentRecovered(r)) => {
+            let d = r.deployment.clone().unwrap_or_default();
+            format!("{} in {} is healthy again", d.digest, d.environment)
+        }
         Some(Payload::StackRunRequested(r)) => {
             let run = r.run.clone().unwrap_or_default();
             format!(

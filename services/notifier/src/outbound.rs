@@ -348,6 +348,10 @@ pub enum ChatEvent {
     },
     /// A deployment waits for someone's approval (`gantry approve ENV`).
     AwaitingApproval { environment: String, digest: String },
+    /// What runs in an environment stopped being healthy after its deployment.
+    Unhealthy { environment: String, reason: String },
+    /// It is healthy again.
+    Healthy { environment: String },
     /// A first deployment to an environment failed (nothing to go back to).
     DeployFailed { environment: String, reason: String },
     /// A deployment failed and the previous version kept running.
@@ -487,6 +491,8 @@ impl Chat {
             ChatEvent::Deployed { .. } => "deploy.succeeded",
             ChatEvent::DeployFailed { .. } => "deploy.failed",
             ChatEvent::AwaitingApproval { .. } => "deploy.awaiting_approval",
+            ChatEvent::Unhealthy { .. } => "environment.unhealthy",
+            ChatEvent::Healthy { .. } => "environment.recovered",
             ChatEvent::RolledBack { .. } => "deploy.rolled_back",
             ChatEvent::StackFailed { .. } => "stack.failed",
             ChatEvent::StackRecovered { .. } => "stack.recovered",
@@ -547,6 +553,20 @@ impl Chat {
                 escape(short(digest)),
                 escape(environment),
                 escape(environment),
+                escape(environment),
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::Unhealthy {
+                environment,
+                reason,
+            } => format!(
+                ":warning: {at} in *{}* is unhealthy: {}.{}",
+                escape(environment),
+                escape(reason),
+                link("pipeline", &self.links.pipeline)
+            ),
+            ChatEvent::Healthy { environment } => format!(
+                ":white_check_mark: {at} in *{}* is healthy again.{}",
                 escape(environment),
                 link("pipeline", &self.links.pipeline)
             ),
@@ -666,7 +686,14 @@ impl Chat {
                         body["environment"] = json!(environment);
                         body["digest"] = json!(digest);
                     }
+                    ChatEvent::Healthy { environment } => {
+                        body["environment"] = json!(environment);
+                    }
                     ChatEvent::DeployFailed {
+                        environment,
+                        reason,
+                    }
+                    | ChatEvent::Unhealthy {
                         environment,
                         reason,
                     }

@@ -29,6 +29,8 @@ pub fn revision(event: &Event) -> Option<&Revision> {
         Payload::DeployAwaitingApproval(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployApproved(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::DeployRejected(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::EnvironmentUnhealthy(p) => p.deployment.as_ref()?.revision.as_ref(),
+        Payload::EnvironmentRecovered(p) => p.deployment.as_ref()?.revision.as_ref(),
         Payload::StackRunRequested(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunStarted(p) => p.run.as_ref()?.revision.as_ref(),
         Payload::StackRunPassed(p) => p.run.as_ref()?.revision.as_ref(),
@@ -157,7 +159,10 @@ fn change(event: &Event) -> Change {
             | Payload::StackDeployStarted(_)
             | Payload::StackDeploySucceeded(_)
             | Payload::StackDeployFailed(_)
-            | Payload::StackDeployRolledBack(_),
+            | Payload::StackDeployRolledBack(_)
+            // A version's health after its deployment: news, not the pipeline's state.
+            | Payload::EnvironmentUnhealthy(_)
+            | Payload::EnvironmentRecovered(_),
         )
         | None => {}
     }
@@ -271,6 +276,14 @@ pub async fn apply(
             queued |= status_queued;
             chat
         }
+        // The deployer tells each change once.
+        Some(Payload::EnvironmentUnhealthy(u)) => Some(ChatEvent::Unhealthy {
+            environment: u.deployment.clone().unwrap_or_default().environment,
+            reason: u.reason.clone(),
+        }),
+        Some(Payload::EnvironmentRecovered(r)) => Some(ChatEvent::Healthy {
+            environment: r.deployment.clone().unwrap_or_default().environment,
+        }),
         _ => None,
     };
     if let Some(what) = chat {

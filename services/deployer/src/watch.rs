@@ -1,0 +1,220 @@
+//! Watching what runs, after its deployment: every [`EVERY`] the deployer
+//! looks at the live container of each Docker environment — running, its
+//! image's health check not `unhealthy`, and the environment's HTTP probe
+//! answering when it has one. Two bad looks in a row make it unhealthy,
+//! one good look healthy again. A change is an event,
+//! `environment.unhealthy` (with why) or `environment.recovered`, written
+//! with the environment's new state (`environment_health`) in one
+//! transaction that first locks that state: told once, whatever the number
+//! of deployer replicas. An engine that cannot be asked says nothing about
+//! the application.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::HealthStatusEnum;
+use gantry_config::{Environment, GantryConfig};
+use gantry_proto::v1::event::Payload;
+use gantry_proto::v1::{EnvironmentRecovered, EnvironmentUnhealthy, Event};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::{self, Live};
+
+/// How often each environment is looked at.
+pub const EVERY: Duration = Duration::from_secs(2);
+/// Bad looks in a row before an environment is unhealthy.
+const BAD_LOOKS: u32 = 2;
+/// How long the HTTP probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a look found: `None` healthy, `Some(why)` not; no verdict when the
+/// container is still starting or the engine could not be asked.
+async fn look(
+    docker: &Docker,
+    http: &reqwest::Client,
+    env: &Environment,
+    live: &Live,
+) -> Option<Option<String>> {
+    let info = match docker.inspect_container(&live.container_id, None).await {
+        Ok(info) => info,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Some(Some("its container is gone".into())),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot inspect the live container");
+            return None;
+        }
+    };
+    let state = info.state.unwrap_or_default();
+    if state.running != Some(true) || state.restarting == Some(true) {
+        return Some(Some(format!(
+            "its container {} (exit code {})",
+            state
+                .status
+                .map_or_else(|| "stopped".to_owned(), |s| format!("is {s}")),
+            state.exit_code.unwrap_or_default()
+        )));
+    }
+    match state.health.as_ref().and_then(|h| h.status) {
+        Some(HealthStatusEnum::UNHEALTHY) => {
+            let output = state
+                .health
+                .and_then(|h| h.log)
+                .and_then(|log| log.last().and_then(|r| r.output.clone()))
+                .unwrap_or_default();
+            return Some(Some(format!(
+                "its health check fails: {}",
+                crate::target::clip(output.trim())
+            )));
+        }
+        Some(HealthStatusEnum::STARTING) => return None,
+        _ => {}
+    }
+    // The address it has now (a container started again may have another).
+    let address = info
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .and_then(|n| n.get(&env.network))
+        .and_then(|n| n.ip_address.clone())
+        .filter(|ip| !ip.is_empty())
+        .zip(env.port)
+        .map(|(ip, port)| format!("{ip}:{port}"));
+    if let (Some(path), Some(address)) = (&env.health.http, &address) {
+        let url = format!("http://{address}{path}");
+        match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
+            Ok(r) if r.status().is_success() || r.status().is_redirection() => {}
+            Ok(r) => return Some(Some(format!("GET {path} answers {}", r.status()))),
+            Err(e) => {
+                return Some(Some(format!(
+                    "GET {path} gets no answer ({})",
+                    e.without_url()
+                )));
+            }
+        }
+    }
+    Some(None)
+}
+
+/// Records the environment's state if it changed, with its event; whether
+/// an event was written.
+async fn record(
+    pool: &PgPool,
+    env: &Environment,
+    live: &Live,
+    unhealthy: Option<&str>,
+) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "INSERT INTO environment_health (environment, healthy, deployment_id)
+         VALUES ($1, TRUE, $2) ON CONFLICT (environment) DO NOTHING",
+        env.name,
+        live.deployment_id,
+    )
+    .execute(&mut *tx)
+    .await?;
+    let was_healthy = sqlx::query_scalar!(
+        "SELECT healthy FROM environment_health WHERE environment = $1 FOR UPDATE",
+        env.name
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    // What runs may have changed since it was read: a deployment switched.
+    let still_live = sqlx::query_scalar!(
+        "SELECT deployment_id FROM live WHERE environment = $1",
+        env.name
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+        == Some(live.deployment_id);
+    let healthy = unhealthy.is_none();
+    if !still_live || was_healthy == healthy {
+        return Ok(false);
+    }
+    sqlx::query!(
+        "UPDATE environment_health SET healthy = $2, deployment_id = $3, reason = $4, since = now()
+         WHERE environment = $1",
+        env.name,
+        healthy,
+        live.deployment_id,
+        unhealthy,
+    )
+    .execute(&mut *tx)
+    .await?;
+    let row = queue::deployment_rows!("WHERE id = $1", live.deployment_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let payload = match unhealthy {
+        Some(reason) => Payload::EnvironmentUnhealthy(EnvironmentUnhealthy {
+            deployment: Some(row.message()),
+            reason: reason.to_owned(),
+        }),
+        None => Payload::EnvironmentRecovered(EnvironmentRecovered {
+            deployment: Some(row.message()),
+        }),
+    };
+    let event = Event::new(&row.pipeline_id, &row.project, payload);
+    gantry_bus::enqueue_traced(&mut tx, &event, None).await?;
+    tx.commit().await?;
+    match unhealthy {
+        Some(reason) => tracing::warn!(environment = %env.name, reason, "environment unhealthy"),
+        None => tracing::info!(environment = %env.name, "environment healthy again"),
+    }
+    Ok(true)
+}
+
+/// Watches every Docker environment of a service project until `shutdown`.
+pub async fn watch(
+    pool: PgPool,
+    docker: Docker,
+    config: Arc<GantryConfig>,
+    relay_wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let http = reqwest::Client::new();
+    let mut bad: HashMap<String, u32> = HashMap::new();
+    let watched: Vec<&Environment> = config
+        .environments
+        .iter()
+        .filter(|e| e.target == "docker")
+        .filter(|e| config.project(&e.project).is_some_and(|p| !p.is_stack()))
+        .collect();
+    loop {
+        let mut told = false;
+        for env in &watched {
+            let live = match queue::live(&pool, &env.name).await {
+                Ok(Some(live)) => live,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read what runs");
+                    continue;
+                }
+            };
+            let Some(verdict) = look(&docker, &http, env, &live).await else {
+                continue;
+            };
+            let count = bad.entry(env.name.clone()).or_default();
+            *count = if verdict.is_some() { *count + 1 } else { 0 };
+            if verdict.is_some() && *count < BAD_LOOKS {
+                continue;
+            }
+            match record(&pool, env, &live, verdict.as_deref()).await {
+                Ok(wrote) => told |= wrote,
+                Err(e) => {
+                    tracing::warn!(error = %e, environment = %env.name, "cannot record the environment's health")
+                }
+            }
+        }
+        if told {
+            relay_wake.notify_one();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
