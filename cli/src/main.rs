@@ -272,6 +272,7 @@ fn environment_json(e: &EnvironmentInfo) -> Value {
         "current": e.current.as_ref().map(deployment_json),
         "pending": e.pending.as_ref().map(deployment_json),
         "approval": e.approval, "promote_from": e.promote_from,
+        "health": e.health, "health_reason": e.health_reason,
     })
 }
 
@@ -537,6 +538,15 @@ async fn envs(cli: &Cli) -> anyhow::Result<()> {
                     time(&d.finished_at)
                 ),
                 None => println!("    nothing deployed yet"),
+            }
+            match e.health.as_str() {
+                "unhealthy" => println!(
+                    "    UNHEALTHY since {}: {}",
+                    time(&e.health_since),
+                    e.health_reason
+                ),
+                "healthy" => println!("    healthy since {}", time(&e.health_since)),
+                _ => {}
             }
             if let Some(d) = &e.pending {
                 let state = if d.state == "awaiting_approval" {

@@ -574,6 +574,12 @@ async fn a_deployed_container_that_dies_is_told_once_and_its_recovery_too() {
         env.name
     );
     assert!(u.reason.contains("exited"), "{u:?}");
+    let envs = stack.cli(&["envs"]);
+    let out = String::from_utf8_lossy(&envs.stdout);
+    assert!(
+        out.contains("UNHEALTHY since") && out.contains("exited"),
+        "{out}"
+    );
 
     docker::start(&container);
     stack
@@ -608,4 +614,7 @@ async fn a_deployed_container_that_dies_is_told_once_and_its_recovery_too() {
         .map(|s| s.routing_key)
         .collect();
     assert_eq!(events, ["environment.unhealthy", "environment.recovered"]);
+    let envs = stack.cli(&["envs"]);
+    let out = String::from_utf8_lossy(&envs.stdout);
+    assert!(out.contains("    healthy since"), "{out}");
 }

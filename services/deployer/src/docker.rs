@@ -21,6 +21,34 @@ use gantry_docker::EngineError;
 use crate::queue::{Live, Row};
 use crate::target::{Failure, Running, Target};
 
+/// The service's address in a container (its ip on the environment's
+/// network and the environment's port), when the environment has a port.
+pub fn address_in(
+    info: &bollard::models::ContainerInspectResponse,
+    env: &Environment,
+) -> Option<SocketAddr> {
+    let ip = info
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .and_then(|n| n.get(&env.network))
+        .and_then(|n| n.ip_address.clone())
+        .filter(|ip| !ip.is_empty())?;
+    format!("{ip}:{}", env.port?).parse().ok()
+}
+
+/// What the image's health check printed last, trimmed.
+pub fn last_check_output(state: &bollard::models::ContainerState) -> String {
+    state
+        .health
+        .as_ref()
+        .and_then(|h| h.log.as_ref())
+        .and_then(|log| log.last().and_then(|r| r.output.clone()))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// Labels on every container the deployer starts.
 pub mod labels {
     pub const MANAGED: &str = "io.gantry.managed";
@@ -152,17 +180,7 @@ impl DockerTarget {
                     }
                 );
             }
-            let ip = info
-                .network_settings
-                .as_ref()
-                .and_then(|n| n.networks.as_ref())
-                .and_then(|n| n.get(&env.network))
-                .and_then(|n| n.ip_address.clone())
-                .filter(|ip| !ip.is_empty());
-            let address = match (ip, env.port) {
-                (Some(ip), Some(port)) => format!("{ip}:{port}").parse::<SocketAddr>().ok(),
-                _ => None,
-            };
+            let address = address_in(&info, env);
             let health = state.health.as_ref().and_then(|h| h.status);
             if let Some(path) = &env.health.http {
                 if let Some(addr) = address {
@@ -181,14 +199,9 @@ impl DockerTarget {
                 match health {
                     Some(HealthStatusEnum::HEALTHY) => return Ok(address),
                     Some(HealthStatusEnum::UNHEALTHY) => {
-                        let output = state
-                            .health
-                            .and_then(|h| h.log)
-                            .and_then(|log| log.last().and_then(|r| r.output.clone()))
-                            .unwrap_or_default();
                         anyhow::bail!(
                             "the image's health check reports unhealthy: {}",
-                            output.trim()
+                            last_check_output(&state)
                         );
                     }
                     Some(HealthStatusEnum::STARTING) => {

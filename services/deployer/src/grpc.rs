@@ -179,6 +179,15 @@ impl Deployments for DeploymentsService {
             .fetch_optional(&self.pool)
             .await
             .map_err(ApiError::store)?;
+            let health = sqlx::query!(
+                "SELECT healthy, reason, since FROM environment_health
+                 WHERE environment = $1
+                   AND deployment_id = (SELECT deployment_id FROM live WHERE environment = $1)",
+                env.name
+            )
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(ApiError::store)?;
             environments.push(EnvironmentInfo {
                 name: env.name.clone(),
                 project: env.project.clone(),
@@ -193,6 +202,15 @@ impl Deployments for DeploymentsService {
                     Some(a) => format!("required, by {}", a.by.join(", ")),
                 },
                 promote_from: env.promote_from.clone().unwrap_or_default(),
+                health: health
+                    .as_ref()
+                    .map(|h| if h.healthy { "healthy" } else { "unhealthy" }.to_owned())
+                    .unwrap_or_default(),
+                health_reason: health
+                    .as_ref()
+                    .and_then(|h| h.reason.clone())
+                    .unwrap_or_default(),
+                health_since: health.map(|h| gantry_proto::timestamp(h.since)),
             });
         }
         Ok(Response::new(ListEnvironmentsResponse { environments }))

@@ -49,7 +49,7 @@ async fn look(
             return None;
         }
     };
-    let state = info.state.unwrap_or_default();
+    let state = info.state.clone().unwrap_or_default();
     if state.running != Some(true) || state.restarting == Some(true) {
         return Some(Some(format!(
             "its container {} (exit code {})",
@@ -61,30 +61,16 @@ async fn look(
     }
     match state.health.as_ref().and_then(|h| h.status) {
         Some(HealthStatusEnum::UNHEALTHY) => {
-            let output = state
-                .health
-                .and_then(|h| h.log)
-                .and_then(|log| log.last().and_then(|r| r.output.clone()))
-                .unwrap_or_default();
             return Some(Some(format!(
                 "its health check fails: {}",
-                crate::target::clip(output.trim())
+                crate::target::clip(&crate::docker::last_check_output(&state))
             )));
         }
         Some(HealthStatusEnum::STARTING) => return None,
         _ => {}
     }
     // The address it has now (a container started again may have another).
-    let address = info
-        .network_settings
-        .as_ref()
-        .and_then(|n| n.networks.as_ref())
-        .and_then(|n| n.get(&env.network))
-        .and_then(|n| n.ip_address.clone())
-        .filter(|ip| !ip.is_empty())
-        .zip(env.port)
-        .map(|(ip, port)| format!("{ip}:{port}"));
-    if let (Some(path), Some(address)) = (&env.health.http, &address) {
+    if let (Some(path), Some(address)) = (&env.health.http, crate::docker::address_in(&info, env)) {
         let url = format!("http://{address}{path}");
         match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
             Ok(r) if r.status().is_success() || r.status().is_redirection() => {}
