@@ -617,4 +617,28 @@ async fn a_deployed_container_that_dies_is_told_once_and_its_recovery_too() {
     let envs = stack.cli(&["envs"]);
     let out = String::from_utf8_lossy(&envs.stdout);
     assert!(out.contains("    healthy since"), "{out}");
+
+    // A new version is what the health is about once it runs (no event:
+    // nothing changed for the team).
+    let v2 = repo.commit_file("index.html", "hello v2\n", "v2");
+    let p2 = stack.push(&project, "refs/heads/main", &v2).await;
+    stack.wait_event(&p2, "deploy.succeeded", TIMEOUT).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let envs = stack.cli(&["envs"]);
+        let out = String::from_utf8_lossy(&envs.stdout).into_owned();
+        if out.contains(&format!("commit {}", &v2[..10])) && out.contains("    healthy since") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        stack
+            .events()
+            .iter()
+            .filter(|s| s.routing_key.starts_with("environment."))
+            .count(),
+        2
+    );
 }

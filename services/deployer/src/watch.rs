@@ -103,8 +103,8 @@ async fn record(
     )
     .execute(&mut *tx)
     .await?;
-    let was_healthy = sqlx::query_scalar!(
-        "SELECT healthy FROM environment_health WHERE environment = $1 FOR UPDATE",
+    let was = sqlx::query!(
+        "SELECT healthy, deployment_id FROM environment_health WHERE environment = $1 FOR UPDATE",
         env.name
     )
     .fetch_one(&mut *tx)
@@ -118,7 +118,24 @@ async fn record(
     .await?
         == Some(live.deployment_id);
     let healthy = unhealthy.is_none();
-    if !still_live || was_healthy == healthy {
+    if !still_live {
+        return Ok(false);
+    }
+    if was.healthy == healthy {
+        // No change to tell; a new version in the same state is noted as
+        // the one the state is about (`gantry envs` shows it).
+        if was.deployment_id != live.deployment_id {
+            sqlx::query!(
+                "UPDATE environment_health SET deployment_id = $2, reason = $3, since = now()
+                 WHERE environment = $1",
+                env.name,
+                live.deployment_id,
+                unhealthy,
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
         return Ok(false);
     }
     sqlx::query!(
