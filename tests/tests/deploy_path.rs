@@ -585,6 +585,11 @@ async fn a_deployed_container_that_dies_is_told_once_and_its_recovery_too() {
     stack
         .wait_event(&p1, "environment.recovered", TIMEOUT)
         .await;
+    // The endpoint reaches it again, wherever the engine put it.
+    assert_eq!(
+        answer(&env.endpoint_url()).await.as_deref(),
+        Ok("hello v1\n")
+    );
     let said = |calls: &[Call], what: &str| {
         calls
             .iter()

@@ -394,6 +394,7 @@ impl gantry_runtime::Service for Service {
             pool.clone(),
             docker.clone(),
             config.clone(),
+            backends.clone(),
             base.relay_wake.clone(),
             shutdown.clone(),
         ));

@@ -7,9 +7,11 @@
 //! with the environment's new state (`environment_health`) in one
 //! transaction that first locks that state: told once, whatever the number
 //! of deployer replicas. An engine that cannot be asked says nothing about
-//! the application.
+//! the application. A healthy container that came back at another address
+//! (started again) is recorded there, and the endpoint follows it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::Backends;
 use crate::queue::{self, Live};
 
 /// How often each environment is looked at.
@@ -32,58 +35,58 @@ const BAD_LOOKS: u32 = 2;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a look found: `None` healthy, `Some(why)` not; no verdict when the
-/// container is still starting or the engine could not be asked.
+/// container is still starting or the engine could not be asked. With it,
+/// the service's address in the container now.
 async fn look(
     docker: &Docker,
     http: &reqwest::Client,
     env: &Environment,
     live: &Live,
-) -> Option<Option<String>> {
+) -> Option<(Option<String>, Option<SocketAddr>)> {
     let info = match docker.inspect_container(&live.container_id, None).await {
         Ok(info) => info,
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
-        }) => return Some(Some("its container is gone".into())),
+        }) => return Some((Some("its container is gone".into()), None)),
         Err(e) => {
             tracing::debug!(error = %e, "cannot inspect the live container");
             return None;
         }
     };
     let state = info.state.clone().unwrap_or_default();
+    let address = crate::docker::address_in(&info, env);
+    let unhealthy = |why: String| Some((Some(why), address));
     if state.running != Some(true) || state.restarting == Some(true) {
-        return Some(Some(format!(
+        return unhealthy(format!(
             "its container {} (exit code {})",
             state
                 .status
                 .map_or_else(|| "stopped".to_owned(), |s| format!("is {s}")),
             state.exit_code.unwrap_or_default()
-        )));
+        ));
     }
     match state.health.as_ref().and_then(|h| h.status) {
         Some(HealthStatusEnum::UNHEALTHY) => {
-            return Some(Some(format!(
+            return unhealthy(format!(
                 "its health check fails: {}",
                 crate::target::clip(&crate::docker::last_check_output(&state))
-            )));
+            ));
         }
         Some(HealthStatusEnum::STARTING) => return None,
         _ => {}
     }
     // The address it has now (a container started again may have another).
-    if let (Some(path), Some(address)) = (&env.health.http, crate::docker::address_in(&info, env)) {
-        let url = format!("http://{address}{path}");
+    if let (Some(path), Some(at)) = (&env.health.http, address) {
+        let url = format!("http://{at}{path}");
         match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
             Ok(r) if r.status().is_success() || r.status().is_redirection() => {}
-            Ok(r) => return Some(Some(format!("GET {path} answers {}", r.status()))),
+            Ok(r) => return unhealthy(format!("GET {path} answers {}", r.status())),
             Err(e) => {
-                return Some(Some(format!(
-                    "GET {path} gets no answer ({})",
-                    e.without_url()
-                )));
+                return unhealthy(format!("GET {path} gets no answer ({})", e.without_url()));
             }
         }
     }
-    Some(None)
+    Some((None, address))
 }
 
 /// Records the environment's state if it changed, with its event; whether
@@ -170,11 +173,43 @@ async fn record(
     Ok(true)
 }
 
+/// Records `at` as the live container's address if it moved, and points
+/// this deployer's endpoint of the environment at it.
+async fn follow_address(
+    pool: &PgPool,
+    backends: &Backends,
+    env: &Environment,
+    live: &Live,
+    at: SocketAddr,
+) {
+    let address = at.to_string();
+    if live.address.as_deref() != Some(address.as_str()) {
+        let moved = sqlx::query!(
+            "UPDATE live SET address = $3 WHERE environment = $1 AND deployment_id = $2",
+            env.name,
+            live.deployment_id,
+            address,
+        )
+        .execute(pool)
+        .await;
+        match moved {
+            Ok(_) => {
+                tracing::info!(environment = %env.name, %address, "the live container's address moved")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record the live container's address"),
+        }
+    }
+    if env.endpoint.is_some() && backends.get(&env.name) != Some(at) {
+        backends.set(&env.name, Some(at));
+    }
+}
+
 /// Watches every Docker environment of a service project until `shutdown`.
 pub async fn watch(
     pool: PgPool,
     docker: Docker,
     config: Arc<GantryConfig>,
+    backends: Backends,
     relay_wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -197,9 +232,16 @@ pub async fn watch(
                     continue;
                 }
             };
-            let Some(verdict) = look(&docker, &http, env, &live).await else {
+            let Some((verdict, address)) = look(&docker, &http, env, &live).await else {
                 continue;
             };
+            // A container started again may have another address: what
+            // runs is recorded there, and this deployer's endpoint follows.
+            if verdict.is_none()
+                && let Some(at) = address
+            {
+                follow_address(&pool, &backends, env, &live, at).await;
+            }
             let count = bad.entry(env.name.clone()).or_default();
             *count = if verdict.is_some() { *count + 1 } else { 0 };
             if verdict.is_some() && *count < BAD_LOOKS {
