@@ -883,6 +883,33 @@ struct Check<'a> {
     problems: Vec<String>,
 }
 
+/// What is wrong with the URL of an API that gets credentials (a Rancher
+/// API key, a Kubernetes token): it must be `https://`, or `http://` to
+/// this machine only (loopback), where nothing on the way can read them.
+fn credentials_url_problem(url: &str) -> Option<String> {
+    if url.starts_with("https://") {
+        return None;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Some("must be https://".into());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "is http:// to {host}: the credentials would cross the network in clear; use https://"
+        )
+    })
+}
+
 /// Where an entry of the file is, and what it is (`projects[0] (hello)`).
 #[derive(Clone, Copy)]
 struct At<'a> {
@@ -1345,8 +1372,8 @@ impl Check<'_> {
             (false, None) => self.located(at, "rancher.service: which service of the Rancher stack to upgrade".into()),
             _ => {}
         }
-        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-            self.located(at, "rancher.url must be http(s)://".into());
+        if let Some(problem) = credentials_url_problem(&r.url) {
+            self.located(at, format!("rancher.url {problem}"));
         }
         if r.batch_size == Some(0) {
             self.located(at, "rancher.batch_size must be at least 1".into());
@@ -1412,8 +1439,8 @@ impl Check<'_> {
                 }
             }
             (None, Some(url), Some(token)) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    self.located(at, "kubernetes.url must be http(s)://".into());
+                if let Some(problem) = credentials_url_problem(&url) {
+                    self.located(at, format!("kubernetes.url {problem}"));
                 }
                 if k.context.is_some() {
                     self.located(at, "kubernetes.context goes with kubeconfig".into());
@@ -1746,6 +1773,14 @@ mod tests {
             ),
             ("    target: kubernetes\n", "target kubernetes needs"),
             (
+                "    target: kubernetes\n    kubernetes: {deployment: hello, url: 'http://k8s.example.com:6443', token: {value: t}}\n",
+                "kubernetes.url is http:// to k8s.example.com: the credentials would cross the network in clear",
+            ),
+            (
+                "    target: rancher\n    rancher: {url: 'http://rancher.example.com', project: p, stack: s, service: a, access_key: K, secret_key: {value: s}}\n",
+                "rancher.url is http:// to rancher.example.com",
+            ),
+            (
                 "    target: kubernetes\n    kubernetes: {deployment: Hello}\n",
                 "not a Kubernetes name",
             ),
@@ -1783,6 +1818,21 @@ mod tests {
             .and_then(|e| e.kubernetes.clone())
             .expect("kubernetes")
         };
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:6443/x",
+        ] {
+            assert!(credentials_url_problem(url).is_none(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1",
+            "http://user@k8s",
+            "ftp://x",
+            "http://127.0.0.1.example.com",
+        ] {
+            assert!(credentials_url_problem(url).is_some(), "{url}");
+        }
         let k = kube("{deployment: hello}");
         assert_eq!((k.namespace, k.container), (None, None));
         assert!(matches!(k.credentials, KubeCredentials::InCluster));
