@@ -108,3 +108,41 @@ pub async fn release(
         other => panic!("{} {page:?} was not published: {other:?}", spec.name),
     }
 }
+
+/// The sample stack, ready to declare: the stack repository's test image
+/// (built as `<prefix>/stack-tests:<random>`), the members' repositories
+/// and the stack repository, with their project specs (the stack `shop`
+/// follows `api` and `web`).
+pub struct Shop {
+    pub tests_image: String,
+    pub api: SampleRepo,
+    pub web: SampleRepo,
+    pub shop: SampleRepo,
+    pub api_spec: ProjectSpec,
+    pub web_spec: ProjectSpec,
+    pub shop_spec: ProjectSpec,
+}
+
+impl Shop {
+    pub fn new(prefix: &str) -> Self {
+        let tests_image = format!(
+            "{prefix}/stack-tests:{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        crate::docker::build_busybox_image(&tests_image);
+        let (api, web) = (api_repo(), web_repo());
+        let shop = stack_repo(&tests_image);
+        let api_spec = ProjectSpec::new("api", &api.url());
+        let web_spec = ProjectSpec::new("web", &web.url());
+        let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
+        Self {
+            tests_image,
+            api,
+            web,
+            shop,
+            api_spec,
+            web_spec,
+            shop_spec,
+        }
+    }
+}

@@ -16,7 +16,7 @@ use gantry_proto::v1::event::Payload;
 use gantry_proto::v1::stacks_client::StacksClient;
 use gantry_tests::rancher::FakeRancher;
 use gantry_tests::stack::ProjectSpec;
-use gantry_tests::stack_sample::{api_repo, release, stack_repo, web_repo};
+use gantry_tests::stack_sample::{Shop, release};
 use gantry_tests::{SampleRepo, Stack, StackOptions, docker};
 use serde_json::{Value, json};
 
@@ -206,17 +206,16 @@ fn yaml(v: &Value) -> Value {
 async fn rancher_stacks_are_created_upgraded_and_rolled_back() {
     const TIMEOUT: Duration = Duration::from_secs(240);
     let rancher = FakeRancher::start("other", "other", launch_config()).await;
-    let tests_image = format!(
-        "gantry-e2e/stack-tests:{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    docker::build_busybox_image(&tests_image);
-    let (api, web) = (api_repo(), web_repo());
-    let shop = stack_repo(&tests_image);
+    let Shop {
+        tests_image,
+        api,
+        web,
+        shop,
+        api_spec,
+        web_spec,
+        shop_spec,
+    } = Shop::new("gantry-e2e");
     shop.commit_file("rancher-compose.yml", &rancher_compose(2), "scale 2");
-    let api_spec = ProjectSpec::new("api", &api.url());
-    let web_spec = ProjectSpec::new("web", &web.url());
-    let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
         lease_secs: 10,

@@ -20,7 +20,7 @@ use gantry_proto::v1::{
 };
 use gantry_tests::recorder::{Call, Recorder};
 use gantry_tests::stack::ProjectSpec;
-use gantry_tests::stack_sample::{api_repo, member_dockerfile, release, stack_repo, web_repo};
+use gantry_tests::stack_sample::{Shop, member_dockerfile, release};
 use gantry_tests::{EnvSpec, SampleRepo, Stack, StackOptions, docker};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -140,16 +140,15 @@ fn assert_torn_down(run_id: &str) {
 
 #[tokio::test]
 async fn a_stack_is_tested_released_and_never_left_behind() {
-    let tests_image = format!(
-        "gantry-e2e/stack-tests:{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    docker::build_busybox_image(&tests_image);
-    let (api, web) = (api_repo(), web_repo());
-    let shop = stack_repo(&tests_image);
-    let api_spec = ProjectSpec::new("api", &api.url());
-    let web_spec = ProjectSpec::new("web", &web.url());
-    let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
+    let Shop {
+        tests_image,
+        api,
+        web,
+        shop,
+        api_spec,
+        web_spec,
+        shop_spec,
+    } = Shop::new("gantry-e2e");
     let recorder = Recorder::start().await;
     let mut env = EnvSpec::new("shop");
     env.service = Some("web".into());

@@ -31,7 +31,7 @@
 //! The old pods are the Deployment controller's to retire; the image must be
 //! pullable by the cluster (its `imagePullSecrets`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gantry_config::{Environment, KubeCredentials, Kubernetes, Registry};
@@ -42,7 +42,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 
 use crate::queue::{Live, Row};
-use crate::target::{Failure, Running, Target, clip};
+use crate::target::{Failure, ManagedEnv, Running, Target, clip};
 
 /// How long one API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -135,16 +135,11 @@ pub fn image_patch(
 ) -> Value {
     let mut entry = json!({ "name": container, "image": row.reference() });
     let template_meta = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref());
-    let managed: BTreeSet<String> = template_meta
+    let label = template_meta
         .and_then(|m| m.annotations.as_ref())
         .and_then(|a| a.get(MANAGED_ENV))
-        .map(|keys| {
-            keys.split(',')
-                .filter(|k| !k.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
+        .map_or("", String::as_str);
+    let managed = ManagedEnv::new(vars, label);
     let mut patch = json!({
         "metadata": { "annotations": { CHANGE_CAUSE: format!(
             "gantry deployment {} of {} ({}, pipeline {})",
@@ -152,20 +147,19 @@ pub fn image_patch(
         ) } },
         "spec": { "template": { "spec": { "containers": [] } } },
     });
-    if !vars.is_empty() || !managed.is_empty() {
+    if managed.any() {
         let mut env: Vec<Value> = vars
             .iter()
             .map(|(k, v)| json!({ "name": k, "value": v }))
             .collect();
         env.extend(
             managed
-                .iter()
-                .filter(|k| !vars.contains_key(*k))
+                .gone()
                 .map(|k| json!({ "name": k, "$patch": "delete" })),
         );
         entry["env"] = Value::Array(env);
         patch["spec"]["template"]["metadata"] = json!({ "annotations": {
-            MANAGED_ENV: vars.keys().cloned().collect::<Vec<_>>().join(",")
+            MANAGED_ENV: managed.label()
         } });
     }
     patch["spec"]["template"]["spec"]["containers"] = json!([entry]);

@@ -31,7 +31,7 @@ use gantry_config::{Environment, Registry};
 use serde_json::{Value, json};
 
 use crate::queue::{Live, Row};
-use crate::target::{Failure, Running, Target, clip};
+use crate::target::{Failure, ManagedEnv, Running, Target, clip};
 
 /// How long one API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -297,26 +297,24 @@ pub fn strategy(
     if !launch["environment"].is_object() {
         launch["environment"] = json!({});
     }
-    let managed = launch["labels"][MANAGED_ENV]
+    let label = launch["labels"][MANAGED_ENV]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    for gone in managed
-        .split(',')
-        .filter(|k| !k.is_empty() && !vars.contains_key(*k))
-    {
-        if let Some(env) = launch["environment"].as_object_mut() {
+    let managed = ManagedEnv::new(vars, &label);
+    if let Some(env) = launch["environment"].as_object_mut() {
+        for gone in managed.gone() {
             env.remove(gone);
         }
     }
     for (k, v) in vars {
         launch["environment"][k] = json!(v);
     }
-    if !vars.is_empty() || !managed.is_empty() {
+    if managed.any() {
         if !launch["labels"].is_object() {
             launch["labels"] = json!({});
         }
-        launch["labels"][MANAGED_ENV] = json!(vars.keys().cloned().collect::<Vec<_>>().join(","));
+        launch["labels"][MANAGED_ENV] = json!(managed.label());
     }
     let mut strategy = json!({
         "launchConfig": launch,

@@ -63,6 +63,44 @@ pub fn clip(text: &str) -> String {
     }
 }
 
+/// The environment variables a target sets on an orchestrator's object
+/// (`vars`), beside the ones Gantry set there last time, which the object
+/// names in a label or annotation (comma-separated keys): a key Gantry no
+/// longer sets (unset, rolled back) is removed, and the object's own keys
+/// stay.
+pub struct ManagedEnv<'a> {
+    pub vars: &'a BTreeMap<String, String>,
+    previous: Vec<&'a str>,
+}
+
+impl<'a> ManagedEnv<'a> {
+    /// `label`: the keys named last time (empty when none).
+    pub fn new(vars: &'a BTreeMap<String, String>, label: &'a str) -> Self {
+        Self {
+            vars,
+            previous: label.split(',').filter(|k| !k.is_empty()).collect(),
+        }
+    }
+
+    /// Whether the object's variables (and label) change at all.
+    pub fn any(&self) -> bool {
+        !self.vars.is_empty() || !self.previous.is_empty()
+    }
+
+    /// The keys set last time and not now: to be removed.
+    pub fn gone(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.previous
+            .iter()
+            .copied()
+            .filter(|k| !self.vars.contains_key(*k))
+    }
+
+    /// The label naming the keys set now.
+    pub fn label(&self) -> String {
+        self.vars.keys().cloned().collect::<Vec<_>>().join(",")
+    }
+}
+
 /// A kind of place where versions run.
 #[tonic::async_trait]
 pub trait Target: Send + Sync {

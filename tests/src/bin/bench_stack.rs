@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gantry_tests::stack::ProjectSpec;
-use gantry_tests::stack_sample::{api_repo, release, stack_repo, web_repo};
+use gantry_tests::stack_sample::{Shop, release};
 use gantry_tests::{Stack, StackOptions, docker};
 
 #[derive(Parser)]
@@ -149,16 +149,15 @@ async fn release_compose(stack: &Stack) -> anyhow::Result<serde_json::Value> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runs = args.runs.clamp(1, 20);
-    let tests_image = format!(
-        "gantry-bench/stack-tests:{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    docker::build_busybox_image(&tests_image);
-    let (api, web) = (api_repo(), web_repo());
-    let shop = stack_repo(&tests_image);
-    let api_spec = ProjectSpec::new("api", &api.url());
-    let web_spec = ProjectSpec::new("web", &web.url());
-    let shop_spec = ProjectSpec::stack("shop", &shop.url(), &["api", "web"]);
+    let Shop {
+        tests_image,
+        api,
+        web,
+        shop,
+        api_spec,
+        web_spec,
+        shop_spec,
+    } = Shop::new("gantry-bench");
     let stack = Stack::start(StackOptions {
         projects: vec![api_spec.clone(), web_spec.clone(), shop_spec.clone()],
         lease_secs: 30,
